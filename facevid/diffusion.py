@@ -1,0 +1,80 @@
+"""The diffusion objective: noise schedule, what the UNet predicts, and how the loss is weighted.
+
+Schedules and samplers come from diffusers; this module only decides how they are combined.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import compute_snr
+
+from facevid.config import DiffusionConfig
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+
+
+def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=cfg.zero_terminal_snr,
+        clip_sample=False,
+    )
+
+
+def build_sampler(train_scheduler_config, name: str):
+    """An inference scheduler that shares the training schedule (betas, prediction type)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SAMPLERS)}")
+    extra = {}
+    if train_scheduler_config.get("rescale_betas_zero_snr"):
+        # A zero-terminal-SNR model must start sampling from the pure-noise step.
+        extra["timestep_spacing"] = "trailing"
+    if name == "dpm++":
+        extra["algorithm_type"] = "dpmsolver++"
+        extra["solver_order"] = 2
+    return SAMPLERS[name].from_config(train_scheduler_config, **extra)
+
+
+class DiffusionObjective:
+    """Turns clean latents into a noisy input + target and weights the per-sample MSE."""
+
+    def __init__(self, scheduler: DDPMScheduler, cfg: DiffusionConfig):
+        self.scheduler = scheduler
+        self.cfg = cfg
+
+    def noise_like(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if self.cfg.offset_noise:
+            # A per-(sample, channel) constant lets the model learn global brightness / colour shifts.
+            b, c = latents.shape[:2]
+            offset = torch.randn((b, c) + (1,) * (latents.ndim - 2), generator=generator, device=latents.device)
+            noise = noise + self.cfg.offset_noise * offset.to(latents.dtype)
+        return noise
+
+    def loss(self, model_fn, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """model_fn(noisy_latents, timesteps) -> prediction; returns the scalar training loss."""
+        batch = latents.shape[0]
+        noise = self.noise_like(latents, generator)
+        timesteps = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
+        )
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.cfg.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        prediction = model_fn(noisy, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+            dim=tuple(range(1, latents.ndim))
+        )
+        if self.cfg.min_snr_gamma is None:
+            return per_sample.mean()
+        # Min-SNR-gamma: cap the weight of easy (low-noise) steps so they do not dominate training.
+        snr = compute_snr(self.scheduler, timesteps)
+        capped = torch.clamp(snr, max=self.cfg.min_snr_gamma)
+        weight = capped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else capped / snr.clamp(min=1e-8)
+        return (per_sample * weight).mean()

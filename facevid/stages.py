@@ -1,0 +1,180 @@
+"""What each training stage builds and how it computes its loss; the Trainer does the rest.
+
+- `VAEStage` trains a small AutoencoderKL on the dataset's frames (the embedded default ships no
+  VAE weights), then measures the latent scaling factor on the data.
+- `TextToVideoStage` trains the 3D UNet on VAE latents, conditioned on a frozen text encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.video import tensor_to_frames
+from facevid.config import ConfigError, RunConfig, resolve_pretrained
+from facevid.diffusion import DiffusionObjective, build_noise_scheduler
+from facevid.pipeline import FaceVidPipeline, write_samples
+from models.text_encoder import FrozenTextEncoder
+from models.unet3d import FaceVidUNet3D
+from models.vae import build_tiny_vae, downscale_factor, encode_video_posterior, load_vae, sample_latents
+
+logger = logging.getLogger("facevid")
+
+
+def _fixed_validation_clips(dataset, count: int) -> list[dict]:
+    """The first clips of epoch 0: the same validation inputs at every validation step."""
+    dataset.set_epoch(0)
+    return [dataset[i] for i in range(min(count, len(dataset)))]
+
+
+class _VAEWithLoss(nn.Module):
+    """Wraps the VAE so one forward returns reconstruction and KL (DDP syncs gradients through forward)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, frames: torch.Tensor, generator: torch.Generator):
+        posterior = self.vae.encode(frames).latent_dist
+        reconstruction = self.vae.decode(posterior.sample(generator=generator)).sample
+        return reconstruction, posterior.kl().mean()
+
+
+class VAEStage:
+    name = "vae"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def build(self, accelerator, dataset) -> nn.Module:
+        v = self.cfg.vae
+        vae = load_vae(v.pretrained, v.subfolder) if v.pretrained else build_tiny_vae(
+            v.block_out_channels, v.layers_per_block, v.latent_channels)
+        self.device = accelerator.device
+        self.dataset = dataset
+        self.validation_clips = _fixed_validation_clips(dataset, 4)
+        return _VAEWithLoss(vae)
+
+    def compute_loss(self, model, batch, generator):
+        frames = batch["pixel_values"].to(self.device)
+        frames = frames.transpose(1, 2).flatten(0, 1)  # (B, 3, F, H, W) -> (B*F, 3, H, W)
+        reconstruction, kl = model(frames, generator)
+        mse = F.mse_loss(reconstruction.float(), frames.float())
+        return mse + self.cfg.vae.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def validate(self, model: _VAEWithLoss, out_dir: Path, step: int):
+        clips = torch.stack([c["pixel_values"] for c in self.validation_clips]).to(self.device)
+        mean, _ = encode_video_posterior(model.vae, clips, self.cfg.vae.chunk_frames)
+        frames = mean.transpose(1, 2).flatten(0, 1)
+        recon = model.vae.decode(frames).sample.clamp(-1, 1).unflatten(0, (clips.shape[0], -1)).transpose(1, 2)
+        mse = F.mse_loss((recon + 1) / 2, (clips + 1) / 2).item()
+        psnr = 10 * np.log10(1.0 / max(mse, 1e-10))
+        # Original above, reconstruction below.
+        pairs = np.stack([np.concatenate([tensor_to_frames(a.cpu()), tensor_to_frames(b.cpu())], axis=1)
+                          for a, b in zip(clips, recon)])
+        labels = [c["clip_id"] for c in self.validation_clips]
+        paths = write_samples(pairs, labels, out_dir, fps=self.cfg.sample.fps, formats=("mp4",))
+        return {"reconstructions": paths}, {"val/psnr": float(psnr)}
+
+    @torch.no_grad()
+    def save_final(self, model: _VAEWithLoss, ema, run_dir: Path) -> None:
+        vae = model.vae
+        if ema is not None:
+            ema.copy_to(vae.parameters())
+        # Scale latents to unit variance for the diffusion model (what SD's 0.18215 does for its VAE).
+        clips = torch.stack([self.dataset[i]["pixel_values"] for i in range(min(32, len(self.dataset)))])
+        mean, _ = encode_video_posterior(vae, clips.to(self.device), self.cfg.vae.chunk_frames)
+        scaling = float(1.0 / mean.std().clamp(min=1e-6))
+        vae.register_to_config(scaling_factor=scaling)
+        vae.save_pretrained(run_dir / "vae")
+        logger.info("VAE saved to %s (latent scaling factor %.4f)", run_dir / "vae", scaling)
+
+
+class TextToVideoStage:
+    name = "t2v"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def build(self, accelerator, dataset) -> nn.Module:
+        cfg = self.cfg
+        self.device = accelerator.device
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        self.text_encoder = FrozenTextEncoder(
+            resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length, cfg.text_encoder.subfolder
+        ).to(self.device)
+        self.vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(self.device, weight_dtype).requires_grad_(False)
+        self.vae.eval()
+        factor = downscale_factor(self.vae) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+        if cfg.data.resolution % factor:
+            raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
+                              f"multiple of {factor} for this VAE and UNet depth")
+
+        self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
+        self.objective = DiffusionObjective(self.noise_scheduler, cfg.diffusion)
+        if accelerator.is_main_process:
+            self.noise_scheduler.save_pretrained(Path(cfg.output_dir) / "scheduler")
+
+        u = cfg.unet
+        if u.pretrained:
+            unet = FaceVidUNet3D.from_pretrained(u.pretrained)
+        else:
+            unet = FaceVidUNet3D(
+                in_channels=self.vae.config.latent_channels, out_channels=self.vae.config.latent_channels,
+                block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
+                attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
+                cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
+            )
+        unet.set_attention_backend(u.attention_backend)
+        if u.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        # Caption dropout swaps in the empty prompt's embedding: what guidance uses at sampling time.
+        self.null_text, self.null_mask = self.text_encoder([""])
+        self.validation_prompts = list(cfg.train.validation_prompts) or [
+            dataset.records[i].captions[0] for i in range(min(4, len(dataset)))]
+        return unet
+
+    def compute_loss(self, model, batch, generator):
+        cfg = self.cfg
+        pixels = batch["pixel_values"].to(self.device)
+        mean, std = encode_video_posterior(self.vae, pixels, cfg.vae.chunk_frames)
+        latents = sample_latents(mean, std, self.vae.config.scaling_factor, generator)
+        text, mask = self.text_encoder(list(batch["caption"]))
+        drop = torch.rand(len(text), generator=generator, device=generator.device) < cfg.data.caption_dropout
+        drop = drop.to(text.device)
+        text = torch.where(drop[:, None, None], self.null_text.expand_as(text), text)
+        mask = torch.where(drop[:, None], self.null_mask.expand_as(mask), mask)
+        loss = self.objective.loss(lambda noisy, t: model(noisy, t, text, mask), latents, generator)
+        return loss, {}
+
+    def pipeline(self, unet) -> FaceVidPipeline:
+        return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
+                               self.cfg.vae.chunk_frames)
+
+    def validate(self, model, out_dir: Path, step: int):
+        s, d = self.cfg.sample, self.cfg.data
+        videos = self.pipeline(model)(
+            self.validation_prompts, negative_prompt=s.negative_prompt, num_frames=d.num_frames,
+            resolution=d.resolution, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+            scheduler=s.scheduler, seed=s.seed,
+        )
+        paths = write_samples(videos, self.validation_prompts, out_dir, fps=s.fps, formats=("mp4",))
+        return {"samples": paths}, {}
+
+    def save_final(self, model, ema, run_dir: Path) -> None:
+        model.save_pretrained(run_dir / "unet")
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            model.save_pretrained(run_dir / "unet_ema")
+            ema.restore(model.parameters())
+        logger.info("UNet saved to %s", run_dir / ("unet_ema" if ema is not None else "unet"))
+
+
+STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}

@@ -1,0 +1,393 @@
+"""The training loop, shared by every stage: Accelerate, optimizer, EMA, checkpoints, resume, logging.
+
+What is trained and how its loss is computed lives in a `Stage` (facevid/stages.py); this file owns
+everything around it, so the VAE stage and the text-to-video stage checkpoint, resume and log alike.
+
+Exact resume: the data order depends only on (seed, epoch) (data/sampler.py), each clip's random
+choices only on (seed, epoch, index) (data/dataset.py), and all training noise comes from one
+torch.Generator per rank whose state is checkpointed. A resumed run therefore repeats the same
+batches and the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.dataset import VideoClipDataset, collate_clips
+from data.manifest import SkippedItem, read_manifest
+from data.sampler import ShardedEpochSampler
+from facevid.config import RunConfig, save_config
+
+logger = logging.getLogger("facevid")
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainerState:
+    """Counters saved with every checkpoint (trainer_state.json)."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    tracker_run_id: str | None = None
+    skipped_clips: int = 0
+    world_size: int = 1
+
+
+def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
+    """One Accelerator for every machine: the CPU case must say cpu=True, or
+    `accelerate launch --multi_gpu` on a CPU box starts independent, non-distributed processes."""
+    on_gpu = torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        cpu=not on_gpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+
+
+def _ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    # Ctrl-C and SIGTERM reach the whole process group; only the main process decides when to stop
+    # (after saving a checkpoint). A worker killed by the signal would crash the run instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one has a .tmp- name and is never listed)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, stage):
+        self.cfg = cfg
+        self.stage = stage
+        self.run_dir = Path(cfg.output_dir)
+        self.state = TrainerState()
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        logger.info("stage %s on %d process(es), device %s, mixed precision %s",
+                    cfg.stage, acc.num_processes, acc.device, acc.mixed_precision)
+
+        self._prepare_data()
+        self.model = self.stage.build(acc, self.dataset)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        logger.info("trainable parameters: %.2fM", sum(p.numel() for p in trainable) / 1e6)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            weight_decay=cfg.train.weight_decay,
+        )
+        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        self.lr_scheduler = get_scheduler(
+            cfg.train.lr_scheduler, self.optimizer,
+            num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
+            num_training_steps=cfg.train.max_steps * acc.num_processes,
+        )
+        self.ema = None
+        if cfg.train.ema_decay is not None:
+            self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        # All training noise (timesteps, Gaussian noise, caption dropout, posterior samples) comes from here.
+        self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
+
+    def _prepare_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        manifest = Path(cfg.data.manifest)
+        if not manifest.is_file():
+            if acc.is_main_process:
+                from data import synth
+
+                s = cfg.data.synth
+                logger.info("generating FaceVid-Synth (%d clips) into %s", s.num_clips, manifest.parent)
+                synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
+                               resolution=s.resolution, fps=s.fps, seed=s.seed)
+            acc.wait_for_everyone()
+        records, skipped = read_manifest(manifest)
+        self.manifest_skipped = skipped
+        if skipped and acc.is_main_process:
+            logger.warning("%d manifest entries skipped:\n  %s", len(skipped), "\n  ".join(map(str, skipped[:20])))
+        if not records:
+            raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
+        logger.info("dataset: %d clips from %s", len(records), manifest)
+        self.dataset = VideoClipDataset(
+            records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
+            resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps,
+        )
+        self.sampler = ShardedEpochSampler(
+            len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
+            rank=acc.process_index, seed=cfg.seed,
+        )
+        self.loader = DataLoader(
+            self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler, collate_fn=collate_clips,
+            num_workers=cfg.data.num_workers, drop_last=True, worker_init_fn=_ignore_stop_signals_in_worker,
+            # Workers get their seeds from this generator, not from the global RNG.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        root = self.run_dir / "checkpoints"
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step:08d}"
+        final, tmp = root / name, root / f".tmp-{name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        torch.save(self.generator.get_state(), tmp / f"noise_generator_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state), indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint intact
+            for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            logger.info("checkpoint saved: %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _resolve_resume(self) -> Path | None:
+        if self.cfg.resume is None:
+            return None
+        if self.cfg.resume == "latest":
+            found = list_checkpoints(self.run_dir)
+            if not found:
+                logger.info("resume=latest: no checkpoint in %s yet, starting fresh", self.run_dir)
+                return None
+            return found[-1]
+        return Path(self.cfg.resume)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        logger.info("resuming from %s", path)
+        acc.load_state(str(path))
+        saved = json.loads((path / "trainer_state.json").read_text())
+        self.state = TrainerState(**saved)
+        generator_file = path / f"noise_generator_{acc.process_index}.pt"
+        if self.state.world_size == acc.num_processes and generator_file.is_file():
+            self.generator.set_state(torch.load(generator_file, weights_only=True))
+        else:
+            logger.warning("checkpoint was written by %d process(es), now %d: training noise is re-seeded "
+                           "(the run continues, but not bit-identically)", self.state.world_size, acc.num_processes)
+            self.generator.manual_seed(self.cfg.seed * 1009 + acc.process_index + self.state.global_step)
+            self.state.world_size = acc.num_processes
+
+    # --------------------------------------------------------------- trackers
+    def _init_trackers(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.train.tracker == "none":
+            return
+        init_kwargs = {}
+        if cfg.train.tracker == "wandb":
+            import wandb
+
+            # Offline unless the user is logged in; its files go inside the run directory.
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir.resolve()))
+            if not os.environ.get("WANDB_API_KEY") and not wandb.api.api_key:
+                os.environ.setdefault("WANDB_MODE", "offline")
+            if self.state.tracker_run_id is None:
+                self.state.tracker_run_id = wandb.util.generate_id()
+            init_kwargs["wandb"] = {"id": self.state.tracker_run_id, "resume": "allow",
+                                    "name": self.run_dir.name, "dir": str(self.run_dir.resolve())}
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in _flatten(OmegaConf.to_container(OmegaConf.structured(cfg))).items()}
+        project = cfg.train.wandb_project if cfg.train.tracker == "wandb" else "tb"
+        acc.init_trackers(project, config=flat, init_kwargs=init_kwargs)
+
+    def log_media(self, media: dict[str, list[Path]], step: int) -> None:
+        """Log validation videos (mp4) and contact sheets (png) to the active tracker."""
+        acc = self.accelerator
+        if self.cfg.train.tracker == "wandb":
+            import wandb
+
+            payload = {}
+            for key, paths in media.items():
+                payload[key] = [wandb.Video(str(p)) if p.suffix == ".mp4" else wandb.Image(str(p)) for p in paths]
+            acc.get_tracker("wandb", unwrap=True).log(payload, step=step)
+        elif self.cfg.train.tracker == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            writer = acc.get_tracker("tensorboard", unwrap=True)
+            for key, paths in media.items():
+                for i, p in enumerate(pp for pp in paths if pp.suffix == ".png"):
+                    writer.add_image(f"{key}/{i}", np.asarray(Image.open(p).convert("RGB")), step,
+                                     dataformats="HWC")
+
+    # ------------------------------------------------------------------- loop
+    def _request_stop(self, signum, _frame) -> None:
+        logger.warning("received %s: saving a checkpoint after this step, then exiting",
+                       signal.Signals(signum).name)
+        self._stop_requested = True
+
+    def _validate(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            if self.ema is not None:  # sample with the EMA weights, then put the training weights back
+                self.ema.store(model.parameters())
+                self.ema.copy_to(model.parameters())
+            model.eval()
+            out_dir = self.run_dir / "samples" / f"step-{self.state.global_step:08d}"
+            media, metrics = self.stage.validate(model, out_dir, self.state.global_step)
+            model.train()
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
+            if metrics:
+                acc.log(metrics, step=self.state.global_step)
+                self._write_metrics({"step": self.state.global_step, **metrics})
+            self.log_media(media, self.state.global_step)
+            logger.info("validation samples written to %s %s", out_dir, metrics or "")
+        acc.wait_for_everyone()
+
+    def _write_metrics(self, row: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def _report_skipped(self, skipped: list[SkippedItem]) -> None:
+        """End of epoch: gather every rank's skipped clips, report each file once, keep a log."""
+        everything = gather_object([(s.source, s.reason) for s in skipped])
+        if not self.accelerator.is_main_process or not everything:
+            return
+        unique = dict(everything)
+        self.state.skipped_clips += len(unique)
+        with open(self.run_dir / "skipped_clips.jsonl", "a", encoding="utf-8") as handle:
+            for source, reason in unique.items():
+                handle.write(json.dumps({"epoch": self.state.epoch, "video": source, "reason": reason}) + "\n")
+        lines = "\n  ".join(f"{s}: {r}" for s, r in list(unique.items())[:20])
+        logger.warning("epoch %d: %d clip(s) skipped (unreadable, corrupt or too short):\n  %s%s",
+                       self.state.epoch, len(unique), lines, "\n  ..." if len(unique) > 20 else "")
+
+    def fit(self) -> Path:
+        self._setup()
+        acc, cfg = self.accelerator, self.cfg
+        resume_from = self._resolve_resume()
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        self.state.world_size = acc.num_processes
+        self._init_trackers()
+        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        max_steps = cfg.train.max_steps
+        progress = tqdm(total=max_steps, initial=self.state.global_step, desc=f"train {cfg.stage}",
+                        disable=not acc.is_main_process, dynamic_ncols=True)
+        self.model.train()
+        running_loss, running_count, window_start = 0.0, 0, time.time()
+        stopped_early = False
+        while self.state.global_step < max_steps and not stopped_early:
+            self.sampler.set_epoch(self.state.epoch, start_batch=self.state.batches_in_epoch)
+            self.dataset.set_epoch(self.state.epoch)
+            epoch_skipped: list[SkippedItem] = []
+            for batch in self.loader:
+                self.state.batches_in_epoch += 1
+                epoch_skipped.extend(batch["skipped"])
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, extra_logs = self.stage.compute_loss(self.model, batch, self.generator)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                    self.optimizer.step()
+                    if acc.sync_gradients:
+                        self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                running_loss += loss.detach().float().item()
+                running_count += 1
+                if not acc.sync_gradients:
+                    continue
+
+                self.state.global_step += 1
+                step = self.state.global_step
+                if self.ema is not None:
+                    self.ema.step([p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad])
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == max_steps:
+                    mean_loss = acc.reduce(torch.tensor(running_loss / running_count, device=acc.device),
+                                           "mean").item()
+                    rate = running_count / max(time.time() - window_start, 1e-9)
+                    logs = {"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0], **extra_logs}
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
+                    acc.log(logs, step=step)
+                    if acc.is_main_process:
+                        self._write_metrics({"step": step, "epoch": self.state.epoch, **logs})
+                    running_loss, running_count, window_start = 0.0, 0, time.time()
+
+                if self._stop_requested:
+                    acc.set_trigger()
+                stop_now = acc.check_trigger()
+                if step % cfg.train.checkpoint_every == 0 or step == max_steps or stop_now:
+                    self.save_checkpoint()
+                if cfg.train.validate_every and step % cfg.train.validate_every == 0 and step < max_steps:
+                    self._validate()
+                if stop_now:
+                    logger.warning("stopped at step %d on request; resume with resume=latest", step)
+                    stopped_early = True
+                    break
+                if step >= max_steps:
+                    break
+            else:  # the epoch ran to its end
+                self._report_skipped(epoch_skipped)
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+                continue
+            self._report_skipped(epoch_skipped)
+        progress.close()
+
+        if not stopped_early:
+            self._validate()
+            if acc.is_main_process:
+                model = acc.unwrap_model(self.model)
+                self.stage.save_final(model, self.ema, self.run_dir)
+        acc.wait_for_everyone()
+        acc.end_training()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        return self.run_dir
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,54 @@
+"""Frozen text encoder: any transformers encoder (CLIP text, T5 encoder, BERT-style) by hub id or path."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+
+def _load_encoder_model(path: str, subfolder: str | None):
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    # AutoModel would build the full CLIP (vision tower too) or the T5 decoder; we need the text half.
+    if config.model_type in ("clip", "clip_text_model"):
+        return CLIPTextModel.from_pretrained(path, **kwargs)
+    if config.model_type in ("t5", "mt5", "umt5"):
+        return T5EncoderModel.from_pretrained(path, **kwargs)
+    return AutoModel.from_pretrained(path, **kwargs)
+
+
+class FrozenTextEncoder(nn.Module):
+    """Tokenizes prompts to a fixed length and returns (token embeddings (B, L, D), mask (B, L) bool)."""
+
+    def __init__(self, pretrained: str, max_length: int = 77, subfolder: str | None = None):
+        super().__init__()
+        tokenizer_kwargs = {"subfolder": subfolder} if subfolder else {}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained, **tokenizer_kwargs)
+        except (OSError, ValueError):
+            # diffusers-style pipelines keep the tokenizer in a sibling "tokenizer" folder.
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+        self.model = _load_encoder_model(pretrained, subfolder).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.pretrained = pretrained
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True):  # always frozen: keep dropout off whatever the caller asks
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        mask = tokens["attention_mask"].bool()
+        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        return hidden, mask

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from facevid.config import DiffusionConfig
+from facevid.diffusion import DiffusionObjective, build_noise_scheduler, build_sampler
+
+
+def _objective(**kw):
+    cfg = DiffusionConfig(**kw)
+    return DiffusionObjective(build_noise_scheduler(cfg), cfg)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_is_zero_for_the_exact_target(prediction_type):
+    """A model that returns the true target scores 0: checks noising and targets agree."""
+    objective = _objective(prediction_type=prediction_type, min_snr_gamma=5.0)
+    latents = torch.randn(3, 4, 2, 4, 4)
+    seen = {}
+
+    def oracle(noisy, t):
+        seen["t"] = t
+        alpha = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+        if prediction_type == "epsilon":
+            return noise
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+
+    loss = objective.loss(oracle, latents, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8
+    wrong = objective.loss(lambda noisy, t: torch.zeros_like(noisy), latents, torch.Generator().manual_seed(0))
+    assert wrong.item() > 0.01
+
+
+def test_same_generator_state_same_loss():
+    objective = _objective(offset_noise=0.1)
+    latents = torch.randn(2, 4, 2, 4, 4)
+    model = lambda x, t: x * 0.5  # noqa: E731
+    a = objective.loss(model, latents, torch.Generator().manual_seed(3))
+    b = objective.loss(model, latents, torch.Generator().manual_seed(3))
+    c = objective.loss(model, latents, torch.Generator().manual_seed(4))
+    assert a == b and a != c
+
+
+def test_min_snr_weighting_changes_the_loss():
+    latents = torch.randn(4, 4, 2, 4, 4)
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    plain = _objective(min_snr_gamma=None).loss(model, latents, torch.Generator().manual_seed(0))
+    weighted = _objective(min_snr_gamma=1.0).loss(model, latents, torch.Generator().manual_seed(0))
+    assert weighted < plain  # v-prediction weights min(snr, 1) / (snr + 1) <= 1
+
+
+def test_zero_terminal_snr_and_samplers():
+    scheduler = build_noise_scheduler(DiffusionConfig(zero_terminal_snr=True))
+    assert scheduler.alphas_cumprod[-1] < 1e-6  # the last training step is pure noise
+    for name in ("ddim", "dpm++"):
+        sampler = build_sampler(scheduler.config, name)
+        sampler.set_timesteps(5)
+        assert int(sampler.timesteps[0]) == 999  # trailing spacing starts at the pure-noise step
+        assert sampler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="ddim, dpm"):
+        build_sampler(scheduler.config, "euler")

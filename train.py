@@ -1,0 +1,31 @@
+"""Train a FaceVid stage: `accelerate launch train.py --config configs/demo.yaml [key=value ...]`.
+
+Parses and validates the config (before any work starts), then hands it to the Trainer.
+"""
+
+import argparse
+import sys
+
+from facevid.config import ConfigError, load_config
+from facevid.stages import STAGES
+from facevid.trainer import Trainer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Trainer(cfg, STAGES[cfg.stage](cfg)).fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
