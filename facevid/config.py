@@ -120,6 +120,7 @@ class TrainConfig:
     validate_every: int = 0  # 0 = validate only at the end
     validation_prompts: list[str] = field(default_factory=list)
     tracker: str = "tensorboard"  # tensorboard | wandb | none
+    replica_check_every: int = 0  # >0: every N steps, fail loudly if data-parallel ranks' weights differ
     wandb_project: str = "facevid"
 
 
@@ -253,7 +254,8 @@ def validate(cfg: RunConfig) -> None:
     for key in positive_ints:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
-    for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips"]:
+    for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
+                "train.replica_check_every"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
     for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:

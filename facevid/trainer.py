@@ -278,6 +278,17 @@ class Trainer:
             logger.info("validation samples written to %s %s", out_dir, metrics or "")
         acc.wait_for_everyone()
 
+    @torch.no_grad()
+    def _check_replicas_agree(self) -> None:
+        """Data-parallel ranks must hold identical weights after every optimizer step."""
+        acc = self.accelerator
+        params = [p.detach().double().flatten() for p in acc.unwrap_model(self.model).parameters()]
+        checksum = torch.stack([torch.cat(params).sum(), (torch.cat(params) ** 2).sum()]).to(acc.device)
+        every_rank = acc.gather(checksum[None]).cpu()
+        if not torch.equal(every_rank, every_rank[:1].expand_as(every_rank)):
+            raise RuntimeError(f"step {self.state.global_step}: ranks' weights differ (checksums {every_rank.tolist()})")
+        logger.info("step %d: weights identical on all %d rank(s)", self.state.global_step, acc.num_processes)
+
     def _write_metrics(self, row: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -350,6 +361,8 @@ class Trainer:
                         self._write_metrics({"step": step, "epoch": self.state.epoch, **logs})
                     running_loss, running_count, window_start = 0.0, 0, time.time()
 
+                if cfg.train.replica_check_every and step % cfg.train.replica_check_every == 0:
+                    self._check_replicas_agree()
                 if self._stop_requested:
                     acc.set_trigger()
                 stop_now = acc.check_trigger()
