@@ -45,8 +45,8 @@ def encode_video_posterior(vae: AutoencoderKL, video: torch.Tensor, chunk_frames
     moments = _chunked(frames, chunk_frames, lambda x: vae.encode(x).latent_dist.parameters)
     mean, logvar = moments.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    to_video = lambda x: rearrange(x, "(b f) c h w -> b c f h w", b=batch)  # noqa: E731
-    return to_video(mean), to_video(std)
+    mean, std = (rearrange(x, "(b f) c h w -> b c f h w", b=batch) for x in (mean, std))
+    return mean, std
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator=None) -> torch.Tensor:

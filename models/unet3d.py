@@ -1,0 +1,474 @@
+"""FaceVidUNet3D: a text-conditioned latent video diffusion UNet.
+
+Video tensors are (B, C, F, H, W). Internally frames are folded into the batch, (B*F, C, H, W), so every
+image layer (ResNet convs, spatial self-attention, text cross-attention) runs per frame, exactly as in an
+image UNet. Frames only exchange information through the temporal transformers, which attend over the F
+frames at each spatial location.
+
+One "UNetLayer" (repeated `layers_per_block` times per level on the way down, one more on the way up):
+
+    ResnetBlock          per-frame convs, timestep embedding injected
+    SpatialTransformer   self-attn over the H*W tokens of a frame, cross-attn to the text, feed-forward
+                         (levels where attention_levels is True)
+    TemporalTransformer  self-attn over the F frames at each pixel with sinusoidal frame positions, optional
+                         feed-forward (every level by default, see temporal_attention_levels)
+
+The mid block is a layer with both transformers followed by a plain ResnetBlock layer.
+
+Temporal attention sits at every level by default, also the highest-resolution ones where fine motion (lips,
+eyes) lives; it is cheap there because each sequence is only F tokens long. Its output projections start at
+zero, so an untrained model treats frames independently and image-pretrained weights are not disturbed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_timestep_embedding
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from torch import nn
+
+from models.attention import Attention, validate_attention_backend
+
+TEMPORAL_POSITION_ENCODINGS = ("sinusoidal", "none")
+
+
+def feed_forward(dim: int, dropout: float, mult: int = 4) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(dim, dim * mult),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(dim * mult, dim),
+    )
+
+
+class ResnetBlock(nn.Module):
+    """Per-frame residual conv block; the timestep embedding is added between the two convs."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame spatial self-attention, cross-attention to the text, feed-forward."""
+
+    def __init__(
+        self, channels: int, heads: int, cross_attention_dim: int, groups: int, dropout: float, backend: str
+    ):
+        super().__init__()
+        head_dim = channels // heads
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm_self = nn.LayerNorm(channels)
+        self.self_attn = Attention(channels, heads, head_dim, dropout=dropout, backend=backend)
+        self.norm_cross = nn.LayerNorm(channels)
+        self.cross_attn = Attention(
+            channels, heads, head_dim, context_dim=cross_attention_dim, dropout=dropout, backend=backend
+        )
+        self.norm_ff = nn.LayerNorm(channels)
+        self.ff = feed_forward(channels, dropout)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        num_frames: int,
+    ) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        tokens = rearrange(self.norm(x), "bf c h w -> bf (h w) c")
+        tokens = self.proj_in(tokens)
+        tokens = tokens + self.self_attn(self.norm_self(tokens))
+        # Cross-attention treats every token independently, so all frames of a video can share one query
+        # sequence; this avoids repeating the text context F times.
+        video_tokens = rearrange(tokens, "(b f) s c -> b (f s) c", f=num_frames)
+        video_tokens = video_tokens + self.cross_attn(
+            self.norm_cross(video_tokens), encoder_hidden_states, encoder_attention_mask
+        )
+        tokens = rearrange(video_tokens, "b (f s) c -> (b f) s c", f=num_frames)
+        tokens = tokens + self.ff(self.norm_ff(tokens))
+        tokens = self.proj_out(tokens)
+        return x + rearrange(tokens, "bf (h w) c -> bf c h w", h=height, w=width)
+
+
+class TemporalTransformer(nn.Module):
+    """Self-attention over the frames at each spatial location, optionally followed by a feed-forward.
+
+    Every branch ends in a zero-initialised projection, so the block is the identity at initialisation.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        position_encoding: str,
+        use_feed_forward: bool,
+        dropout: float,
+        backend: str,
+    ):
+        super().__init__()
+        self.position_encoding = position_encoding
+        self.norm_attn = nn.LayerNorm(channels)
+        self.attn = Attention(channels, heads, channels // heads, dropout=dropout, backend=backend)
+        out_projs = [self.attn.to_out]
+        if use_feed_forward:
+            self.norm_ff = nn.LayerNorm(channels)
+            self.ff = feed_forward(channels, dropout)
+            out_projs.append(self.ff[-1])
+        else:
+            self.ff = None
+        for out_proj in out_projs:
+            nn.init.zeros_(out_proj.weight)
+            nn.init.zeros_(out_proj.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
+        attn_input = self.norm_attn(tokens)
+        if self.position_encoding == "sinusoidal":
+            # Computed on the fly, so any number of frames works (nothing is stored in the state dict).
+            positions = torch.arange(num_frames, device=x.device)
+            attn_input = attn_input + get_timestep_embedding(
+                positions, tokens.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0
+            ).to(tokens.dtype)
+        tokens = tokens + self.attn(attn_input)
+        if self.ff is not None:
+            tokens = tokens + self.ff(self.norm_ff(tokens))
+        return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)
+
+
+class UNetLayer(nn.Module):
+    """ResnetBlock -> optional SpatialTransformer -> optional TemporalTransformer.
+
+    With gradient checkpointing on (ModelMixin.enable_gradient_checkpointing sets `gradient_checkpointing` and
+    `_gradient_checkpointing_func` on this module), each of the three sub-blocks keeps only its inputs for
+    backward and recomputes its activations.
+    """
+
+    def __init__(
+        self,
+        resnet: ResnetBlock,
+        spatial: SpatialTransformer | None = None,
+        temporal: TemporalTransformer | None = None,
+    ):
+        super().__init__()
+        self.resnet = resnet
+        self.spatial = spatial
+        self.temporal = temporal
+        self.gradient_checkpointing = False
+
+    def _maybe_checkpoint(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def forward(
+        self, x, temb, encoder_hidden_states, encoder_attention_mask, num_frames: int
+    ) -> torch.Tensor:
+        x = self._maybe_checkpoint(self.resnet, x, temb)
+        if self.spatial is not None:
+            x = self._maybe_checkpoint(
+                self.spatial, x, encoder_hidden_states, encoder_attention_mask, num_frames
+            )
+        if self.temporal is not None:
+            x = self._maybe_checkpoint(self.temporal, x, num_frames)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 conv (no checkerboard artefacts, unlike transposed convs)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class FaceVidUNet3D(ModelMixin, ConfigMixin):
+    """Latent video diffusion UNet: (B, C, F, H, W) noisy latents + timestep + text -> (B, C_out, F, H, W).
+
+    Args:
+        in_channels / out_channels: latent channels.
+        condition_channels: extra channels concatenated to the noisy latent (e.g. a reference-frame latent for
+            image-to-video); 0 disables the `condition` input.
+        block_out_channels: channels per resolution level; the latent is downsampled 2x between levels, so H
+            and W must be divisible by 2 ** (len(block_out_channels) - 1).
+        layers_per_block: UNet layers per level on the down path (the up path has one more, as in diffusers).
+        attention_levels: per level, whether it gets spatial self-attention + text cross-attention.
+            The mid block always has them.
+        temporal_attention_levels: per level, whether it gets temporal attention; None = every level.
+            The mid block always has it.
+        attention_head_dim: channels per head (heads = channels // attention_head_dim, at least 1).
+        cross_attention_dim: width D of the text states (B, L, D).
+        norm_num_groups: GroupNorm groups; must divide every entry of block_out_channels.
+        temporal_position_encoding: "sinusoidal" (works for any frame count) or "none".
+        temporal_feed_forward: add a feed-forward after each temporal attention. Off by default: it costs ~25%
+            of a CPU training step at demo size for little gain there; worth turning on for larger runs.
+        attention_backend: "auto", "sdpa", "math" or "xformers" (see models.attention).
+        dropout: dropout in resnets, attention outputs and feed-forwards.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        condition_channels: int = 0,
+        block_out_channels: tuple[int, ...] = (64, 128, 128),
+        layers_per_block: int = 1,
+        attention_levels: tuple[bool, ...] = (False, True, True),
+        temporal_attention_levels: tuple[bool, ...] | None = None,
+        attention_head_dim: int = 32,
+        cross_attention_dim: int = 384,
+        norm_num_groups: int = 32,
+        temporal_position_encoding: str = "sinusoidal",
+        temporal_feed_forward: bool = False,
+        attention_backend: str = "auto",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        num_levels = len(block_out_channels)
+        if temporal_attention_levels is None:
+            temporal_attention_levels = (True,) * num_levels
+        for name, levels in (
+            ("attention_levels", attention_levels),
+            ("temporal_attention_levels", temporal_attention_levels),
+        ):
+            if len(levels) != num_levels:
+                raise ValueError(
+                    f"{name} has {len(levels)} entries but block_out_channels has {num_levels}; "
+                    "give one per level."
+                )
+        for channels in block_out_channels:
+            if channels % norm_num_groups:
+                raise ValueError(
+                    f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry, "
+                    f"got {channels}."
+                )
+        if temporal_position_encoding not in TEMPORAL_POSITION_ENCODINGS:
+            raise ValueError(
+                f"temporal_position_encoding must be one of {TEMPORAL_POSITION_ENCODINGS}, "
+                f"got {temporal_position_encoding!r}."
+            )
+        validate_attention_backend(attention_backend)
+
+        def num_heads(channels: int) -> int:
+            heads = max(1, channels // attention_head_dim)
+            if channels % heads:
+                raise ValueError(
+                    f"{channels} channels cannot be split evenly into heads of "
+                    f"attention_head_dim={attention_head_dim}."
+                )
+            return heads
+
+        def make_layer(in_ch: int, out_ch: int, spatial: bool, temporal: bool) -> UNetLayer:
+            heads = num_heads(out_ch)
+            resnet = ResnetBlock(in_ch, out_ch, temb_channels, norm_num_groups, dropout)
+            spatial_block = temporal_block = None
+            if spatial:
+                spatial_block = SpatialTransformer(
+                    out_ch, heads, cross_attention_dim, norm_num_groups, dropout, attention_backend
+                )
+            if temporal:
+                temporal_block = TemporalTransformer(
+                    out_ch,
+                    heads,
+                    temporal_position_encoding,
+                    temporal_feed_forward,
+                    dropout,
+                    attention_backend,
+                )
+            return UNetLayer(resnet, spatial_block, temporal_block)
+
+        base_channels = block_out_channels[0]
+        temb_channels = base_channels * 4
+        self.time_proj = Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(base_channels, temb_channels)
+        self.conv_in = nn.Conv2d(in_channels + condition_channels, base_channels, kernel_size=3, padding=1)
+
+        # Down path. `skip_channels` mirrors the skip tensors forward() pushes, so the up path knows their
+        # widths.
+        skip_channels = [base_channels]
+        self.down_layers = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        channels = base_channels
+        for level, level_channels in enumerate(block_out_channels):
+            layers = nn.ModuleList()
+            for _ in range(layers_per_block):
+                layers.append(
+                    make_layer(
+                        channels, level_channels, attention_levels[level], temporal_attention_levels[level]
+                    )
+                )
+                channels = level_channels
+                skip_channels.append(channels)
+            self.down_layers.append(layers)
+            if level < num_levels - 1:
+                self.downsamplers.append(nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1))
+                skip_channels.append(channels)
+
+        self.mid_layers = nn.ModuleList(
+            [
+                make_layer(channels, channels, spatial=True, temporal=True),
+                make_layer(channels, channels, spatial=False, temporal=False),
+            ]
+        )
+
+        # Up path: one more layer per level than the down path, so every skip tensor is consumed.
+        self.up_layers = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for level in reversed(range(num_levels)):
+            layers = nn.ModuleList()
+            for _ in range(layers_per_block + 1):
+                layers.append(
+                    make_layer(
+                        channels + skip_channels.pop(),
+                        block_out_channels[level],
+                        attention_levels[level],
+                        temporal_attention_levels[level],
+                    )
+                )
+                channels = block_out_channels[level]
+            self.up_layers.append(layers)
+            if level > 0:
+                self.upsamplers.append(Upsample(channels))
+
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers")."""
+        validate_attention_backend(backend)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+        self.register_to_config(attention_backend=backend)
+
+    # ModelMixin's versions of these only know diffusers' own attention classes and would silently do nothing.
+    def reset_attention_backend(self) -> None:
+        self.set_attention_backend("auto")
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        self.set_attention_backend("xformers")
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        self.set_attention_backend("auto")
+
+    def _check_inputs(self, sample, encoder_hidden_states, encoder_attention_mask, condition) -> None:
+        config = self.config
+        if sample.ndim != 5:
+            raise ValueError(f"sample must be (B, C, F, H, W), got shape {tuple(sample.shape)}.")
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        height, width = sample.shape[-2:]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample height and width must be divisible by {factor} (2 ** (number of levels - 1)), "
+                f"got H={height}, W={width}; e.g. use H={max(factor, height // factor * factor)}, "
+                f"W={max(factor, width // factor * factor)}."
+            )
+        batch_size = sample.shape[0]
+        text_shape = tuple(encoder_hidden_states.shape)
+        if len(text_shape) != 3 or text_shape[0] != batch_size or text_shape[2] != config.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be (B={batch_size}, L, {config.cross_attention_dim}), "
+                f"got {text_shape}."
+            )
+        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != text_shape[:2]:
+            raise ValueError(
+                f"encoder_attention_mask must be (B, L) = {text_shape[:2]}, "
+                f"got {tuple(encoder_attention_mask.shape)}."
+            )
+        if config.condition_channels == 0 and condition is not None:
+            raise ValueError("condition was given but the model was built with condition_channels=0.")
+        if config.condition_channels > 0:
+            expected = (batch_size, config.condition_channels, *sample.shape[2:])
+            if condition is None or tuple(condition.shape) != expected:
+                got = None if condition is None else tuple(condition.shape)
+                raise ValueError(f"condition must have shape {expected}, got {got}.")
+
+    def _embed_timestep(self, timestep, batch_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        timesteps = torch.as_tensor(timestep, device=device)
+        if timesteps.ndim == 0 or timesteps.numel() == 1:
+            timesteps = timesteps.reshape(1).expand(batch_size)
+        if timesteps.shape != (batch_size,):
+            raise ValueError(
+                f"timestep must be a scalar or have shape ({batch_size},), got {tuple(timesteps.shape)}."
+            )
+        # Timesteps returns float32; match the model dtype before the MLP.
+        return self.time_embedding(self.time_proj(timesteps).to(dtype))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            sample: noisy latents (B, in_channels, F, H, W), any F >= 1.
+            timestep: scalar or (B,).
+            encoder_hidden_states: text states (B, L, cross_attention_dim).
+            encoder_attention_mask: optional (B, L), 1/True = real token, 0/False = padding (ignored).
+            condition: (B, condition_channels, F, H, W) when the model has condition_channels > 0.
+
+        Returns:
+            (B, out_channels, F, H, W).
+        """
+        self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, condition)
+        batch_size, num_frames = sample.shape[0], sample.shape[2]
+        if condition is not None:
+            sample = torch.cat([sample, condition], dim=1)
+        if encoder_attention_mask is not None:
+            encoder_attention_mask = encoder_attention_mask.bool()
+
+        temb = self._embed_timestep(timestep, batch_size, sample.dtype, sample.device)
+        temb = temb.repeat_interleave(num_frames, dim=0)  # one row per frame, matching the "(b f)" layout
+        layer_args = (encoder_hidden_states, encoder_attention_mask, num_frames)
+
+        x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))
+        skips = [x]
+        for level, layers in enumerate(self.down_layers):
+            for layer in layers:
+                x = layer(x, temb, *layer_args)
+                skips.append(x)
+            if level < len(self.downsamplers):
+                x = self.downsamplers[level](x)
+                skips.append(x)
+
+        for layer in self.mid_layers:
+            x = layer(x, temb, *layer_args)
+
+        for level, layers in enumerate(self.up_layers):
+            for layer in layers:
+                x = layer(torch.cat([x, skips.pop()], dim=1), temb, *layer_args)
+            if level < len(self.upsamplers):
+                x = self.upsamplers[level](x)
+
+        x = self.conv_out(F.silu(self.norm_out(x)))
+        return rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
