@@ -46,6 +46,14 @@ class DataConfig:
     target_fps: Optional[float] = None  # when set (and the clip's fps is known) overrides frame_stride
     caption_dropout: float = 0.1  # share of captions replaced by "" for classifier-free guidance
     num_workers: int = 1
+    flip: bool = False  # horizontal flip with p=0.5 (cached as a second latent)
+    # Latent + text-embedding cache (data/cache.py): none = encode on the fly every step;
+    # use = train from cache_dir (refused unless its fingerprint matches); auto = build what is missing, then use.
+    cache: str = "none"
+    cache_dir: Optional[str] = None
+    cache_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    cache_windows_per_clip: int = 4  # frame windows stored per clip (evenly spaced over the clip)
+    cache_shard_clips: int = 128  # clips per shard file; an interrupted build re-encodes at most one shard
     synth: SynthDataConfig = field(default_factory=SynthDataConfig)
 
 
@@ -61,11 +69,15 @@ class VAEConfig:
     pretrained: Optional[str] = None  # hub id or local AutoencoderKL folder; required for stage t2v
     subfolder: Optional[str] = None
     chunk_frames: int = 16  # frames encoded/decoded at once: bounds memory on long or large clips
+    sample_posterior: bool = True  # draw z ~ N(mean, std) each step; false = use the posterior mean
     # Architecture of the tiny VAE that stage `vae` trains from scratch.
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     latent_channels: int = 4
     kl_weight: float = 1e-6
+    # Stage vae trains on random square crops of this size (null = whole frames). The VAE is
+    # convolutional, so it then runs at any size; 32 px crops of 64 px frames make a step 4x cheaper.
+    train_crop: Optional[int] = None
 
 
 @dataclass
@@ -141,6 +153,8 @@ class RunConfig:
 
 CHOICES = {
     "stage": ("vae", "t2v"),
+    "data.cache": ("none", "use", "auto"),
+    "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -246,7 +260,7 @@ def validate(cfg: RunConfig) -> None:
 
     positive_ints = [
         "data.resolution", "data.num_frames", "data.frame_stride", "text_encoder.max_length",
-        "vae.chunk_frames", "vae.layers_per_block", "vae.latent_channels", "unet.layers_per_block",
+        "vae.chunk_frames", "data.cache_windows_per_clip", "data.cache_shard_clips", "vae.layers_per_block", "vae.latent_channels", "unet.layers_per_block",
         "unet.attention_head_dim", "unet.norm_num_groups", "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
@@ -295,6 +309,12 @@ def validate(cfg: RunConfig) -> None:
               f"must be a multiple of {multiple} (VAE factor {vae_factor} x UNet factor {unet_factor}); "
               f"e.g. {max(multiple, cfg.data.resolution // multiple * multiple)}")
 
+    if cfg.data.cache != "none" and not cfg.data.cache_dir:
+        _fail("data.cache_dir", None, f"data.cache={cfg.data.cache} needs a folder for the cache")
+    if cfg.data.cache == "use" and not (Path(cfg.data.cache_dir) / "fingerprint.json").is_file():
+        _fail("data.cache_dir", cfg.data.cache_dir, "holds no cache; build it with `cache.py --config ...` "
+              "or set data.cache=auto")
+
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file() and cfg.data.synth.num_clips == 0:
         _fail("data.manifest", cfg.data.manifest, "file not found (or set data.synth.num_clips > 0 to "
@@ -303,6 +323,12 @@ def validate(cfg: RunConfig) -> None:
         _fail("data.synth.num_frames", cfg.data.synth.num_frames,
               f"must be >= data.num_frames x data.frame_stride = {cfg.data.num_frames * cfg.data.frame_stride}")
 
+    crop = cfg.vae.train_crop
+    if crop is not None and not (0 < crop <= cfg.data.resolution and crop % (vae_factor or 1) == 0):
+        _fail("vae.train_crop", crop, f"must be a multiple of the VAE factor {vae_factor} and at most "
+              f"data.resolution ({cfg.data.resolution}), or null for whole frames")
+    if cfg.stage == "vae" and cfg.data.cache != "none":
+        _fail("data.cache", cfg.data.cache, "the VAE stage trains on pixels: set data.cache=none")
     if cfg.stage == "t2v":
         if not cfg.vae.pretrained:
             _fail("vae.pretrained", None, "stage t2v needs a VAE: a hub id (e.g. stabilityai/sd-vae-ft-mse) "

@@ -63,6 +63,11 @@ class VAEStage:
     def compute_loss(self, model, batch, generator):
         frames = batch["pixel_values"].to(self.device)
         frames = frames.transpose(1, 2).flatten(0, 1)  # (B, 3, F, H, W) -> (B*F, 3, H, W)
+        crop = self.cfg.vae.train_crop
+        if crop is not None and crop < frames.shape[-1]:
+            top, left = torch.randint(0, frames.shape[-1] - crop + 1, (2,), generator=generator,
+                                      device=generator.device).tolist()
+            frames = frames[..., top : top + crop, left : left + crop]
         reconstruction, kl = model(frames, generator)
         mse = F.mse_loss(reconstruction.float(), frames.float())
         return mse + self.cfg.vae.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
@@ -135,17 +140,29 @@ class TextToVideoStage:
         if u.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         # Caption dropout swaps in the empty prompt's embedding: what guidance uses at sampling time.
-        self.null_text, self.null_mask = self.text_encoder([""])
+        # Training from the cache uses the cache's stored copy, so both paths see the same values.
+        cache = getattr(dataset, "cache", None)
+        if cache is not None:
+            self.null_text, self.null_mask = (t[None].to(self.device) for t in cache.text(dataset.text_key("")))
+        else:
+            self.null_text, self.null_mask = self.text_encoder([""])
         self.validation_prompts = list(cfg.train.validation_prompts) or [
             dataset.records[i].captions[0] for i in range(min(4, len(dataset)))]
         return unet
 
+    def encode_batch(self, batch) -> tuple[torch.Tensor, ...]:
+        """(posterior mean, std, text embeddings, mask): read from the cache when the batch carries
+        them (data.cache), else encoded now with the frozen VAE and text encoder."""
+        if "latent_mean" in batch:
+            return tuple(batch[k].to(self.device) for k in ("latent_mean", "latent_std", "text_embeds", "text_mask"))
+        mean, std = encode_video_posterior(self.vae, batch["pixel_values"].to(self.device), self.cfg.vae.chunk_frames)
+        return (mean, std, *self.text_encoder(list(batch["caption"])))
+
     def compute_loss(self, model, batch, generator):
         cfg = self.cfg
-        pixels = batch["pixel_values"].to(self.device)
-        mean, std = encode_video_posterior(self.vae, pixels, cfg.vae.chunk_frames)
-        latents = sample_latents(mean, std, self.vae.config.scaling_factor, generator)
-        text, mask = self.text_encoder(list(batch["caption"]))
+        mean, std, text, mask = self.encode_batch(batch)
+        scale = self.vae.config.scaling_factor
+        latents = sample_latents(mean, std, scale, generator) if cfg.vae.sample_posterior else mean * scale
         drop = torch.rand(len(text), generator=generator, device=generator.device) < cfg.data.caption_dropout
         drop = drop.to(text.device)
         text = torch.where(drop[:, None, None], self.null_text.expand_as(text), text)

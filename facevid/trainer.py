@@ -74,6 +74,26 @@ def _ignore_stop_signals_in_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def setup_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def ensure_manifest(cfg: RunConfig, accelerator: Accelerator) -> Path:
+    """The manifest to train on; FaceVid-Synth is generated there first when the config asks for it."""
+    manifest = Path(cfg.data.manifest)
+    if not manifest.is_file():
+        if accelerator.is_main_process:
+            from data import synth
+
+            s = cfg.data.synth
+            logger.info("generating FaceVid-Synth (%d clips) into %s", s.num_clips, manifest.parent)
+            synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
+                           resolution=s.resolution, fps=s.fps, seed=s.seed)
+        accelerator.wait_for_everyone()
+    return manifest
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one has a .tmp- name and is never listed)."""
     root = run_dir / "checkpoints"
@@ -95,8 +115,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
-        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        setup_logging(acc)
         set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +130,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
             weight_decay=cfg.train.weight_decay,
+            fused=True,  # one kernel for all parameters: several times faster than the per-tensor loop
         )
         # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
         self.lr_scheduler = get_scheduler(
@@ -129,16 +149,7 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        manifest = Path(cfg.data.manifest)
-        if not manifest.is_file():
-            if acc.is_main_process:
-                from data import synth
-
-                s = cfg.data.synth
-                logger.info("generating FaceVid-Synth (%d clips) into %s", s.num_clips, manifest.parent)
-                synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
-                               resolution=s.resolution, fps=s.fps, seed=s.seed)
-            acc.wait_for_everyone()
+        manifest = ensure_manifest(cfg, acc)
         records, skipped = read_manifest(manifest)
         self.manifest_skipped = skipped
         if skipped and acc.is_main_process:

@@ -82,7 +82,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     cfg = DiffusionConfig()
     objective = DiffusionObjective(build_noise_scheduler(cfg), cfg)
     latents, text = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 384)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, fused=True)
     history = []
     for _ in range(25):
         # The same noise and timesteps every step: a fixed problem the model must fit.
@@ -158,8 +158,10 @@ def test_two_rank_ddp_on_cpu(synth_manifest, tiny_vae, tmp_path):
     for step in range(1, 7):
         assert f"step {step}: weights identical on all 2 rank(s)" in log
     state = json.loads((list_checkpoints(run)[-1] / "trainer_state.json").read_text())
-    # 12 clips split over 2 ranks at batch 2 = 3 steps an epoch (one rank alone would need 6).
-    assert state["world_size"] == 2 and state["epoch"] == 2 and state["global_step"] == 6
+    # 12 clips split over 2 ranks at batch 2 = 3 steps an epoch (one rank alone would need 6):
+    # step 6 is the last batch of the second epoch.
+    assert state["world_size"] == 2 and state["global_step"] == 6
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 3)
     assert (run / "checkpoints" / "step-00000006" / "noise_generator_1.pt").is_file()
 
 
