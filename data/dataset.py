@@ -1,6 +1,6 @@
 """The training dataset: fixed-length frame windows from the clips of a manifest.
 
-Every random choice (window start, caption) comes from ``np.random.default_rng([seed, epoch, index])``,
+Every random choice (window start, caption, flip) comes from ``np.random.default_rng([seed, epoch, index])``,
 so an item is the same whichever DataLoader worker builds it, and a resumed run sees the same data as an
 uninterrupted one. Workers hold a copy of the dataset made when the DataLoader iterator starts: call
 `set_epoch` before iterating each epoch (non-persistent workers, the DataLoader default, pick it up).
@@ -21,26 +21,17 @@ from data.manifest import ClipRecord, SkippedItem
 from data.video import VideoDecodeError, VideoInfo, frames_to_tensor, probe_video, read_frames
 
 
-class VideoClipDataset(Dataset):
-    def __init__(self, records: list[ClipRecord], num_frames: int, frame_stride: int = 1,
-                 resolution: int = 64, seed: int = 0, target_fps: float | None = None,
-                 max_substitutions: int = 16):
+class _ClipDataset(Dataset):
+    """What both datasets share: per-(seed, epoch, index) randomness and substitution of bad clips."""
+
+    def __init__(self, records: list[ClipRecord], seed: int = 0, flip: bool = False, max_substitutions: int = 16):
         if not records:
             raise ValueError("no clip records: the dataset would be empty")
-        if num_frames < 1 or frame_stride < 1 or resolution < 1:
-            raise ValueError(f"num_frames, frame_stride and resolution must be >= 1, "
-                             f"got {num_frames}, {frame_stride}, {resolution}")
-        if target_fps is not None and not target_fps > 0:
-            raise ValueError(f"target_fps must be positive, got {target_fps}")
         self.records = list(records)
-        self.num_frames = num_frames
-        self.frame_stride = frame_stride
-        self.resolution = resolution
         self.seed = seed
-        self.target_fps = target_fps
+        self.flip = flip  # horizontal flip with p = 0.5: the one augmentation faces tolerate
         self.max_substitutions = max_substitutions
         self.epoch = 0
-        self._probes: dict[str, VideoInfo] = {}  # per process; a clip's header is read once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,29 +46,87 @@ class VideoClipDataset(Dataset):
             used = (int(index) + attempt) % len(self.records)
             record = self.records[used]
             try:
-                frames = self._read_window(record, rng)
+                item = self._load(record, rng)
             except (VideoDecodeError, OSError) as err:
                 reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
                 skipped.append(SkippedItem(record.video, reason))
                 continue
-            caption = record.captions[rng.integers(len(record.captions))] if record.captions else ""
-            return {"pixel_values": frames_to_tensor(frames), "caption": caption, "clip_id": record.clip_id,
-                    "index": used, "skipped": skipped}
+            return {**item, "clip_id": record.clip_id, "index": used, "skipped": skipped}
         tried = "\n  ".join(str(item) for item in skipped)
         raise RuntimeError(f"item {index}: no usable clip among {len(skipped)} tried:\n  {tried}")
+
+    def _pick_caption_and_flip(self, record: ClipRecord, rng: np.random.Generator) -> tuple[str, bool]:
+        # Drawn after the window and in this order by both datasets, so cached and on-the-fly
+        # training make the same choices for the same (seed, epoch, index).
+        caption = record.captions[rng.integers(len(record.captions))] if record.captions else ""
+        flip = bool(self.flip and rng.random() < 0.5)
+        return caption, flip
+
+    def _load(self, record: ClipRecord, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+
+class VideoClipDataset(_ClipDataset):
+    """Decodes a random frame window of each clip: {"pixel_values": (3, F, H, W) in [-1, 1], "caption"}."""
+
+    def __init__(self, records: list[ClipRecord], num_frames: int, frame_stride: int = 1,
+                 resolution: int = 64, seed: int = 0, target_fps: float | None = None,
+                 max_substitutions: int = 16, flip: bool = False):
+        super().__init__(records, seed, flip, max_substitutions)
+        if num_frames < 1 or frame_stride < 1 or resolution < 1:
+            raise ValueError(f"num_frames, frame_stride and resolution must be >= 1, "
+                             f"got {num_frames}, {frame_stride}, {resolution}")
+        if target_fps is not None and not target_fps > 0:
+            raise ValueError(f"target_fps must be positive, got {target_fps}")
+        self.num_frames = num_frames
+        self.frame_stride = frame_stride
+        self.resolution = resolution
+        self.target_fps = target_fps
+        self._probes: dict[str, VideoInfo] = {}  # per process; a clip's header is read once
 
     def _probe(self, path: str) -> VideoInfo:
         if path not in self._probes:
             self._probes[path] = probe_video(path)
         return self._probes[path]
 
-    def _read_window(self, record: ClipRecord, rng: np.random.Generator) -> np.ndarray:
+    def _load(self, record: ClipRecord, rng: np.random.Generator) -> dict:
         """Decode a window starting at a random valid start."""
         starts, stride = window_range(record, self._probe(record.video), self.num_frames, self.frame_stride,
                                       self.target_fps)
         start = starts[rng.integers(len(starts))]
-        indices = range(start, start + self.num_frames * stride, stride)
-        return read_frames(record.video, indices, self.resolution)
+        frames = read_frames(record.video, range(start, start + self.num_frames * stride, stride), self.resolution)
+        caption, flip = self._pick_caption_and_flip(record, rng)
+        if flip:
+            frames = np.ascontiguousarray(frames[:, :, ::-1])
+        return {"pixel_values": frames_to_tensor(frames), "caption": caption}
+
+
+class CachedClipDataset(_ClipDataset):
+    """Reads VAE posteriors and caption embeddings from a LatentCache (data/cache.py) instead of video.
+
+    Each item draws one of the clip's cached windows, one of its captions and (if cached) the flip,
+    as the on-the-fly dataset would. Clips the cache does not hold are left out and listed in
+    `missing` (the trainer reports them), e.g. those skipped as undecodable when it was built.
+    """
+
+    def __init__(self, records: list[ClipRecord], cache, text_key, seed: int = 0, flip: bool = False,
+                 max_substitutions: int = 16):
+        present = [r for r in records if cache.has_clip(r.clip_id)]
+        self.missing = [SkippedItem(r.video, "not in the latent cache (skipped when it was built, "
+                                             "see the cache's report.json)") for r in records
+                        if not cache.has_clip(r.clip_id)]
+        super().__init__(present, seed, flip, max_substitutions)
+        self.cache = cache
+        self.text_key = text_key  # prompt -> cache key, fixed by the text encoder and its max length
+
+    def _load(self, record: ClipRecord, rng: np.random.Generator) -> dict:
+        starts = sorted({start for start, _ in self.cache.windows[record.clip_id]})
+        start = starts[rng.integers(len(starts))]
+        caption, flip = self._pick_caption_and_flip(record, rng)
+        mean, std = self.cache.latent(record.clip_id, start, int(flip))
+        embeds, mask = self.cache.text(self.text_key(caption))
+        return {"latent_mean": mean, "latent_std": std, "text_embeds": embeds, "text_mask": mask,
+                "caption": caption}
 
 
 def window_range(record: ClipRecord, info: VideoInfo, num_frames: int, frame_stride: int = 1,
@@ -126,11 +175,11 @@ def window_starts(record: ClipRecord, info: VideoInfo, num_frames: int, frame_st
 
 
 def collate_clips(items: list[dict]) -> dict:
-    """Stack pixel_values to (B, 3, F, H, W); list captions, clip ids and indices; join skipped lists."""
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-        "caption": [item["caption"] for item in items],
-        "clip_id": [item["clip_id"] for item in items],
-        "index": [item["index"] for item in items],
-        "skipped": [skip for item in items for skip in item["skipped"]],
-    }
+    """Stack the tensors (pixel_values (B, 3, F, H, W), or the cached latents and embeddings); list
+    captions, clip ids and indices; join the skipped lists."""
+    batch = {key: torch.stack([item[key] for item in items])
+             for key, value in items[0].items() if isinstance(value, torch.Tensor)}
+    for key in ("caption", "clip_id", "index"):
+        batch[key] = [item[key] for item in items]
+    batch["skipped"] = [skip for item in items for skip in item["skipped"]]
+    return batch

@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,9 +30,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.dataset import VideoClipDataset, collate_clips
+from data.cache import LatentCache, check_fingerprint, text_key
+from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips
 from data.manifest import SkippedItem, read_manifest
 from data.sampler import ShardedEpochSampler
+from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
 
 logger = logging.getLogger("facevid")
@@ -157,10 +160,13 @@ class Trainer:
         if not records:
             raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
         logger.info("dataset: %d clips from %s", len(records), manifest)
-        self.dataset = VideoClipDataset(
-            records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
-            resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps,
-        )
+        if cfg.data.cache == "none":
+            self.dataset = VideoClipDataset(
+                records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
+                resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
+            )
+        else:
+            self.dataset = self._cached_dataset(records)
         self.sampler = ShardedEpochSampler(
             len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
             rank=acc.process_index, seed=cfg.seed,
@@ -171,6 +177,21 @@ class Trainer:
             # Workers get their seeds from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(cfg.seed),
         )
+
+    def _cached_dataset(self, records) -> CachedClipDataset:
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.data.cache == "auto":
+            build_cache(cfg, acc)  # encodes only what is missing; every rank takes a share
+        check_fingerprint(cfg.data.cache_dir, expected_fingerprint(cfg), rebuild_hint(cfg))
+        encoder, max_length = cfg.text_encoder.pretrained, cfg.text_encoder.max_length
+        dataset = CachedClipDataset(records, LatentCache(cfg.data.cache_dir),
+                                    partial(text_key, encoder_id=encoder, max_length=max_length),
+                                    seed=cfg.seed, flip=cfg.data.flip)
+        logger.info("training from the latent cache in %s (%d clips)", cfg.data.cache_dir, len(dataset))
+        if dataset.missing and acc.is_main_process:
+            logger.warning("%d clip(s) of the manifest are not in the cache and are left out:\n  %s",
+                           len(dataset.missing), "\n  ".join(map(str, dataset.missing[:20])))
+        return dataset
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:

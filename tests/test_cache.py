@@ -1,0 +1,181 @@
+"""The latent / text-embedding cache: format, fingerprint, resumable and multi-rank builds, and
+training from it. Tiny FaceVid-Synth clips and a VAE trained for a few steps, through production code."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import TINY, tiny_config
+
+from data import synth
+from data.cache import CacheMismatchError, LatentCache, text_key
+from data.dataset import VideoClipDataset
+from data.manifest import read_manifest
+from facevid import cache_builder
+from facevid.cache_builder import build_cache, expected_fingerprint
+from facevid.stages import STAGES, TextToVideoStage
+from facevid.trainer import Trainer, build_accelerator
+from models.vae import decode_latents, encode_video_posterior, load_vae
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    # 4-frame clips and 4-frame windows: one window per clip, so cached and on-the-fly training
+    # see exactly the same frames.
+    out = tmp_path_factory.mktemp("cache_synth")
+    return synth.generate(out, num_clips=8, num_frames=4, resolution=16, fps=8.0, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(clips, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cache_vae")
+    cfg = tiny_config(clips, run, "train.max_steps=2", "train.ema_decay=null", stage="vae")
+    Trainer(cfg, STAGES["vae"](cfg)).fit()
+    return run / "vae"
+
+
+def cache_config(clips, vae_dir, tmp_path, *extra):
+    return tiny_config(clips, tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}", "data.cache=auto",
+                       "data.cache_shard_clips=2", *extra, vae=vae_dir)
+
+
+def build(cfg):
+    return build_cache(cfg, build_accelerator(cfg, Path(cfg.output_dir)))
+
+
+def test_cached_latents_decode_back_to_the_frames(clips, vae_dir, tmp_path):
+    cfg = cache_config(clips, vae_dir, tmp_path, "data.cache_dtype=fp32")
+    report = build(cfg)
+    assert report.clips_encoded == 8 and not report.skipped
+    assert json.loads((tmp_path / "cache" / "report.json").read_text())["clips_encoded"] == 8
+    cache = LatentCache(tmp_path / "cache")
+    records, _ = read_manifest(clips)
+    frames = VideoClipDataset(records, num_frames=4, resolution=16)[0]["pixel_values"][None]
+    vae = load_vae(str(vae_dir))
+    mean, std = encode_video_posterior(vae, frames)
+    cached_mean, cached_std = cache.latent(records[0].clip_id, 0, 0)
+    assert torch.allclose(cached_mean, mean[0], atol=1e-5) and torch.allclose(cached_std, std[0], atol=1e-5)
+    scale = vae.config.scaling_factor
+    from_cache = decode_latents(vae, cached_mean[None] * scale)
+    direct = decode_latents(vae, mean * scale)
+    assert (from_cache - direct).abs().max() < 1e-4  # the cache adds nothing to the VAE's own error
+    # Every caption and the empty prompt (for caption dropout) are stored once.
+    key = lambda p: text_key(p, cfg.text_encoder.pretrained, cfg.text_encoder.max_length)  # noqa: E731
+    assert all(cache.has_text(key(c)) for r in records for c in r.captions) and cache.has_text(key(""))
+
+
+def test_fp16_is_the_default_and_halves_the_bytes(clips, vae_dir, tmp_path):
+    small = build(cache_config(clips, vae_dir, tmp_path / "a"))
+    large = build(cache_config(clips, vae_dir, tmp_path / "b", "data.cache_dtype=fp32"))
+    assert small.bytes_written < 0.6 * large.bytes_written
+
+
+def test_fingerprint_mismatch_is_refused_with_the_field(clips, vae_dir, tmp_path):
+    build(cache_config(clips, vae_dir, tmp_path))
+    other = cache_config(clips, vae_dir, tmp_path, "data.num_frames=2", "data.cache=use")
+    with pytest.raises(CacheMismatchError, match=r"num_frames: cache has 4, config needs 2(.|\n)*Rebuild"):
+        Trainer(other, TextToVideoStage(other)).fit()
+    with pytest.raises(CacheMismatchError, match="dtype"):
+        build(cache_config(clips, vae_dir, tmp_path, "data.cache_dtype=fp32"))
+
+
+def test_interrupted_build_resumes_and_encodes_each_clip_once(clips, vae_dir, tmp_path, monkeypatch):
+    cfg = cache_config(clips, vae_dir, tmp_path)
+    calls = []
+    real_read = cache_builder.read_frames
+
+    def crash_on_fifth_clip(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a shard
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_builder, "read_frames", crash_on_fifth_clip)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg)
+    done = LatentCache(tmp_path / "cache")
+    assert len(done.windows) == 4  # two complete shards of 2 clips; the half-filled one never appeared
+    assert not list((tmp_path / "cache" / "shards").glob(".tmp-*"))
+
+    calls.clear()
+    monkeypatch.setattr(cache_builder, "read_frames", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
+    report = build(cfg)
+    assert (report.clips_already_cached, report.clips_encoded, len(calls)) == (4, 4, 4)
+    names = []
+    for shard in (tmp_path / "cache" / "shards").glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            names += [n for n in handle.keys() if n.startswith("latent/")]
+    assert len(names) == len(set(names)) == 8 * 2  # mean + std per clip, each stored exactly once
+
+
+def test_corrupt_clip_is_skipped_and_listed(clips, vae_dir, tmp_path):
+    records, _ = read_manifest(clips)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [json.dumps({"id": r.clip_id, "video": r.video, "captions": r.captions}) for r in records[:3]]
+    lines.append(json.dumps({"id": "broken", "video": str(broken), "caption": "a face"}))
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(manifest, tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}", "data.cache=auto",
+                      vae=vae_dir)
+    report = build(cfg)
+    assert report.clips_encoded == 3 and report.skipped[0][0] == str(broken)
+    assert "broken.mp4" in (tmp_path / "cache" / "report-r0.jsonl").read_text()
+
+
+def test_two_rank_build_equals_one_rank(clips, vae_dir, tmp_path):
+    one = cache_config(clips, vae_dir, tmp_path / "one")
+    build(one)
+    two_dir = tmp_path / "two" / "cache"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), str(REPO / "cache.py"), "--config",
+           str(REPO / "configs/demo.yaml"), f"output_dir={tmp_path / 'two'}", f"data.manifest={clips}",
+           f"vae.pretrained={vae_dir}", f"data.cache_dir={two_dir}", "data.cache_shard_clips=2",
+           *[o for o in TINY if not o.startswith("train.validation_prompts")]]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert json.loads((two_dir / "report.json").read_text())["processes"] == 2
+    assert {p.name.split("-")[0] for p in (two_dir / "shards").glob("*.safetensors")} == {"r0", "r1"}
+    a, b = LatentCache(tmp_path / "one" / "cache"), LatentCache(two_dir)
+    assert a.windows.keys() == b.windows.keys() and set(a._where) == set(b._where)
+    for name in a._where:
+        assert torch.allclose(a._tensor(name).float(), b._tensor(name).float(), atol=2e-3), name
+
+
+def test_training_from_cache_matches_on_the_fly(clips, vae_dir, tmp_path):
+    """Same seed, same batches, posterior sampling off: the losses agree (fp32 cache)."""
+    common = ["train.max_steps=3", "vae.sample_posterior=false", "data.caption_dropout=0.5"]
+    live = tiny_config(clips, tmp_path / "live", *common, vae=vae_dir)
+    Trainer(live, TextToVideoStage(live)).fit()
+    cached = tiny_config(clips, tmp_path / "cached", *common, f"data.cache_dir={tmp_path / 'cache'}",
+                         "data.cache=auto", "data.cache_dtype=fp32", vae=vae_dir)
+    stage = TextToVideoStage(cached)
+    Trainer(cached, stage).fit()
+    # Caption dropout swaps in the cache's stored empty-prompt embedding.
+    cache = LatentCache(tmp_path / "cache")
+    stored, _ = cache.text(text_key("", cached.text_encoder.pretrained, cached.text_encoder.max_length))
+    assert torch.equal(stage.null_text[0], stored)
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row]
+
+    a, b = losses(tmp_path / "live"), losses(tmp_path / "cached")
+    assert len(a) == len(b) == 3
+    assert all(abs(x - y) < 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+
+
+def test_fingerprint_changes_with_what_produced_the_cache(clips, vae_dir, tmp_path):
+    base = expected_fingerprint(cache_config(clips, vae_dir, tmp_path))
+    for override, field in [("data.resolution=8", "resolution"), ("text_encoder.max_length=16", "text_max_length"),
+                            ("data.flip=true", "flip"), ("data.frame_stride=2", "frame_stride")]:
+        changed = expected_fingerprint(cache_config(clips, vae_dir, tmp_path, override))
+        assert [d.split(":")[0] for d in base.differences(changed)] == [field]
