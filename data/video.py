@@ -120,7 +120,7 @@ def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
 
 
 @contextlib.contextmanager
-def _open_video_stream(path: str | os.PathLike):
+def open_video_stream(path: str | os.PathLike):
     """Opens `path` and yields (container, first video stream); every failure is a VideoDecodeError."""
     path = str(path)
     if not os.path.isfile(path):
@@ -148,7 +148,7 @@ def _stream_fps(stream) -> float | None:
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
     """Frame count, fps and size, from the container's metadata (or by demuxing, never decoding)."""
-    with _open_video_stream(path) as (container, stream):
+    with open_video_stream(path) as (container, stream):
         num_frames = stream.frames
         if not num_frames:  # e.g. gif, webm: no frame count in the header, but one packet per frame
             num_frames = sum(1 for packet in container.demux(stream) if packet.size)
@@ -175,7 +175,7 @@ def read_frames(path: str | os.PathLike, frame_indices: Sequence[int], resolutio
     if min(indices) < 0:
         raise ValueError(f"frame indices must be >= 0, got {min(indices)}")
     wanted = set(indices)
-    with _open_video_stream(path) as (container, stream):
+    with open_video_stream(path) as (container, stream):
         decoded = None
         if min(wanted) >= SEEK_MIN_FRAMES:
             decoded = _decode_after_seek(container, stream, wanted)

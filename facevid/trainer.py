@@ -354,6 +354,7 @@ class Trainer:
                         disable=not acc.is_main_process, dynamic_ncols=True)
         self.model.train()
         running_loss, running_count, window_start = 0.0, 0, time.time()
+        fit_start = window_start
         stopped_early = False
         while self.state.global_step < max_steps and not stopped_early:
             self.sampler.set_epoch(self.state.epoch, start_batch=self.state.batches_in_epoch)
@@ -390,7 +391,8 @@ class Trainer:
                     progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
                     acc.log(logs, step=step)
                     if acc.is_main_process:
-                        self._write_metrics({"step": step, "epoch": self.state.epoch, **logs})
+                        self._write_metrics({"step": step, "epoch": self.state.epoch,
+                                             "elapsed_s": round(time.time() - fit_start, 3), **logs})
                     running_loss, running_count, window_start = 0.0, 0, time.time()
 
                 if cfg.train.replica_check_every and step % cfg.train.replica_check_every == 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from data.video import _open_video_stream
+from data.video import open_video_stream
 
 
 def iter_frames(path: str | os.PathLike) -> Iterator[tuple[float, np.ndarray]]:
@@ -23,7 +23,7 @@ def iter_frames(path: str | os.PathLike) -> Iterator[tuple[float, np.ndarray]]:
     it here means the face detector sees upright faces. Raises VideoDecodeError (naming the file) when
     the file cannot be opened or its data is corrupt.
     """
-    with _open_video_stream(path) as (container, stream):
+    with open_video_stream(path) as (container, stream):
         stream.thread_type = "AUTO"  # frame + slice threads: decoding is most of the cost on big videos
         rate = stream.average_rate or stream.guessed_rate
         step = 1.0 / float(rate) if rate else 1.0 / 25.0
