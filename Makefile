@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
+	@# The demo retrains its VAE, so latents cached from an earlier demo no longer match: start clean.
+	@rm -rf runs/demo runs/demo-vae outputs/facevid_synth_cache
 	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/demo_vae.yaml)
 	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo.yaml)
 	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run runs/demo --prompts-file configs/demo_prompts.txt --out runs/demo/samples/demo)

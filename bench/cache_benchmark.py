@@ -6,6 +6,9 @@ Prints: training steps/s encoding on the fly vs. reading the cache (and the rati
 clips/s with 1 and 2 processes; bytes per clip per frame at the demo resolution and extrapolated to
 FaceVid-1K; peak RSS while building the cache for 100 vs 1,000 clips.
 
+Run it with OMP_NUM_THREADS=1 on a shared machine (torch's OpenMP threads spin-wait badly when
+another process holds a core); the cache builds it launches use one thread per process.
+
 Uses the demo VAE (runs/demo-vae/vae) when it exists, else an untrained VAE of the same architecture:
 timings and sizes do not depend on the weights.
 """
@@ -65,7 +68,7 @@ def build_cache_subprocess(manifest: Path, vae: Path, cache: Path, processes: in
     cmd = launch + [str(REPO / "cache.py"), "--config", str(REPO / "configs" / "demo.yaml"),
                     f"output_dir={cache.parent / 'run'}", f"data.manifest={manifest}", f"vae.pretrained={vae}",
                     f"data.cache_dir={cache}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode:
@@ -92,7 +95,7 @@ def main() -> None:
         for processes in (1, 2):
             report, _ = build_cache_subprocess(manifest, vae, work / f"cache{processes}", processes)
             rows.append((processes, report))
-        live = train(manifest, vae, work / "live", args.steps)
+        live = train(manifest, vae, work / "live", args.steps, "data.cache=none")
         cached = train(manifest, vae, work / "cached", args.steps, f"data.cache_dir={work / 'cache1'}",
                        "data.cache=use")
 

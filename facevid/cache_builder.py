@@ -46,9 +46,11 @@ def expected_fingerprint(cfg: RunConfig) -> CacheFingerprint:
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     vae_dir = Path(cfg.vae.pretrained) / (cfg.vae.subfolder or "")
     encoder_dir = Path(encoder) / (cfg.text_encoder.subfolder or "")
+    # A local folder is identified by its weights' hash, not its path (runs move; relative vs absolute).
+    vae_id = "local folder" if vae_dir.is_dir() else f"{cfg.vae.pretrained}/{cfg.vae.subfolder or ''}"
     return CacheFingerprint(
         format_version=FORMAT_VERSION,
-        vae=f"{cfg.vae.pretrained}{'/' + cfg.vae.subfolder if cfg.vae.subfolder else ''}",
+        vae=vae_id,
         vae_weights_sha256=hash_weights(vae_dir) if vae_dir.is_dir() else f"hub:{cfg.vae.pretrained}",
         text_encoder=cfg.text_encoder.pretrained,
         text_encoder_weights_sha256=hash_weights(encoder_dir) if encoder_dir.is_dir() else f"hub:{encoder}",

@@ -19,6 +19,8 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
         rescale_betas_zero_snr=cfg.zero_terminal_snr,
         clip_sample=False,
