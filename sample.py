@@ -1,9 +1,13 @@
-"""Generate face videos from prompts with a trained run.
+"""Generate face videos with a trained run, whatever its task (config.yaml's `task`):
 
-    python sample.py --run runs/demo --prompt "a person with red hair talking" --seed 0
+    python sample.py --run runs/demo --prompt "a person with red hair talking" --seed 0      # t2v
+    python sample.py --run runs/i2v --image face.png --prompt "a person talking"             # i2v
+    python sample.py --run runs/i2v --image clip.mp4 --image-frame 12 --prompt "..."         # i2v, a video frame
+    python sample.py --run runs/uncond --num-videos 4                                        # uncond
 
-Writes an mp4, a gif and a PNG contact sheet per prompt (plus all.png) and prints their paths.
-Same run, prompt, seed, scheduler and steps -> the same video.
+Writes an mp4, a gif and a PNG contact sheet per video (plus all.png) and prints their paths. A request the
+run's task cannot serve (an image for t2v, none for i2v, a prompt for uncond) is refused with what to give.
+Same run, inputs, seed, scheduler and steps -> the same video.
 """
 
 import argparse
@@ -12,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from facevid.pipeline import FaceVidPipeline, write_samples
+from data.video import VideoDecodeError
+from facevid.pipeline import FaceVidPipeline, load_first_frame, write_samples
+from facevid.tasks import check_request
 
 
 def main(argv=None) -> int:
@@ -20,6 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("--run", required=True, help="run directory written by train.py (stage t2v)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="text file, one prompt per line")
+    parser.add_argument("--image", help="i2v runs: the first frame, an image file or a video (see --image-frame)")
+    parser.add_argument("--image-frame", type=int, default=None, help="with a video --image: the frame index")
+    parser.add_argument("--num-videos", type=int, default=1,
+                        help="videos per prompt (seeds seed, seed+1, ...); uncond runs: the number of videos")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None, help="number of denoising steps")
@@ -36,20 +46,32 @@ def main(argv=None) -> int:
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        parser.error("give at least one --prompt or a --prompts-file")
+    if args.num_videos < 1:
+        parser.error("--num-videos must be >= 1")
+    if args.image_frame is not None and not args.image:
+        parser.error("--image-frame needs --image")
     try:
         pipe = FaceVidPipeline.from_run(args.run, use_ema=not args.no_ema, device=args.device)
-    except (FileNotFoundError, ValueError) as err:
+        check_request(pipe.task, bool(prompts), bool(args.image), source=f"run {args.run}")
+        cfg = pipe.run_config
+        resolution = args.resolution or cfg.data.resolution
+        image = load_first_frame(args.image, resolution, args.image_frame) if args.image else None
+    except (OSError, ValueError, VideoDecodeError) as err:  # missing / unreadable files, task mismatches
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = pipe.run_config
+    if pipe.task == "uncond":
+        labels = [f"unconditional {i}" for i in range(args.num_videos)]
+    else:  # an i2v run may be given an image alone: it is then sampled with the empty prompt
+        prompts = [p for p in (prompts or [""]) for _ in range(args.num_videos)]
+        labels = [p or f"image {Path(args.image).stem}" for p in prompts]
     pick = lambda value, default: default if value is None else value  # noqa: E731
     videos = pipe(
         prompts,
+        images=None if image is None else image[None].expand(len(prompts), -1, -1, -1),
+        num_videos=len(labels),
         negative_prompt=pick(args.negative_prompt, cfg.sample.negative_prompt),
         num_frames=pick(args.frames, cfg.data.num_frames),
-        resolution=pick(args.resolution, cfg.data.resolution),
+        resolution=resolution,
         num_inference_steps=pick(args.steps, cfg.sample.num_inference_steps),
         guidance_scale=pick(args.guidance_scale, cfg.sample.guidance_scale),
         scheduler=pick(args.scheduler, cfg.sample.scheduler),
@@ -57,8 +79,8 @@ def main(argv=None) -> int:
         progress=True,
     )
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "cli"
-    paths = write_samples(videos, prompts, out, fps=pick(args.fps, cfg.sample.fps))
-    print(f"{len(prompts)} video(s) from {pipe.weights} weights written to {out}:")
+    paths = write_samples(videos, labels, out, fps=pick(args.fps, cfg.sample.fps))
+    print(f"{len(labels)} video(s) from {pipe.weights} weights written to {out}:")
     for path in paths:
         print(f"  {path}")
     return 0

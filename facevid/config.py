@@ -82,7 +82,14 @@ class VAEConfig:
 
 @dataclass
 class UNetConfig:
-    pretrained: Optional[str] = None  # a FaceVidUNet3D folder to start from
+    # Start from a pretrained UNet (hub id or folder); its config then fixes the architecture and the
+    # keys below up to attention_head_dim are ignored. Formats (models/pretrained.py): facevid
+    # (FaceVidUNet3D), unet3d (diffusers UNet3DConditionModel: ModelScope, zeroscope), unet2d
+    # (UNet2DConditionModel: its spatial layers, temporal layers start as the identity); auto reads
+    # config.json's _class_name (a pipeline folder's unet/ subfolder is found by itself).
+    pretrained: Optional[str] = None
+    pretrained_format: str = "auto"  # auto | facevid | unet3d | unet2d
+    subfolder: Optional[str] = None
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, True])
@@ -96,6 +103,8 @@ class UNetConfig:
 class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0001  # Stable Diffusion / ModelScope weights were trained with 0.00085 .. 0.012
+    beta_end: float = 0.02
     prediction_type: str = "v_prediction"  # epsilon | v_prediction
     zero_terminal_snr: bool = False  # rescale betas so the last step is pure noise (needs v_prediction)
     offset_noise: float = 0.0  # e.g. 0.05: lets the model change overall brightness
@@ -138,7 +147,10 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    stage: str = "t2v"  # vae (train the tiny VAE) | t2v (text-to-video UNet)
+    stage: str = "t2v"  # vae (train the tiny VAE) | t2v (the video diffusion UNet, for any task)
+    # What the UNet is conditioned on (facevid/tasks.py): t2v = text; i2v = text + the first frame;
+    # uncond = nothing (always the empty prompt's embedding).
+    task: str = "t2v"
     output_dir: str = MISSING
     seed: int = 0
     resume: Optional[str] = None  # "latest" or a checkpoint folder
@@ -153,6 +165,8 @@ class RunConfig:
 
 CHOICES = {
     "stage": ("vae", "t2v"),
+    "task": ("t2v", "i2v", "uncond"),
+    "unet.pretrained_format": ("auto", "facevid", "unet3d", "unet2d"),
     "data.cache": ("none", "use", "auto"),
     "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),

@@ -1,7 +1,7 @@
-"""Text -> video sampling: classifier-free guidance over a diffusers scheduler, then VAE decoding.
+"""Sampling for every task: classifier-free guidance over a diffusers scheduler, then VAE decoding.
 
-Used by sample.py and by validation during training, so both produce the same video for the same
-weights, prompt, seed and scheduler.
+Used by sample.py, by validation during training and by exported FaceVid pipelines (facevid/export.py), so all
+produce the same video for the same weights, inputs, seed and scheduler.
 """
 
 from __future__ import annotations
@@ -11,23 +11,49 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from data.video import tensor_to_frames
+from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor_to_frames
 from facevid.config import RunConfig, load_config, resolve_pretrained
 from facevid.diffusion import build_sampler
+from facevid.tasks import check_request, condition_channels, first_frame_condition
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
-from models.vae import decode_latents, downscale_factor, load_vae
+from models.vae import decode_latents, downscale_factor, encode_video_posterior, load_vae
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif"}
+
+
+def load_first_frame(path: str | Path, resolution: int, frame: int | None = None) -> torch.Tensor:
+    """An image file, or frame `frame` of a video, as the dataset prepares frames: center square crop resized
+    to `resolution`, (3, H, W) in [-1, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        frames = read_frames(path, [frame or 0], resolution)
+    else:
+        if frame is not None:
+            raise ValueError(f"--image-frame needs a video, but {path.name} is a still image")
+        frames = center_crop_resize(np.array(Image.open(path).convert("RGB"))[None], resolution)
+    return frames_to_tensor(frames)[:, 0]
 
 
 class FaceVidPipeline:
-    def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16):
+    def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
+                 task: str | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.chunk_frames = chunk_frames
+        # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
+        self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
+        expected = condition_channels(self.task, unet.config.in_channels)
+        if unet.config.condition_channels != expected:
+            raise ValueError(f"task {self.task} needs a UNet with condition_channels={expected}, this one has "
+                             f"{unet.config.condition_channels}")
 
     @classmethod
     def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -48,7 +74,7 @@ class FaceVidPipeline:
         encoder = FrozenTextEncoder(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length,
                                     cfg.text_encoder.subfolder).to(device)
         scheduler_config = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
-        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames)
+        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task)
         pipe.run_config = cfg
         pipe.weights = folder.name
         return pipe
@@ -57,48 +83,84 @@ class FaceVidPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def encode_first_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> scaled posterior-mean latents (N, C, 1, h, w): the path training encodes
+        clips with, without the posterior noise."""
+        mean, _ = encode_video_posterior(self.vae, images[:, :, None].to(self.device), self.chunk_frames)
+        return mean * self.vae.config.scaling_factor
+
     @torch.no_grad()
     def __call__(
         self,
-        prompts: list[str],
+        prompts: list[str] | None = None,
+        images: torch.Tensor | None = None,
+        num_videos: int = 1,
         negative_prompt: str = "",
         num_frames: int = 8,
         resolution: int = 64,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
-        scheduler: str = "dpm++",
+        scheduler="dpm++",
         seed: int = 0,
         progress: bool = False,
     ) -> np.ndarray:
-        """Returns uint8 videos (N, F, H, W, 3). Prompt i's noise is seeded by seed + i, so a prompt's
-        video does not depend on which other prompts share the batch."""
+        """Returns uint8 videos (N, F, H, W, 3).
+
+        t2v: one video per prompt. i2v: one per (prompt, image) pair, images (N, 3, H, W) in [-1, 1] at
+        `resolution` (a prompt may be ""); frame 0 is the image after a VAE round trip. uncond: `num_videos`
+        videos, no prompts. `scheduler` is "dpm++", "ddim" or a ready diffusers scheduler. Video i's noise is
+        seeded by seed + i, so a video does not depend on which others share the batch.
+        """
+        check_request(self.task, bool(prompts), images is not None)
         factor = downscale_factor(self.vae)
         if resolution % factor:
             raise ValueError(f"resolution {resolution} must be a multiple of the VAE factor {factor}")
+        if self.task == "uncond":
+            prompts = [""] * num_videos
+        elif not prompts:  # an image alone: the empty prompt (what caption dropout trained)
+            prompts = [""] * len(images)
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"give one image per prompt: {len(images)} image(s), {len(prompts)} prompt(s)")
         device = self.device
         shape = (self.unet.config.in_channels, num_frames, resolution // factor, resolution // factor)
         latents = torch.stack([
             torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))
         ]).to(device)
 
-        text, mask = self.text_encoder(list(prompts))
-        use_guidance = guidance_scale > 1.0
+        text, mask = self.text_encoder(prompts)
+        # Guidance needs two different text conditions; an unconditional model only ever sees one.
+        use_guidance = guidance_scale > 1.0 and self.task != "uncond"
         if use_guidance:
             null_text, null_mask = self.text_encoder([negative_prompt] * len(prompts))
             text, mask = torch.cat([null_text, text]), torch.cat([null_mask, mask])
 
-        sampler = build_sampler(self.scheduler_config, scheduler)
+        condition = first = None
+        if images is not None:
+            first = self.encode_first_frames(images)
+            condition = first_frame_condition(first, num_frames).to(self.unet.dtype)
+            condition = torch.cat([condition, condition]) if use_guidance else condition
+            # Frame 0 is the given latent noised to each step's level with this fixed noise ("inpainting"),
+            # which is the input training showed the model for frame 0.
+            frame0_noise = latents[:, :, :1].clone()
+
+        sampler = scheduler if not isinstance(scheduler, str) else build_sampler(self.scheduler_config, scheduler)
         sampler.set_timesteps(num_inference_steps, device=device)
         latents = latents * sampler.init_noise_sigma
+        alphas_cumprod = sampler.alphas_cumprod.to(device)
         for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
+            if first is not None:
+                alpha = alphas_cumprod[int(t)]
+                latents[:, :, :1] = alpha.sqrt() * first + (1 - alpha).sqrt() * frame0_noise
             model_in = torch.cat([latents, latents]) if use_guidance else latents
             model_in = sampler.scale_model_input(model_in, t)
             timesteps = torch.full((model_in.shape[0],), int(t), device=device, dtype=torch.long)
-            prediction = self.unet(model_in, timesteps, text.to(self.unet.dtype), mask)
+            prediction = self.unet(model_in, timesteps, text.to(self.unet.dtype), mask, condition=condition)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (cond - uncond)
             latents = sampler.step(prediction, t, latents).prev_sample
+        if first is not None:
+            latents[:, :, :1] = first
         video = decode_latents(self.vae, latents, self.chunk_frames)
         return np.stack([tensor_to_frames(v) for v in video.cpu()])
 

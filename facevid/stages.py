@@ -2,7 +2,8 @@
 
 - `VAEStage` trains a small AutoencoderKL on the dataset's frames (the embedded default ships no
   VAE weights), then measures the latent scaling factor on the data.
-- `TextToVideoStage` trains the 3D UNet on VAE latents, conditioned on a frozen text encoder.
+- `TextToVideoStage` trains the 3D UNet on VAE latents for the configured task (facevid/tasks.py):
+  conditioned on a frozen text encoder (t2v), on text and the first frame (i2v), or on nothing (uncond).
 """
 
 from __future__ import annotations
@@ -19,9 +20,18 @@ from data.video import tensor_to_frames
 from facevid.config import ConfigError, RunConfig, resolve_pretrained
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler
 from facevid.pipeline import FaceVidPipeline, write_samples
+from facevid.tasks import condition_channels, first_frame_condition
+from models.pretrained import load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
-from models.vae import build_tiny_vae, downscale_factor, encode_video_posterior, load_vae, sample_latents
+from models.vae import (
+    build_tiny_vae,
+    decode_latents,
+    downscale_factor,
+    encode_video_posterior,
+    load_vae,
+    sample_latents,
+)
 
 logger = logging.getLogger("facevid")
 
@@ -116,26 +126,28 @@ class TextToVideoStage:
         ).to(self.device)
         self.vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(self.device, weight_dtype).requires_grad_(False)
         self.vae.eval()
-        factor = downscale_factor(self.vae) * 2 ** (len(cfg.unet.block_out_channels) - 1)
-        if cfg.data.resolution % factor:
-            raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
-                              f"multiple of {factor} for this VAE and UNet depth")
-
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
         self.objective = DiffusionObjective(self.noise_scheduler, cfg.diffusion)
         if accelerator.is_main_process:
             self.noise_scheduler.save_pretrained(Path(cfg.output_dir) / "scheduler")
 
         u = cfg.unet
+        latent_channels = self.vae.config.latent_channels
+        extra_channels = condition_channels(cfg.task, latent_channels)
         if u.pretrained:
-            unet = FaceVidUNet3D.from_pretrained(u.pretrained)
+            unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels)
+            self._check_pretrained(unet, latent_channels)
         else:
             unet = FaceVidUNet3D(
-                in_channels=self.vae.config.latent_channels, out_channels=self.vae.config.latent_channels,
+                in_channels=latent_channels, out_channels=latent_channels, condition_channels=extra_channels,
                 block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
                 attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
                 cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
             )
+        factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+        if cfg.data.resolution % factor:
+            raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
+                              f"multiple of {factor} for this VAE and UNet depth")
         unet.set_attention_backend(u.attention_backend)
         if u.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -148,7 +160,23 @@ class TextToVideoStage:
             self.null_text, self.null_mask = self.text_encoder([""])
         self.validation_prompts = list(cfg.train.validation_prompts) or [
             dataset.records[i].captions[0] for i in range(min(4, len(dataset)))]
+        if cfg.task == "i2v":
+            # Image-to-video validates on real first frames, with their own clips' captions.
+            self.validation_clips = _fixed_validation_clips(dataset, 4)
         return unet
+
+    def _check_pretrained(self, unet: FaceVidUNet3D, latent_channels: int) -> None:
+        u, text_width = self.cfg.unet, self.text_encoder.hidden_size
+        if unet.config.in_channels != latent_channels:
+            raise ConfigError(f"config key 'unet.pretrained' = {u.pretrained!r} is invalid: the UNet takes "
+                              f"{unet.config.in_channels} latent channels, the VAE makes {latent_channels}")
+        if unet.config.cross_attention_dim != text_width:
+            raise ConfigError(f"config key 'unet.pretrained' = {u.pretrained!r} is invalid: its cross-attention "
+                              f"expects {unet.config.cross_attention_dim}-wide text states, the text encoder "
+                              f"{self.cfg.text_encoder.pretrained!r} makes {text_width}-wide ones; use the text "
+                              "encoder the UNet was trained with")
+        logger.info("UNet initialised from %s (architecture from its config; unet.block_out_channels etc. unused)",
+                    u.pretrained)
 
     def encode_batch(self, batch) -> tuple[torch.Tensor, ...]:
         """(posterior mean, std, text embeddings, mask): read from the cache when the batch carries
@@ -156,6 +184,8 @@ class TextToVideoStage:
         if "latent_mean" in batch:
             return tuple(batch[k].to(self.device) for k in ("latent_mean", "latent_std", "text_embeds", "text_mask"))
         mean, std = encode_video_posterior(self.vae, batch["pixel_values"].to(self.device), self.cfg.vae.chunk_frames)
+        if self.cfg.task == "uncond":  # captions are never used: skip encoding them
+            return mean, std, self.null_text.expand(len(mean), -1, -1), self.null_mask.expand(len(mean), -1)
         return (mean, std, *self.text_encoder(list(batch["caption"])))
 
     def compute_loss(self, model, batch, generator):
@@ -163,25 +193,48 @@ class TextToVideoStage:
         mean, std, text, mask = self.encode_batch(batch)
         scale = self.vae.config.scaling_factor
         latents = sample_latents(mean, std, scale, generator) if cfg.vae.sample_posterior else mean * scale
-        drop = torch.rand(len(text), generator=generator, device=generator.device) < cfg.data.caption_dropout
-        drop = drop.to(text.device)
-        text = torch.where(drop[:, None, None], self.null_text.expand_as(text), text)
-        mask = torch.where(drop[:, None], self.null_mask.expand_as(mask), mask)
-        loss = self.objective.loss(lambda noisy, t: model(noisy, t, text, mask), latents, generator)
+        if cfg.task == "uncond":  # always the empty prompt, also when the cache holds the captions
+            text, mask = self.null_text.expand_as(text), self.null_mask.expand_as(mask)
+        else:
+            drop = torch.rand(len(text), generator=generator, device=generator.device) < cfg.data.caption_dropout
+            drop = drop.to(text.device)
+            text = torch.where(drop[:, None, None], self.null_text.expand_as(text), text)
+            mask = torch.where(drop[:, None], self.null_mask.expand_as(mask), mask)
+        # i2v: the first frame of the very latents being denoised, so cached and uncached training match.
+        condition = first_frame_condition(latents[:, :, :1], latents.shape[2]) if cfg.task == "i2v" else None
+        loss = self.objective.loss(lambda noisy, t: model(noisy, t, text, mask, condition=condition), latents,
+                                   generator)
         return loss, {}
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
-                               self.cfg.vae.chunk_frames)
+                               self.cfg.vae.chunk_frames, task=self.cfg.task)
+
+    def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
+        """(prompts, first frames, labels) for the task."""
+        task = self.cfg.task
+        if task == "uncond":
+            return [], None, [f"unconditional {i}" for i in range(len(self.validation_prompts))]
+        if task == "t2v":
+            return self.validation_prompts, None, self.validation_prompts
+        clips = self.validation_clips
+        if "pixel_values" in clips[0]:
+            images = torch.stack([c["pixel_values"][:, 0] for c in clips])
+        else:  # cached clips hold latents: decode their first frames
+            first = torch.stack([c["latent_mean"][:, :1] for c in clips]).to(self.device)
+            images = decode_latents(self.vae, first * self.vae.config.scaling_factor)[:, :, 0]
+        prompts = [c["caption"] for c in clips]
+        return prompts, images, prompts
 
     def validate(self, model, out_dir: Path, step: int):
         s, d = self.cfg.sample, self.cfg.data
+        prompts, images, labels = self._validation_inputs()
         videos = self.pipeline(model)(
-            self.validation_prompts, negative_prompt=s.negative_prompt, num_frames=d.num_frames,
-            resolution=d.resolution, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-            scheduler=s.scheduler, seed=s.seed,
+            prompts, images=images, num_videos=len(labels), negative_prompt=s.negative_prompt,
+            num_frames=d.num_frames, resolution=d.resolution, num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale, scheduler=s.scheduler, seed=s.seed,
         )
-        paths = write_samples(videos, self.validation_prompts, out_dir, fps=s.fps, formats=("mp4",))
+        paths = write_samples(videos, labels, out_dir, fps=s.fps, formats=("mp4",))
         return {"samples": paths}, {}
 
     def save_final(self, model, ema, run_dir: Path) -> None:

@@ -18,6 +18,12 @@ The mid block is a layer with both transformers followed by a plain ResnetBlock 
 Temporal attention sits at every level by default, also the highest-resolution ones where fine motion (lips,
 eyes) lives; it is cheap there because each sequence is only F tokens long. Its output projections start at
 zero, so an untrained model treats frames independently and image-pretrained weights are not disturbed.
+
+A few options (all off by default) mirror diffusers' UNet3DConditionModel (ModelScope / zeroscope) layer for
+layer, so its weights load here and ours export to it (models/pretrained.py): `ff_activation="geglu"`,
+`temporal_conv` (a TemporalConvLayer after every ResnetBlock), `temporal_block="transformer"` (its
+TransformerTemporalModel), `input_temporal_transformer` (its `transformer_in`), `norm_eps`, and
+`cross_attention_mask=False` (those models attend to every text token, padding included).
 """
 
 from __future__ import annotations
@@ -33,9 +39,26 @@ from torch import nn
 from models.attention import Attention, validate_attention_backend
 
 TEMPORAL_POSITION_ENCODINGS = ("sinusoidal", "none")
+FF_ACTIVATIONS = ("gelu", "geglu")
+TEMPORAL_BLOCKS = ("attention", "transformer")
 
 
-def feed_forward(dim: int, dropout: float, mult: int = 4) -> nn.Sequential:
+class GEGLU(nn.Module):
+    """Linear to 2x the width, then value * gelu(gate) (the feed-forward input of Stable Diffusion's UNets)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+def feed_forward(dim: int, dropout: float, activation: str = "gelu", mult: int = 4) -> nn.Sequential:
+    """The last module is always the output Linear (callers zero-initialise it)."""
+    if activation == "geglu":
+        return nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
     return nn.Sequential(
         nn.Linear(dim, dim * mult),
         nn.GELU(),
@@ -47,12 +70,14 @@ def feed_forward(dim: int, dropout: float, mult: int = 4) -> nn.Sequential:
 class ResnetBlock(nn.Module):
     """Per-frame residual conv block; the timestep embedding is added between the two convs."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, dropout: float):
+    def __init__(
+        self, in_channels: int, out_channels: int, temb_channels: int, groups: int, dropout: float, eps: float
+    ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.shortcut = (
@@ -68,11 +93,42 @@ class ResnetBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+class TemporalConv(nn.Module):
+    """UNet3DConditionModel's TemporalConvLayer: four (GroupNorm, SiLU, [Dropout], Conv3d over 3 frames) stages on
+    the whole video, added to the input. The last conv starts at zero, so the block starts as the identity."""
+
+    def __init__(self, channels: int, groups: int, dropout: float):
+        super().__init__()
+
+        def stage(with_dropout: bool) -> nn.Sequential:
+            dropout_layer = [nn.Dropout(dropout)] if with_dropout else []
+            return nn.Sequential(
+                nn.GroupNorm(groups, channels), nn.SiLU(), *dropout_layer,
+                nn.Conv3d(channels, channels, kernel_size=(3, 1, 1), padding=(1, 0, 0)),
+            )
+
+        self.conv1, self.conv2, self.conv3, self.conv4 = stage(False), stage(True), stage(True), stage(True)
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
+        out = video + self.conv4(self.conv3(self.conv2(self.conv1(video))))
+        return rearrange(out, "b c f h w -> (b f) c h w")
+
+
 class SpatialTransformer(nn.Module):
     """Per-frame spatial self-attention, cross-attention to the text, feed-forward."""
 
     def __init__(
-        self, channels: int, heads: int, cross_attention_dim: int, groups: int, dropout: float, backend: str
+        self,
+        channels: int,
+        heads: int,
+        cross_attention_dim: int,
+        groups: int,
+        dropout: float,
+        backend: str,
+        ff_activation: str = "gelu",
     ):
         super().__init__()
         head_dim = channels // heads
@@ -85,7 +141,7 @@ class SpatialTransformer(nn.Module):
             channels, heads, head_dim, context_dim=cross_attention_dim, dropout=dropout, backend=backend
         )
         self.norm_ff = nn.LayerNorm(channels)
-        self.ff = feed_forward(channels, dropout)
+        self.ff = feed_forward(channels, dropout, ff_activation)
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(
@@ -112,38 +168,62 @@ class SpatialTransformer(nn.Module):
 
 
 class TemporalTransformer(nn.Module):
-    """Self-attention over the frames at each spatial location, optionally followed by a feed-forward.
+    """Self-attention over the frames at each spatial location; the block is the identity at initialisation.
 
-    Every branch ends in a zero-initialised projection, so the block is the identity at initialisation.
+    block="attention" (FaceVid's own): LayerNorm -> attention [-> LayerNorm -> feed-forward], each branch
+        residual, every branch's output projection zero-initialised.
+    block="transformer" (UNet3DConditionModel's TransformerTemporalModel): GroupNorm over the whole video ->
+        proj_in to heads * head_dim channels -> two self-attentions and a feed-forward (each LayerNorm'ed and
+        residual) -> proj_out (zero-initialised) -> added to the input.
     """
 
     def __init__(
         self,
         channels: int,
         heads: int,
+        head_dim: int,
         position_encoding: str,
         use_feed_forward: bool,
         dropout: float,
         backend: str,
+        block: str = "attention",
+        ff_activation: str = "gelu",
+        groups: int = 32,
     ):
         super().__init__()
         self.position_encoding = position_encoding
-        self.norm_attn = nn.LayerNorm(channels)
-        self.attn = Attention(channels, heads, channels // heads, dropout=dropout, backend=backend)
-        out_projs = [self.attn.to_out]
-        if use_feed_forward:
-            self.norm_ff = nn.LayerNorm(channels)
-            self.ff = feed_forward(channels, dropout)
-            out_projs.append(self.ff[-1])
+        self.block = block
+        width = heads * head_dim
+        if block == "transformer":
+            self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+            self.proj_in = nn.Linear(channels, width)
+        self.norm_attn = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, head_dim, dropout=dropout, backend=backend)
+        if block == "transformer":
+            self.norm_attn2 = nn.LayerNorm(width)
+            self.attn2 = Attention(width, heads, head_dim, dropout=dropout, backend=backend)
+            self.proj_out = nn.Linear(width, channels)
+            zero_init = [self.proj_out]
         else:
-            self.ff = None
-        for out_proj in out_projs:
+            zero_init = [self.attn.to_out]
+        self.ff = None
+        if use_feed_forward or block == "transformer":
+            self.norm_ff = nn.LayerNorm(width)
+            self.ff = feed_forward(width, dropout, ff_activation)
+            if block == "attention":
+                zero_init.append(self.ff[-1])
+        for out_proj in zero_init:
             nn.init.zeros_(out_proj.weight)
             nn.init.zeros_(out_proj.bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         height, width = x.shape[-2:]
-        tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
+        if self.block == "transformer":
+            # GroupNorm statistics span all frames of a video, as in TransformerTemporalModel.
+            video = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))
+            tokens = self.proj_in(rearrange(video, "b c f h w -> (b h w) f c"))
+        else:
+            tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
         attn_input = self.norm_attn(tokens)
         if self.position_encoding == "sinusoidal":
             # Computed on the fly, so any number of frames works (nothing is stored in the state dict).
@@ -152,27 +232,33 @@ class TemporalTransformer(nn.Module):
                 positions, tokens.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0
             ).to(tokens.dtype)
         tokens = tokens + self.attn(attn_input)
+        if self.block == "transformer":
+            tokens = tokens + self.attn2(self.norm_attn2(tokens))
         if self.ff is not None:
             tokens = tokens + self.ff(self.norm_ff(tokens))
+        if self.block == "transformer":
+            return x + rearrange(self.proj_out(tokens), "(b h w) f c -> (b f) c h w", h=height, w=width)
         return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)
 
 
 class UNetLayer(nn.Module):
-    """ResnetBlock -> optional SpatialTransformer -> optional TemporalTransformer.
+    """[ResnetBlock] -> [TemporalConv] -> [SpatialTransformer] -> [TemporalTransformer]; any may be absent.
 
     With gradient checkpointing on (ModelMixin.enable_gradient_checkpointing sets `gradient_checkpointing` and
-    `_gradient_checkpointing_func` on this module), each of the three sub-blocks keeps only its inputs for
-    backward and recomputes its activations.
+    `_gradient_checkpointing_func` on this module), each sub-block keeps only its inputs for backward and
+    recomputes its activations.
     """
 
     def __init__(
         self,
-        resnet: ResnetBlock,
+        resnet: ResnetBlock | None,
         spatial: SpatialTransformer | None = None,
         temporal: TemporalTransformer | None = None,
+        temporal_conv: TemporalConv | None = None,
     ):
         super().__init__()
         self.resnet = resnet
+        self.temporal_conv = temporal_conv
         self.spatial = spatial
         self.temporal = temporal
         self.gradient_checkpointing = False
@@ -185,7 +271,10 @@ class UNetLayer(nn.Module):
     def forward(
         self, x, temb, encoder_hidden_states, encoder_attention_mask, num_frames: int
     ) -> torch.Tensor:
-        x = self._maybe_checkpoint(self.resnet, x, temb)
+        if self.resnet is not None:
+            x = self._maybe_checkpoint(self.resnet, x, temb)
+        if self.temporal_conv is not None:
+            x = self._maybe_checkpoint(self.temporal_conv, x, num_frames)
         if self.spatial is not None:
             x = self._maybe_checkpoint(
                 self.spatial, x, encoder_hidden_states, encoder_attention_mask, num_frames
@@ -220,14 +309,26 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             The mid block always has them.
         temporal_attention_levels: per level, whether it gets temporal attention; None = every level.
             The mid block always has it.
-        attention_head_dim: channels per head (heads = channels // attention_head_dim, at least 1).
+        attention_head_dim: channels per head (heads = channels // attention_head_dim, at least 1); one value,
+            or one per level (the mid block uses the last).
         cross_attention_dim: width D of the text states (B, L, D).
         norm_num_groups: GroupNorm groups; must divide every entry of block_out_channels.
         temporal_position_encoding: "sinusoidal" (works for any frame count) or "none".
-        temporal_feed_forward: add a feed-forward after each temporal attention. Off by default: it costs ~25%
-            of a CPU training step at demo size for little gain there; worth turning on for larger runs.
+        temporal_feed_forward: add a feed-forward after each temporal attention (block "attention"; the
+            "transformer" block always has one). Off by default: it costs ~25% of a CPU training step at demo
+            size for little gain there; worth turning on for larger runs.
         attention_backend: "auto", "sdpa", "math" or "xformers" (see models.attention).
         dropout: dropout in resnets, attention outputs and feed-forwards.
+        norm_eps: epsilon of the ResnetBlock and output GroupNorms.
+        ff_activation: "gelu" (Linear, GELU, Linear) or "geglu" (Stable Diffusion's gated GELU) feed-forwards.
+        temporal_conv: a TemporalConv (UNet3DConditionModel's TemporalConvLayer) after every ResnetBlock.
+        temporal_block: "attention" (FaceVid's) or "transformer" (UNet3DConditionModel's), see
+            TemporalTransformer.
+        input_temporal_transformer: a "transformer" temporal block right after conv_in (UNet3DConditionModel's
+            `transformer_in`: 8 heads of attention_head_dim[0] channels).
+        cross_attention_mask: use `encoder_attention_mask` in text cross-attention. False = attend to every
+            token, padding included, as pretrained UNet3D/UNet2DConditionModels were trained (their pipelines
+            never pass a mask); the mask argument is then ignored.
     """
 
     _supports_gradient_checkpointing = True
@@ -242,21 +343,29 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         attention_levels: tuple[bool, ...] = (False, True, True),
         temporal_attention_levels: tuple[bool, ...] | None = None,
-        attention_head_dim: int = 32,
+        attention_head_dim: int | tuple[int, ...] = 32,
         cross_attention_dim: int = 384,
         norm_num_groups: int = 32,
         temporal_position_encoding: str = "sinusoidal",
         temporal_feed_forward: bool = False,
         attention_backend: str = "auto",
         dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+        ff_activation: str = "gelu",
+        temporal_conv: bool = False,
+        temporal_block: str = "attention",
+        input_temporal_transformer: bool = False,
+        cross_attention_mask: bool = True,
     ):
         super().__init__()
         num_levels = len(block_out_channels)
         if temporal_attention_levels is None:
             temporal_attention_levels = (True,) * num_levels
+        head_dims = (attention_head_dim,) * num_levels if isinstance(attention_head_dim, int) else attention_head_dim
         for name, levels in (
             ("attention_levels", attention_levels),
             ("temporal_attention_levels", temporal_attention_levels),
+            ("attention_head_dim", head_dims),
         ):
             if len(levels) != num_levels:
                 raise ValueError(
@@ -269,46 +378,53 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
                     f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry, "
                     f"got {channels}."
                 )
-        if temporal_position_encoding not in TEMPORAL_POSITION_ENCODINGS:
-            raise ValueError(
-                f"temporal_position_encoding must be one of {TEMPORAL_POSITION_ENCODINGS}, "
-                f"got {temporal_position_encoding!r}."
-            )
+        for name, value, valid in (
+            ("temporal_position_encoding", temporal_position_encoding, TEMPORAL_POSITION_ENCODINGS),
+            ("ff_activation", ff_activation, FF_ACTIVATIONS),
+            ("temporal_block", temporal_block, TEMPORAL_BLOCKS),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}.")
         validate_attention_backend(attention_backend)
 
-        def num_heads(channels: int) -> int:
-            heads = max(1, channels // attention_head_dim)
+        def num_heads(channels: int, head_dim: int) -> int:
+            heads = max(1, channels // head_dim)
             if channels % heads:
                 raise ValueError(
-                    f"{channels} channels cannot be split evenly into heads of "
-                    f"attention_head_dim={attention_head_dim}."
+                    f"{channels} channels cannot be split evenly into heads of attention_head_dim={head_dim}."
                 )
             return heads
 
-        def make_layer(in_ch: int, out_ch: int, spatial: bool, temporal: bool) -> UNetLayer:
-            heads = num_heads(out_ch)
-            resnet = ResnetBlock(in_ch, out_ch, temb_channels, norm_num_groups, dropout)
-            spatial_block = temporal_block = None
+        def temporal_transformer(channels: int, heads: int, head_dim: int, block: str) -> TemporalTransformer:
+            return TemporalTransformer(
+                channels, heads, head_dim, temporal_position_encoding, temporal_feed_forward, dropout,
+                attention_backend, block=block, ff_activation=ff_activation, groups=norm_num_groups,
+            )
+
+        def make_layer(in_ch: int, out_ch: int, level: int, spatial: bool, temporal: bool) -> UNetLayer:
+            heads = num_heads(out_ch, head_dims[level])
+            resnet = ResnetBlock(in_ch, out_ch, temb_channels, norm_num_groups, dropout, norm_eps)
+            spatial_block = temporal_block_ = temporal_conv_block = None
+            if temporal_conv:
+                temporal_conv_block = TemporalConv(out_ch, norm_num_groups, dropout)
             if spatial:
                 spatial_block = SpatialTransformer(
-                    out_ch, heads, cross_attention_dim, norm_num_groups, dropout, attention_backend
+                    out_ch, heads, cross_attention_dim, norm_num_groups, dropout, attention_backend, ff_activation
                 )
             if temporal:
-                temporal_block = TemporalTransformer(
-                    out_ch,
-                    heads,
-                    temporal_position_encoding,
-                    temporal_feed_forward,
-                    dropout,
-                    attention_backend,
-                )
-            return UNetLayer(resnet, spatial_block, temporal_block)
+                temporal_block_ = temporal_transformer(out_ch, heads, out_ch // heads, temporal_block)
+            return UNetLayer(resnet, spatial_block, temporal_block_, temporal_conv_block)
 
         base_channels = block_out_channels[0]
         temb_channels = base_channels * 4
         self.time_proj = Timesteps(base_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(base_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels + condition_channels, base_channels, kernel_size=3, padding=1)
+        self.input_layer = None
+        if input_temporal_transformer:
+            self.input_layer = UNetLayer(
+                None, temporal=temporal_transformer(base_channels, 8, head_dims[0], "transformer")
+            )
 
         # Down path. `skip_channels` mirrors the skip tensors forward() pushes, so the up path knows their
         # widths.
@@ -321,7 +437,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             for _ in range(layers_per_block):
                 layers.append(
                     make_layer(
-                        channels, level_channels, attention_levels[level], temporal_attention_levels[level]
+                        channels, level_channels, level, attention_levels[level], temporal_attention_levels[level]
                     )
                 )
                 channels = level_channels
@@ -331,10 +447,11 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
                 self.downsamplers.append(nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1))
                 skip_channels.append(channels)
 
+        last = num_levels - 1
         self.mid_layers = nn.ModuleList(
             [
-                make_layer(channels, channels, spatial=True, temporal=True),
-                make_layer(channels, channels, spatial=False, temporal=False),
+                make_layer(channels, channels, last, spatial=True, temporal=True),
+                make_layer(channels, channels, last, spatial=False, temporal=False),
             ]
         )
 
@@ -348,6 +465,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
                     make_layer(
                         channels + skip_channels.pop(),
                         block_out_channels[level],
+                        level,
                         attention_levels[level],
                         temporal_attention_levels[level],
                     )
@@ -357,7 +475,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             if level > 0:
                 self.upsamplers.append(Upsample(channels))
 
-        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
     def set_attention_backend(self, backend: str) -> None:
@@ -435,6 +553,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             timestep: scalar or (B,).
             encoder_hidden_states: text states (B, L, cross_attention_dim).
             encoder_attention_mask: optional (B, L), 1/True = real token, 0/False = padding (ignored).
+                Ignored when the model was built with cross_attention_mask=False.
             condition: (B, condition_channels, F, H, W) when the model has condition_channels > 0.
 
         Returns:
@@ -444,6 +563,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         batch_size, num_frames = sample.shape[0], sample.shape[2]
         if condition is not None:
             sample = torch.cat([sample, condition], dim=1)
+        if not self.config.cross_attention_mask:
+            encoder_attention_mask = None
         if encoder_attention_mask is not None:
             encoder_attention_mask = encoder_attention_mask.bool()
 
@@ -452,6 +573,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         layer_args = (encoder_hidden_states, encoder_attention_mask, num_frames)
 
         x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))
+        if self.input_layer is not None:
+            x = self.input_layer(x, temb, *layer_args)
         skips = [x]
         for level, layers in enumerate(self.down_layers):
             for layer in layers:

@@ -1,0 +1,167 @@
+"""Export a trained run as a diffusers pipeline folder (unet, vae, text_encoder, tokenizer, scheduler,
+model_index.json) that loads with `DiffusionPipeline.from_pretrained` elsewhere.
+
+- A backbone expressible as diffusers' UNet3DConditionModel (built with models.pretrained.UNET3D_LAYOUT, e.g.
+  initialised from ModelScope / zeroscope, task t2v or uncond) becomes a standard TextToVideoSDPipeline
+  folder: tools that consume that format use it unchanged, without FaceVid installed.
+- Anything else (FaceVid's own layout, image-to-video) keeps the FaceVidUNet3D weights and is driven by
+  FaceVidDiffusersPipeline below. The folder's pipeline.py only re-exports that class, so with facevid
+  installed `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it.
+
+Both kinds reproduce sample.py: the scheduler is the sampler sample.py builds (DPM-Solver++ 2M or DDIM on the
+run's training schedule), the tokenizer keeps the run's max_length and the text encoder's config says
+`use_attention_mask: true`, so diffusers' prompt encoding returns exactly the embeddings FaceVid trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from facevid.diffusion import build_sampler
+from facevid.pipeline import FaceVidPipeline, load_first_frame
+from models.pretrained import to_unet3d, unet3d_incompatibilities
+from models.text_encoder import FrozenTextEncoder
+from models.vae import downscale_factor
+
+EXPORT_FORMATS = ("auto", "unet3d", "facevid")
+
+_PIPELINE_SHIM = '''"""Loads this folder with DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True); needs `pip install facevid`.
+The pipeline code is facevid.export.FaceVidDiffusersPipeline; this file only re-exports it."""
+
+from facevid.export import FaceVidDiffusersPipeline  # noqa: F401
+'''
+
+
+class _TokenizerEncoder:
+    """FrozenTextEncoder's prompt encoding over an exported folder's own tokenizer and text encoder."""
+
+    __call__ = FrozenTextEncoder.forward  # the same tokenise-and-encode code, not a copy of it
+
+    def __init__(self, tokenizer, model):
+        self.tokenizer, self.model, self.max_length = tokenizer, model, tokenizer.model_max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+@dataclass
+class FaceVidPipelineOutput(BaseOutput):
+    frames: np.ndarray  # uint8 (N, F, H, W, 3)
+
+
+class FaceVidDiffusersPipeline(DiffusionPipeline):
+    """FaceVid sampling (facevid.pipeline.FaceVidPipeline) for every task, over an exported folder's components.
+
+        pipe = DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)
+        pipe("a person talking", seed=0).frames                                   # t2v
+        pipe("a person talking", image="face.png").frames                         # i2v
+        pipe(num_videos=4).frames                                                 # uncond
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
+                 num_frames: int = 8, chunk_frames: int = 16):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, image=None, num_videos: int = 1,
+                 negative_prompt: str = "", num_frames: int | None = None, resolution: int | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0) -> FaceVidPipelineOutput:
+        """`image` (i2v): a file path (image or video frame 0), or (3, H, W) / (N, 3, H, W) in [-1, 1]. Video i is
+        seeded by seed + i, as in sample.py."""
+        resolution = resolution or self.config.resolution
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if isinstance(image, (str, Path)):
+            image = load_first_frame(image, resolution)
+        if image is not None and image.ndim == 3:
+            image = image[None].expand(len(prompts or [""]), -1, -1, -1)
+        if image is not None and not prompts:
+            prompts = [""] * len(image)  # image-to-video without a prompt: the empty prompt
+        sampling = FaceVidPipeline(self.unet, self.vae, _TokenizerEncoder(self.tokenizer, self.text_encoder),
+                                   self.scheduler.config, self.config.chunk_frames, task=self.config.task)
+        frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
+                          num_frames=num_frames or self.config.num_frames, resolution=resolution,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          scheduler=self.scheduler, seed=seed)
+        return FaceVidPipelineOutput(frames=frames)
+
+
+class ExportError(ValueError):
+    pass
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, scheduler: str | None = None,
+               format: str = "auto") -> str:
+    """Write `run_dir`'s model as a diffusers folder; returns the kind written ("unet3d" or "facevid").
+
+    format: "unet3d" (TextToVideoSDPipeline + UNet3DConditionModel; refused, with the reasons, when the
+    backbone has no such equivalent), "facevid" (FaceVidDiffusersPipeline + FaceVidUNet3D), or "auto" (unet3d
+    when possible).
+    """
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {format!r}; valid: {', '.join(EXPORT_FORMATS)}")
+    pipe = FaceVidPipeline.from_run(run_dir, use_ema=use_ema)
+    cfg = pipe.run_config
+    problems = unet3d_incompatibilities(pipe.unet.config)
+    if format == "unet3d" and problems:
+        raise ExportError(f"{run_dir} cannot be exported as UNet3DConditionModel: " + "; ".join(problems)
+                          + ". Use --format facevid (or auto).")
+    scheduler = scheduler or cfg.sample.scheduler
+    sampler = build_sampler(pipe.scheduler_config, scheduler)
+    tokenizer, text_encoder = pipe.text_encoder.tokenizer, pipe.text_encoder.model
+    tokenizer.model_max_length = cfg.text_encoder.max_length
+    text_encoder.config.use_attention_mask = True
+    latent_size = cfg.data.resolution // downscale_factor(pipe.vae)
+    out = Path(out_dir)
+    if format != "facevid" and not problems:
+        from diffusers import TextToVideoSDPipeline
+
+        exported = TextToVideoSDPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                         unet=to_unet3d(pipe.unet, sample_size=latent_size), scheduler=sampler)
+        exported.save_pretrained(out)
+        kind = "unet3d"
+    else:
+        exported = FaceVidDiffusersPipeline(
+            unet=pipe.unet, vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sampler,
+            task=cfg.task, resolution=cfg.data.resolution, num_frames=cfg.data.num_frames,
+            chunk_frames=cfg.vae.chunk_frames)
+        exported.save_pretrained(out)
+        (out / "pipeline.py").write_text(_PIPELINE_SHIM)
+        # [file, class]: DiffusionPipeline.from_pretrained finds the pipeline code in the folder's pipeline.py.
+        index = json.loads((out / "model_index.json").read_text())
+        index["_class_name"] = ["pipeline", "FaceVidDiffusersPipeline"]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        kind = "facevid"
+    (out / "README.md").write_text(_model_card(kind, cfg, run_dir, pipe.weights, scheduler))
+    return kind
+
+
+def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str) -> str:
+    task, frames, res = cfg.task, cfg.data.num_frames, cfg.data.resolution
+    if kind == "unet3d":
+        prompt = '""' if task == "uncond" else '"a person talking"'
+        guidance = ", guidance_scale=1.0" if task == "uncond" else f", guidance_scale={cfg.sample.guidance_scale}"
+        load = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                'pipe = DiffusionPipeline.from_pretrained(".")  # TextToVideoSDPipeline\n'
+                f"frames = pipe({prompt}, num_frames={frames}, height={res}, width={res}{guidance},\n"
+                f"              num_inference_steps={cfg.sample.num_inference_steps}, "
+                "generator=torch.Generator().manual_seed(0)).frames  # = sample.py --seed 0, one prompt per call")
+    else:
+        call = {"t2v": '"a person talking"', "i2v": '"a person talking", image="face.png"',
+                "uncond": "num_videos=4"}[task]
+        load = ("from diffusers import DiffusionPipeline  # needs `pip install facevid`\n\n"
+                'pipe = DiffusionPipeline.from_pretrained(".", trust_remote_code=True)  # FaceVidDiffusersPipeline\n'
+                f"frames = pipe({call}, seed=0).frames  # uint8 (N, {frames}, {res}, {res}, 3)")
+    return (f"# FaceVid {task} model\n\nExported from `{run_dir}` ({weights} weights) by `export.py`: "
+            f"{frames} frames at {res}x{res}, scheduler {scheduler}.\n\n```python\n{load}\n```\n")
