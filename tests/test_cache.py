@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import TINY, tiny_config
+from tiny import TINY, tiny_config, train_tiny_vae
 
 from data import synth
 from data.cache import CacheMismatchError, LatentCache, text_key
@@ -18,7 +18,7 @@ from data.dataset import VideoClipDataset
 from data.manifest import read_manifest
 from facevid import cache_builder
 from facevid.cache_builder import build_cache, expected_fingerprint
-from facevid.stages import STAGES, TextToVideoStage
+from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer, build_accelerator
 from models.vae import decode_latents, encode_video_posterior, load_vae
 
@@ -35,10 +35,7 @@ def clips(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae_dir(clips, tmp_path_factory):
-    run = tmp_path_factory.mktemp("cache_vae")
-    cfg = tiny_config(clips, run, "train.max_steps=2", "train.ema_decay=null", stage="vae")
-    Trainer(cfg, STAGES["vae"](cfg)).fit()
-    return run / "vae"
+    return train_tiny_vae(clips, tmp_path_factory.mktemp("cache_vae"), steps=2)
 
 
 def cache_config(clips, vae_dir, tmp_path, *extra):

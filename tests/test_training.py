@@ -13,14 +13,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from tiny import TINY, tiny_config
+from tiny import TINY, tiny_config, train_tiny_vae
 
 from data import synth
 from data.video import probe_video
 from facevid.config import DiffusionConfig
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler
 from facevid.pipeline import FaceVidPipeline
-from facevid.stages import STAGES, TextToVideoStage
+from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer, list_checkpoints
 from models.unet3d import FaceVidUNet3D
 
@@ -35,10 +35,7 @@ def synth_manifest(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vae(synth_manifest, tmp_path_factory):
-    run = tmp_path_factory.mktemp("vae_run")
-    cfg = tiny_config(synth_manifest, run, "train.max_steps=3", "train.ema_decay=null", stage="vae")
-    Trainer(cfg, STAGES["vae"](cfg)).fit()
-    return run / "vae"
+    return train_tiny_vae(synth_manifest, tmp_path_factory.mktemp("vae_run"), steps=3)
 
 
 @pytest.fixture(scope="session")

@@ -28,3 +28,13 @@ def tiny_config(manifest: Path, output_dir: Path, *overrides: str, stage: str = 
     if stage == "t2v":
         base.append(f"vae.pretrained={vae}")
     return load_config(None, base + list(overrides))
+
+
+def train_tiny_vae(manifest: Path, run: Path, steps: int = 2) -> Path:
+    """Run the production VAE stage for a few steps; returns the saved vae/ folder."""
+    from facevid.stages import STAGES
+    from facevid.trainer import Trainer
+
+    cfg = tiny_config(manifest, run, f"train.max_steps={steps}", "train.ema_decay=null", stage="vae")
+    Trainer(cfg, STAGES["vae"](cfg)).fit()
+    return run / "vae"
