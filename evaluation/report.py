@@ -1,0 +1,172 @@
+"""metrics.json, a Markdown results table shaped like FaceVid-1K's (one row per model x training
+set), and the generated-vs-real contact sheet.
+
+Merge several evaluations into one table:
+
+    python -m evaluation.report runs/*/eval/*/metrics.json --out results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from data import synth
+from data.video import write_video
+from evaluation.plots import comparison_sheet
+
+_COLUMNS = ["Model", "Training set", "Eval set", "Videos", "FVD ↓", "FID ↓", "CLIP score ↑", "Frame consistency ↑",
+            "Attribute acc. ↑", "Exact match ↑"]
+
+
+def _number(value, digits: int = 1) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def table_row(result: dict) -> list[str]:
+    m = result["metrics"]
+    clip, align = m.get("clip", {}), m.get("alignment", {})
+    model = result["model"] + (f", step {result['step']}" if result.get("step") else "")
+    accuracy = _percent(align.get("mean_accuracy"))
+    if align:
+        accuracy += f" ({_percent(align['mean_chance'])})"
+    return [model, result["training_set"], result["eval_set"], str(result["generation"]["num_videos"]),
+            _number(m.get("fvd", {}).get("value")), _number(m.get("fid", {}).get("value")),
+            _number(clip.get("clip_score"), 2), _number(clip.get("frame_consistency"), 2), accuracy,
+            _percent(align.get("exact_match"))]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def results_table(results: list[dict]) -> str:
+    """One row per evaluation (model x training set x eval set)."""
+    return _markdown(_COLUMNS, [table_row(r) for r in results])
+
+
+def attribute_table(alignment: dict) -> str:
+    """Per-attribute accuracy: generated videos (all, and per held-out group) next to the chance
+    level and the two references (real clips; real clips through the run's VAE)."""
+    groups = alignment.get("groups", {})
+    references = [(k, label) for k, label in (("reference_real", "real clips"), ("reference_vae", "real via VAE"))
+                  if k in alignment]
+    header = ["Attribute", "Chance", "Generated"] + [f"Generated, {g}" for g in groups] + [r[1] for r in references]
+    rows = []
+    for name in list(synth.ATTRIBUTES) + ["mean", "exact match"]:
+        def pick(block, name=name):
+            if name == "mean":
+                return block["mean_accuracy"]
+            if name == "exact match":
+                return block["exact_match"]
+            return block["per_attribute"][name]["accuracy"]
+        chance = {"mean": alignment["mean_chance"], "exact match": alignment["exact_match_chance"]}.get(
+            name, alignment["per_attribute"].get(name, {}).get("chance"))
+        chance_text = f"{100 * chance:.3f}%" if name == "exact match" else _percent(chance)
+        rows.append([name, chance_text, _percent(pick(alignment))] + [_percent(pick(groups[g])) for g in groups]
+                    + [_percent(pick(alignment[k])) for k, _ in references])
+    return _markdown(header, rows)
+
+
+def notes(result: dict) -> list[str]:
+    """What each number was computed on."""
+    m, g = result["metrics"], result["generation"]
+    out = [f"Generation: {g['num_videos']} videos of {g['num_frames']} frames at {g['resolution']} px, "
+           f"{g['scheduler']} {g['steps']} steps, guidance {g['guidance_scale']}, seeds {g['seed']}.."
+           f"{g['seed'] + g['num_videos'] - 1}."]
+    if "fvd" in m:
+        f = m["fvd"]
+        out.append(f"FVD: I3D features of {f['num_real_videos']} real and {f['num_generated_videos']} generated videos "
+                   f"({f['frames_per_video']} frames, fed to I3D as {f['frames_fed_to_i3d']}).")
+    if "fid" in m:
+        f = m["fid"]
+        out.append(f"FID: Inception features of {f['num_real_frames']} real frames ({f['num_real_videos']} videos) and "
+                   f"{f['num_generated_frames']} generated frames ({f['num_generated_videos']} videos).")
+    if "clip" in m:
+        c = m["clip"]
+        out.append(f"CLIP score: 100 x cosine(prompt, frame), mean over {c['frames_per_video']} frames x "
+                   f"{c['num_videos']} videos; frame consistency: 100 x cosine(frame, first frame); model {c['model']}.")
+    if "alignment" in m:
+        a = m["alignment"]
+        out.append(f"Alignment: the FaceVid-Synth probe's reading of {a['num_videos']} videos against their prompts' "
+                   f"attributes; attribute acc. = mean over the 9 attributes (chance in brackets), exact match = all 9 "
+                   f"right.")
+    return out
+
+
+def markdown_report(result: dict) -> str:
+    parts = [f"# Evaluation: {result['model']} on {result['eval_set']}", "", results_table([result]), ""]
+    if "alignment" in result["metrics"]:
+        parts += ["## Attribute alignment", "", attribute_table(result["metrics"]["alignment"]), ""]
+    parts += [f"- {line}" for line in notes(result)]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(result: dict, out_dir: str | Path, prompts, generated: np.ndarray, real: np.ndarray | None,
+                 config, paired: bool = True) -> dict[str, str]:
+    """metrics.json, metrics.md, samples.png (generated above real, first videos); mp4s on request.
+    Unpaired real clips (a prompt file against a manifest) are labelled as reference clips."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"metrics_json": out_dir / "metrics.json", "markdown": out_dir / "metrics.md",
+             "contact_sheet": out_dir / "samples.png"}
+    comparison_sheet(files["contact_sheet"], generated, real, [p.prompt for p in prompts], config.contact_sheet_videos,
+                     real_label="real" if paired else "reference clip")
+    if config.save_videos:
+        for i, video in enumerate(generated):
+            write_video(out_dir / "videos" / f"{i:03d}.mp4", video, fps=8.0)
+        files["videos"] = out_dir / "videos"
+    files = {k: str(v) for k, v in files.items()}
+    metrics = {k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in result["metrics"].items()}
+    payload = {**result, "metrics": metrics, "files": files,
+               "prompts": [_prompt_record(p, result, i) for i, p in enumerate(prompts)]}
+    Path(files["metrics_json"]).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    Path(files["markdown"]).write_text(markdown_report(result))
+    return files
+
+
+def _prompt_record(prompt, result: dict, index: int) -> dict:
+    record = {"prompt": prompt.prompt, "seed": result["generation"]["seed"] + index}
+    for key in ("attributes", "render_seed", "group", "novel_combination", "reference"):
+        if getattr(prompt, key) is not None:
+            record[key] = getattr(prompt, key)
+    predictions = result["metrics"].get("alignment", {}).get("predictions")
+    if predictions and predictions[index] is not None:
+        record["probe"] = predictions[index]
+    return record
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Merge evaluation results into one Markdown table.")
+    parser.add_argument("results", nargs="+", help="metrics.json files written by evaluate.py")
+    parser.add_argument("--out", help="write the table here (default: print it)")
+    args = parser.parse_args(argv)
+    results = [json.loads(Path(p).read_text()) for p in args.results]
+    table = results_table(results) + "\n"
+    if args.out:
+        Path(args.out).write_text(table)
+        print(args.out)
+    else:
+        print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,296 @@
+"""evaluate_run: generate videos for a prompt set with a run's pipeline, compute the metrics, write
+metrics.json, metrics.md and a contact sheet. Used by evaluate.py, and callable from training with
+an already-loaded pipeline and already-loaded feature extractors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.video import read_frames
+from evaluation import metrics as M
+from evaluation.features import ClipFeatures, I3DFeatures, InceptionFeatures, MissingWeightsError
+from evaluation.prompts import (
+    EvalPrompt,
+    heldout_prompts,
+    manifest_attributes,
+    prompts_from_manifest,
+    render_reference,
+)
+
+logger = logging.getLogger("facevid")
+
+METRICS = ("fvd", "fid", "clip", "alignment")
+
+
+@dataclass
+class EvalConfig:
+    metrics: tuple[str, ...] = METRICS
+    # Weights (see evaluation/features.py): local TorchScript files, a CLIPModel hub id or folder.
+    i3d: str = "weights/i3d_torchscript.pt"
+    inception: str = "weights/inception-2015-12-05.pt"
+    clip: str = "openai/clip-vit-base-patch32"
+    # Generation; None = the run's own setting (data.num_frames, data.resolution, sample.*).
+    num_frames: int | None = None
+    resolution: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    negative_prompt: str | None = None
+    seed: int = 0  # video i is sampled with seed + i, whatever the batching
+    batch_size: int = 8
+    # Prompt set when none is given: this many held-out FaceVid-Synth prompts.
+    synth_heldout: int = 64
+    heldout_seed: int = 0
+    train_manifest: str | None = None  # whose attribute combinations count as seen; default the run's data.manifest
+    reference_manifest: str | None = None  # real clips for FVD / FID when the prompts have none
+    device: str = "cpu"
+    contact_sheet_videos: int = 8
+    save_videos: bool = False
+
+    def __post_init__(self):
+        self.metrics = tuple(self.metrics)
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"unknown metric(s) {unknown or '(none given)'}: choose from {', '.join(METRICS)}")
+
+
+@dataclass
+class Extractors:
+    """Loaded feature networks, reusable across evaluations (e.g. every N training steps)."""
+
+    i3d: I3DFeatures | None = None
+    inception: InceptionFeatures | None = None
+    clip: ClipFeatures | None = None
+    metrics: tuple[str, ...] = field(default_factory=tuple)
+
+
+def load_extractors(config: EvalConfig, loaded: Extractors | None = None) -> Extractors:
+    """Load what the configured metrics need (keeping what `loaded` already holds); every missing
+    weight file is reported at once, before any video is generated."""
+    loaders = {"fvd": ("i3d", lambda: I3DFeatures(config.i3d, config.device)),
+               "fid": ("inception", lambda: InceptionFeatures(config.inception, config.device)),
+               "clip": ("clip", lambda: ClipFeatures(config.clip, config.device))}
+    extractors = Extractors() if loaded is None else loaded
+    errors = []
+    for metric in config.metrics:
+        if metric in loaders and getattr(extractors, loaders[metric][0]) is None:
+            name, load = loaders[metric]
+            try:
+                setattr(extractors, name, load())
+            except MissingWeightsError as err:
+                errors.append(str(err))
+    if errors:
+        raise MissingWeightsError("\n".join(errors))
+    extractors.metrics = tuple(dict.fromkeys(extractors.metrics + config.metrics))
+    return extractors
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def generate_videos(pipeline, prompts: Sequence[str], config: EvalConfig, run_config) -> np.ndarray:
+    """uint8 (N, T, H, W, 3); video i uses seed config.seed + i, so batching does not change it."""
+    s, d = run_config.sample, run_config.data
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    kwargs = dict(
+        negative_prompt=pick(config.negative_prompt, s.negative_prompt),
+        num_frames=pick(config.num_frames, d.num_frames), resolution=pick(config.resolution, d.resolution),
+        num_inference_steps=pick(config.steps, s.num_inference_steps),
+        guidance_scale=pick(config.guidance_scale, s.guidance_scale), scheduler=pick(config.scheduler, s.scheduler),
+    )
+    out = []
+    for start in range(0, len(prompts), config.batch_size):
+        out.append(pipeline(list(prompts[start:start + config.batch_size]), seed=config.seed + start, **kwargs))
+    return np.concatenate(out)
+
+
+def reference_videos(prompts: Sequence[EvalPrompt], num_frames: int, resolution: int, frame_stride: int,
+                     manifest: str | None) -> tuple[np.ndarray | None, bool]:
+    """(real clips, paired). Paired: the held-out ground truth or the prompts' own clips (dataset),
+    clip i showing prompt i. Unpaired: as many clips of `manifest` as there are prompts (for FVD /
+    FID only). (None, False) when there is no source."""
+    if all(p.render_seed is not None for p in prompts):
+        return np.stack([render_reference(p, num_frames, resolution) for p in prompts]), True
+    paired = all(p.reference for p in prompts)
+    if paired:
+        sources = [(p.reference, p.frame_range) for p in prompts]
+    elif manifest:
+        sources = [(p.reference, p.frame_range) for p in prompts_from_manifest(manifest, len(prompts))]
+    else:
+        return None, False
+    clips = []
+    for video, frame_range in sources:
+        start = frame_range[0] if frame_range else 0
+        clips.append(read_frames(video, [start + i * frame_stride for i in range(num_frames)], resolution))
+    return np.stack(clips), paired
+
+
+@torch.no_grad()
+def vae_round_trip(pipeline, videos: np.ndarray) -> np.ndarray:
+    """Real clips encoded and decoded by the run's VAE: the best any sample of this run can look."""
+    from data.video import frames_to_tensor, tensor_to_frames
+    from models.vae import decode_latents, encode_video_posterior
+
+    out = []
+    for start in range(0, len(videos), 8):
+        clips = torch.stack([frames_to_tensor(v) for v in videos[start:start + 8]]).to(pipeline.device)
+        mean, _ = encode_video_posterior(pipeline.vae, clips, pipeline.chunk_frames)
+        decoded = decode_latents(pipeline.vae, mean * pipeline.vae.config.scaling_factor, pipeline.chunk_frames)
+        out += [tensor_to_frames(v) for v in decoded.cpu()]
+    return np.stack(out)
+
+
+# ----------------------------------------------------------------------------- evaluate_run
+
+
+def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPrompt] | None = None,
+                 config: EvalConfig | None = None, extractors: Extractors | None = None,
+                 out_dir: str | Path | None = None, step: int | None = None, eval_set: str | None = None,
+                 model_name: str | None = None, write: bool = True) -> dict:
+    """Evaluate a text-to-video run; returns the result written to OUT/metrics.json.
+
+    run_dir: the run (its config.yaml names the training manifest, sampling defaults and weights).
+    pipeline: an already-built FaceVidPipeline (e.g. the trainer's EMA weights); default: loaded
+        from run_dir with FaceVidPipeline.from_run. It must carry `run_config` or run_dir must hold
+        config.yaml.
+    prompts: the prompt set; default: config.synth_heldout held-out FaceVid-Synth prompts against
+        the run's training manifest.
+    extractors: load_extractors(config), to reuse loaded networks across calls.
+    out_dir: default RUN/eval/<eval set>[-step-N]. step: recorded, and part of the default out_dir.
+    model_name: the table's Model column; default "<run name> (<weights>)".
+    write: False = only return the result (no files).
+
+    Uses no global random state (every generator is seeded locally), so calling it in the middle
+    of training does not change the training run.
+    """
+    from evaluation.report import write_report
+
+    config = config or EvalConfig()
+    run_dir = Path(run_dir)
+    extractors = load_extractors(config, extractors)  # first: a missing weight file fails fast
+    if pipeline is None:
+        from facevid.pipeline import FaceVidPipeline
+
+        pipeline = FaceVidPipeline.from_run(run_dir, device=config.device)
+    run_config = getattr(pipeline, "run_config", None)
+    if run_config is None:
+        from facevid.config import load_config
+
+        run_config = load_config(run_dir / "config.yaml")
+    training_manifest = Path(run_config.data.manifest)
+    if prompts is None:
+        seen = Path(config.train_manifest or training_manifest)
+        if not seen.is_file():
+            raise FileNotFoundError(f"held-out prompts need the training manifest to find unseen attribute "
+                                    f"combinations: {seen} not found (--train-manifest / EvalConfig.train_manifest, "
+                                    f"default the run's data.manifest)")
+        prompts = heldout_prompts(config.synth_heldout, manifest_attributes(seen), config.heldout_seed)
+        eval_set = eval_set or f"FaceVid-Synth held-out ({len(prompts)})"
+    eval_set = eval_set or f"{len(prompts)} prompts"
+    num_frames = config.num_frames or run_config.data.num_frames
+    resolution = config.resolution or run_config.data.resolution
+
+    timings, started = {}, time.time()
+    generated = generate_videos(pipeline, [p.prompt for p in prompts], config, run_config)
+    timings["generate_s"] = round(time.time() - started, 2)
+    logger.info("evaluation: %d videos generated in %.1f s", len(generated), timings["generate_s"])
+    needs_reference = {"fvd", "fid"} & set(config.metrics)
+    real, paired = reference_videos(prompts, num_frames, resolution, run_config.data.frame_stride,
+                                    config.reference_manifest or (str(training_manifest) if needs_reference else None))
+
+    results: dict = {}
+    for metric in config.metrics:
+        started = time.time()
+        if metric in ("fvd", "fid") and real is None:
+            raise ValueError(f"{metric.upper()} needs real clips: these prompts have none; give a reference "
+                             f"manifest (--reference / EvalConfig.reference_manifest)")
+        if metric == "fvd":
+            results["fvd"] = M.fvd(extractors.i3d, real, generated)
+        elif metric == "fid":
+            results["fid"] = M.fid(extractors.inception, real, generated)
+        elif metric == "clip":
+            results["clip"] = M.clip_scores(extractors.clip, generated, [p.prompt for p in prompts])
+        elif metric == "alignment":
+            results["alignment"] = _alignment(prompts, generated, real if paired else None, pipeline)
+        timings[f"{metric}_s"] = round(time.time() - started, 2)
+
+    result = {
+        "model": model_name or f"{run_dir.name} ({getattr(pipeline, 'weights', 'unet')})",
+        "run": str(run_dir), "step": step, "training_set": _training_set_name(training_manifest),
+        "eval_set": eval_set,
+        "generation": {"num_videos": len(prompts), "num_frames": num_frames, "resolution": resolution,
+                       "seed": config.seed, "steps": config.steps or run_config.sample.num_inference_steps,
+                       "guidance_scale": config.guidance_scale or run_config.sample.guidance_scale,
+                       "scheduler": config.scheduler or run_config.sample.scheduler},
+        "metrics": results, "timing": timings, "config": asdict(config),
+    }
+    if write:
+        out_dir = Path(out_dir) if out_dir else run_dir / "eval" / (_slug(eval_set) + (f"-step-{step}" if step else ""))
+        result["files"] = write_report(result, out_dir, prompts, generated, real, config, paired)
+    return result
+
+
+def _alignment(prompts: Sequence[EvalPrompt], generated, real, pipeline) -> dict:
+    """Alignment of the generated videos, plus two references on the same prompts when real clips
+    with known attributes exist: the real clips themselves (the probe's own accuracy) and the real
+    clips through the run's VAE (the best a sample from this run can reach)."""
+    keep = [i for i, p in enumerate(prompts) if p.attributes]
+    if not keep:
+        raise ValueError("alignment needs prompts with FaceVid-Synth attributes (held-out set, a manifest with "
+                         "attributes, or captions that state all nine attributes)")
+    targets = [prompts[i].attributes for i in keep]
+    groups = [prompts[i].group for i in keep]
+    out = M.alignment(generated[keep], targets, groups)
+    predictions = [None] * len(prompts)  # per prompt, None where it states no attributes
+    for i, prediction in zip(keep, out["predictions"]):
+        predictions[i] = prediction
+    out["predictions"] = predictions
+    out["num_prompts_without_attributes"] = len(prompts) - len(keep)
+    if real is not None:
+        out["reference_real"] = _without_predictions(M.alignment(real[keep], targets))
+        out["reference_vae"] = _without_predictions(M.alignment(vae_round_trip(pipeline, real[keep]), targets))
+    return out
+
+
+def _without_predictions(result: dict) -> dict:
+    result.pop("predictions", None)
+    return result
+
+
+def _training_set_name(manifest: Path) -> str:
+    try:
+        count = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+        return f"{manifest.parent.name} ({count} clips)"
+    except OSError:
+        return manifest.parent.name
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(filter(None, keep.split("-")))[:60] or "eval"
+
+
+def flat_metrics(result: dict, prefix: str = "eval/") -> dict[str, float]:
+    """The headline numbers of a result, for a tracker / metrics.jsonl row."""
+    m = result["metrics"]
+    flat = {}
+    for key, value in (("fvd", m.get("fvd", {}).get("value")), ("fid", m.get("fid", {}).get("value")),
+                       ("clip_score", m.get("clip", {}).get("clip_score")),
+                       ("frame_consistency", m.get("clip", {}).get("frame_consistency")),
+                       ("attribute_accuracy", m.get("alignment", {}).get("mean_accuracy")),
+                       ("exact_match", m.get("alignment", {}).get("exact_match"))):
+        if value is not None:
+            flat[prefix + key] = float(value)
+    return flat
+
+
+def load_result(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,445 @@
+"""Evaluation: the FaceVid-Synth probe (ground truth and a simulated VAE round trip), the Frechet
+distance against closed forms, feature pipelines with small stand-in networks, held-out prompts,
+reports, plots, and evaluate.py end to end on a tiny run trained with the production Trainer.
+
+Stand-ins (clearly not the real networks): a TorchScript 3D conv net with the I3D call signature,
+a TorchScript 2D conv net with the FID-Inception call signature, a randomly initialised tiny
+CLIPModel with a hand-built byte-level tokenizer. They check the plumbing, not the numbers.
+"""
+
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from scipy.ndimage import gaussian_filter
+from tiny import tiny_config
+
+from data import synth
+from data.video import read_frames, write_video
+from evaluation import metrics as M
+from evaluation.features import I3DFeatures, InceptionFeatures, MissingWeightsError, stretch_frames
+from evaluation.frechet import GaussianStats, frechet_distance, frechet_distance_of_features, gaussian_stats
+from evaluation.plots import comparison_sheet, plot_training_curves, read_curves
+from evaluation.probe import probe_attributes, probe_clip
+from evaluation.prompts import HELDOUT_TAG, heldout_prompts, parse_caption, prompts_from_file
+from evaluation.report import results_table
+from evaluation.runner import EvalConfig, evaluate_run, flat_metrics, load_extractors
+from facevid.pipeline import FaceVidPipeline
+from facevid.stages import STAGES, TextToVideoStage
+from facevid.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE_CLIPS = 200
+
+
+def _load_cli():
+    """evaluate.py is a script at the repository root, not a package module: load it from its file."""
+    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = _load_cli()
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def simulated_vae_round_trip(video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a decent VAE does to a dataset clip, without a trained VAE: the clip as stored (H.264
+    mp4, crf 18), then blur (sigma 1 px at 64 px), a colour cast (+-5% gain, +-5 offset per channel)
+    and pixel noise (sigma 3)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = read_frames(write_video(Path(tmp) / "clip.mp4", video, fps=8.0), range(len(video)))
+    out = gaussian_filter(stored.astype(np.float32), sigma=(0, 1.0, 1.0, 0))
+    out = out * rng.uniform(0.95, 1.05, 3) + rng.uniform(-5, 5, 3) + rng.normal(0, 3.0, out.shape)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def probe_set():
+    """Fresh clips (a seed space no other test or training set uses), 64x64, 8 frames."""
+    clips, degraded, attributes = [], [], []
+    for i in range(PROBE_CLIPS):
+        rng = np.random.default_rng([2024, i])
+        attrs = synth.sample_attributes(rng)
+        clip = synth.render_clip(attrs, num_frames=8, resolution=64, seed=int(rng.integers(2**63)))
+        clips.append(clip)
+        degraded.append(simulated_vae_round_trip(clip, rng))
+        attributes.append(attrs)
+    return clips, degraded, attributes
+
+
+def probe_accuracy(videos, attributes) -> dict[str, float]:
+    predictions = [probe_attributes(v) for v in videos]
+    return {name: float(np.mean([p[name] == a[name] for p, a in zip(predictions, attributes)]))
+            for name in synth.ATTRIBUTES}
+
+
+def test_probe_reads_every_attribute_of_ground_truth_clips(probe_set):
+    clips, _, attributes = probe_set
+    accuracy = probe_accuracy(clips, attributes)
+    assert all(value >= 0.98 for value in accuracy.values()), accuracy
+
+
+def test_probe_survives_a_simulated_vae_round_trip(probe_set):
+    _, degraded, attributes = probe_set
+    accuracy = probe_accuracy(degraded, attributes)
+    assert all(value >= 0.98 for value in accuracy.values()), accuracy
+
+
+def test_probe_reads_other_resolutions_and_survives_any_input():
+    rng = np.random.default_rng([2025, 0])
+    attrs = synth.sample_attributes(rng)
+    big = synth.render_clip(attrs, num_frames=8, resolution=128, seed=3)
+    assert probe_attributes(big) == attrs  # probed at 64x64 after an antialiased resize
+    noise = np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3)).astype(np.uint8)
+    for video in (noise, np.zeros((4, 16, 16, 3), np.uint8), np.full((2, 64, 64, 3), 200, np.uint8)):
+        result = probe_clip(video)
+        assert all(result.attributes[k] in v for k, v in synth.ATTRIBUTES.items())
+        assert all(np.isfinite(x) for x in result.measurements.values())
+    with pytest.raises(ValueError, match="uint8 frames"):
+        probe_clip(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+
+def test_frechet_distance_matches_closed_forms():
+    rng = np.random.default_rng(0)
+    dim = 7
+    mean_a, mean_b = rng.normal(size=dim), rng.normal(size=dim)
+    var_a, var_b = rng.uniform(0.1, 3.0, dim), rng.uniform(0.1, 3.0, dim)
+    closed = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    a, b = GaussianStats(mean_a, np.diag(var_a), 0), GaussianStats(mean_b, np.diag(var_b), 0)
+    assert frechet_distance(a, b) == pytest.approx(closed, rel=1e-10)
+    assert frechet_distance(b, a) == pytest.approx(closed, rel=1e-10)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+    # Covariances sharing eigenvectors: the same closed form in the rotated basis.
+    rotation, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    a_rot = GaussianStats(mean_a, rotation @ np.diag(var_a) @ rotation.T, 0)
+    b_rot = GaussianStats(mean_b, rotation @ np.diag(var_b) @ rotation.T, 0)
+    assert frechet_distance(a_rot, b_rot) == pytest.approx(closed, rel=1e-9)
+
+    # Equal covariances: only the means differ.
+    assert frechet_distance(a_rot, GaussianStats(mean_b, a_rot.cov, 0)) == pytest.approx(
+        ((mean_a - mean_b) ** 2).sum(), rel=1e-9)
+
+
+def test_frechet_distance_matches_a_direct_matrix_square_root():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    cov_a, cov_b = x @ x.T, y @ y.T
+    mean_a, mean_b = rng.normal(size=6), rng.normal(size=6)
+    direct = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert frechet_distance(GaussianStats(mean_a, cov_a, 0), GaussianStats(mean_b, cov_b, 0)) == pytest.approx(direct)
+
+
+def test_frechet_distance_of_samples():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.0, 1.0, (20000, 3)), rng.normal(0.5, 2.0, (20000, 3))
+    closed = 3 * 0.5**2 + 3 * (1.0 - 2.0) ** 2
+    assert frechet_distance_of_features(a, b) == pytest.approx(closed, rel=0.03)
+    stats = gaussian_stats(a[:5])  # fewer samples than dimensions would be rank deficient: still finite
+    assert stats.count == 5 and np.isfinite(frechet_distance(stats, gaussian_stats(b[:4])))
+    with pytest.raises(ValueError, match="N >= 2"):
+        gaussian_stats(a[:1])
+
+
+# ----------------------------------------------------------------------------- stand-in networks
+
+
+class StandInI3D(torch.nn.Module):
+    """Test stand-in with the I3D TorchScript call signature; (B, 3, T, 224, 224) in [-1, 1] -> (B, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, stride=(2, 2, 2))
+        self.head = torch.nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        assert not rescale and not resize and return_features
+        assert x.shape[1] == 3 and x.shape[2] >= 16 and x.shape[3] == 224 and x.shape[4] == 224
+        assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+        x = torch.nn.functional.avg_pool3d(x, (1, 8, 8))
+        return self.head(torch.relu(self.conv(x)).mean((2, 3, 4)))
+
+
+class StandInInception(torch.nn.Module):
+    """Test stand-in with the FID-Inception TorchScript call signature; uint8 (N, 3, H, W) -> (N, 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and return_features
+        x = torch.nn.functional.interpolate(x.float() / 255.0, size=(32, 32), mode="bilinear", align_corners=False)
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A randomly initialised tiny CLIPModel and processor; the tokenizer's vocabulary is every
+    byte-level character (with and without CLIP's end-of-word mark) and it has no merges."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>",
+                                                                                       "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+               "pad_token_id": vocab["<|endoftext|>"]}
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, **special),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stand_in_weights")
+    torch.manual_seed(0)
+    torch.jit.script(StandInI3D()).save(str(folder / "i3d_torchscript.pt"))
+    torch.jit.script(StandInInception()).save(str(folder / "inception-2015-12-05.pt"))
+    return {"i3d": str(folder / "i3d_torchscript.pt"), "inception": str(folder / "inception-2015-12-05.pt"),
+            "clip": str(save_tiny_clip(folder / "clip"))}
+
+
+def tiny_videos(count: int, frames: int = 4, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, frames, size, size, 3)).astype(np.uint8)
+
+
+def test_feature_pipelines_with_stand_in_networks(weights):
+    config = EvalConfig(i3d=weights["i3d"], inception=weights["inception"], clip=weights["clip"])
+    extractors = load_extractors(config)
+    real, fake = tiny_videos(5, seed=1), tiny_videos(4, seed=2)
+
+    fvd = M.fvd(extractors.i3d, real, fake)
+    assert fvd["value"] > 0 and (fvd["num_real_videos"], fvd["num_generated_videos"]) == (5, 4)
+    assert (fvd["frames_per_video"], fvd["frames_fed_to_i3d"]) == (4, 16)
+    assert M.fvd(extractors.i3d, real, real)["value"] == pytest.approx(0.0, abs=1e-6)
+
+    fid = M.fid(extractors.inception, real, fake)
+    assert fid["value"] > 0 and (fid["num_real_frames"], fid["num_generated_frames"]) == (20, 16)
+
+    prompts = ["a person with red hair talking"] * 3 + ["x"]
+    clip = M.clip_scores(extractors.clip, fake, prompts)
+    assert -100 <= clip["clip_score"] <= 100 and -100 <= clip["frame_consistency"] <= 100
+    assert (clip["num_videos"], clip["frames_per_video"]) == (4, 4)
+    # The same frame repeated is perfectly consistent.
+    still = np.repeat(fake[:, :1], 4, axis=1)
+    assert M.clip_scores(extractors.clip, still, prompts)["frame_consistency"] == pytest.approx(100.0, abs=1e-3)
+    long_prompt = ["a person with long red hair " * 30]  # beyond CLIP's 77 tokens: truncated, not an error
+    assert extractors.clip.text(long_prompt).shape == (1, 16)
+
+
+def test_short_clips_are_stretched_for_i3d():
+    video = np.arange(4)[:, None, None, None] * np.ones((4, 2, 2, 3), np.uint8)
+    assert stretch_frames(video, 16)[:, 0, 0, 0].tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert stretch_frames(video, 3) is video
+
+
+def test_missing_weights_name_the_file_the_flag_and_the_place(tmp_path):
+    config = EvalConfig(i3d=str(tmp_path / "nope" / "i3d_torchscript.pt"), inception=str(tmp_path / "inc.pt"),
+                        metrics=("fvd", "fid", "alignment"))
+    with pytest.raises(MissingWeightsError) as err:
+        load_extractors(config)
+    message = str(err.value)
+    for expected in ("FVD", "'i3d_torchscript.pt'", str(tmp_path / "nope" / "i3d_torchscript.pt"), "--i3d PATH",
+                     "EvalConfig.i3d", "FID", "'inception-2015-12-05.pt'", "--inception PATH", "--metrics"):
+        assert expected in message
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "state_dict.pt")  # pytorch-fid style, not TorchScript
+    with pytest.raises(MissingWeightsError, match="is not a TorchScript file"):
+        InceptionFeatures(tmp_path / "state_dict.pt")
+    with pytest.raises(MissingWeightsError, match="--clip"):
+        load_extractors(EvalConfig(clip=str(tmp_path / "no_clip"), metrics=("clip",)))
+    with pytest.raises(MissingWeightsError, match="i3d_torchscript.pt"):
+        I3DFeatures(tmp_path / "i3d_torchscript.pt")
+    with pytest.raises(ValueError, match="unknown metric"):
+        EvalConfig(metrics=("fvd", "lpips"))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def training_attributes(seed: int, count: int) -> list[dict]:
+    return [synth.sample_attributes(np.random.default_rng([seed, i])) for i in range(count)]
+
+
+def test_heldout_prompts_use_unseen_seeds_and_half_unseen_combinations():
+    train = training_attributes(0, 512)
+    prompts = heldout_prompts(40, train)
+    assert [p.prompt for p in prompts] == [p.prompt for p in heldout_prompts(40, train)]  # deterministic
+    assert [p.group for p in prompts].count("novel") == 20
+    # Training clip i of seed 0 draws from default_rng([0, i]) (data/synth.py): other render seeds.
+    training_seeds = set()
+    for i in range(512):
+        rng = np.random.default_rng([0, i])
+        synth.sample_attributes(rng)
+        training_seeds.add(int(rng.integers(2**63)))
+    assert not training_seeds & {p.render_seed for p in prompts}
+    assert HELDOUT_TAG != 0
+    size = prompts[0].extra["combination_size"]
+    for p in prompts:
+        assert parse_caption(p.prompt) == p.attributes
+        combos = [tuple(p.attributes[n] for n in subset) for subset in _subsets(size)]
+        seen = [any(all(a[n] == v for n, v in zip(subset, values)) for a in train)
+                for subset, values in zip(_subsets(size), combos)]
+        if p.group == "novel":
+            assert not all(seen)
+            assert all(p.attributes[k] == v for k, v in p.novel_combination.items())
+        else:
+            assert all(seen)
+
+
+def _subsets(size: int):
+    import itertools
+
+    return list(itertools.combinations(synth.ATTRIBUTES, size))
+
+
+def test_small_training_sets_have_unseen_pairs_and_captions_parse(tmp_path):
+    prompts = heldout_prompts(6, training_attributes(5, 20))
+    assert prompts[0].extra["combination_size"] == 2
+    with pytest.raises(ValueError, match="no FaceVid-Synth attributes"):
+        heldout_prompts(4, [{"hair_color": "green"}])
+    file = tmp_path / "prompts.txt"
+    file.write_text((REPO / "configs" / "demo_prompts.txt").read_text() + "\na person smiling\n")
+    parsed = prompts_from_file(file)
+    assert all(p.attributes for p in parsed[:4]) and parsed[4].attributes is None
+    assert parsed[0].attributes["action"] == "talking" and parsed[1].attributes["glasses"] == "glasses"
+
+
+# ----------------------------------------------------------------------------- plots and tables
+
+
+def test_training_curves_and_comparison_sheet(tmp_path):
+    rows = [{"step": s, "epoch": 0, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 40)]
+    rows += [{"step": 20, "val/psnr": 18.0}, {"step": 39, "val/psnr": 21.5, "eval/fvd": 300.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curves = read_curves(tmp_path / "metrics.jsonl")
+    assert set(curves) == {"loss", "lr", "val/psnr", "eval/fvd"} and len(curves["val/psnr"][0]) == 2
+    from PIL import Image
+
+    image = Image.open(plot_training_curves(tmp_path))
+    assert image.size == (2 * 440, 2 * 250)
+    assert plot_training_curves(tmp_path / "missing") is None
+    sheet = comparison_sheet(tmp_path / "sheet.png", tiny_videos(3), tiny_videos(3, seed=4), ["a", "b", "c"], count=2)
+    assert Image.open(sheet).size[1] > 4 * 16
+
+
+def test_results_table_has_one_row_per_evaluation():
+    result = {"model": "demo (unet_ema)", "step": 500, "training_set": "facevid_synth (512 clips)",
+              "eval_set": "held-out (64)", "generation": {"num_videos": 64},
+              "metrics": {"fvd": {"value": 123.456}, "alignment": {"mean_accuracy": 0.5, "mean_chance": 0.346,
+                                                                   "exact_match": 0.125}}}
+    table = results_table([result, {**result, "model": "big", "step": None}]).splitlines()
+    assert len(table) == 4 and table[0].startswith("| Model | Training set")
+    assert "| demo (unet_ema), step 500 |" in table[2] and "123.5" in table[2] and "50.0% (34.6%)" in table[2]
+    assert "| – |" in table[3]  # FID not computed
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny but real text-to-video run: FaceVid-Synth clips, a 3-step VAE, a 2-step UNet."""
+    root = tmp_path_factory.mktemp("eval_run")
+    manifest = synth.generate(root / "synth", num_clips=12, num_frames=8, resolution=32, fps=8.0, seed=1,
+                              progress=False)
+    vae_cfg = tiny_config(manifest, root / "vae", "train.max_steps=3", "train.ema_decay=null", stage="vae")
+    Trainer(vae_cfg, STAGES["vae"](vae_cfg)).fit()
+    cfg = tiny_config(manifest, root / "t2v", "train.max_steps=2", vae=root / "vae" / "vae")
+    Trainer(cfg, TextToVideoStage(cfg)).fit()
+    return root / "t2v"
+
+
+def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = evaluate.main(["--run", str(tiny_run), "--synth-heldout", "4", "--i3d", weights["i3d"],
+                          "--inception", weights["inception"], "--clip", weights["clip"], "--steps", "2",
+                          "--batch-size", "3", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    result = json.loads((out / "metrics.json").read_text())
+    m = result["metrics"]
+    assert m["fvd"]["num_generated_videos"] == 4 and np.isfinite(m["fvd"]["value"])
+    assert m["fid"]["num_generated_frames"] == 16 and np.isfinite(m["fid"]["value"])
+    assert m["clip"]["num_videos"] == 4 and np.isfinite(m["clip"]["clip_score"])
+    alignment = m["alignment"]
+    assert set(alignment["per_attribute"]) == set(synth.ATTRIBUTES) and alignment["num_videos"] == 4
+    assert set(alignment["groups"]) == {"familiar", "novel"} and "reference_vae" in alignment
+    assert alignment["per_attribute"]["action"]["chance"] == pytest.approx(1 / 6)
+    assert len(result["prompts"]) == 4 and all("probe" in p and "render_seed" in p for p in result["prompts"])
+    assert [p["seed"] for p in result["prompts"]] == [0, 1, 2, 3]
+    markdown = (out / "metrics.md").read_text()
+    assert "| Model | Training set | Eval set |" in markdown and "FaceVid-Synth held-out (4)" in markdown
+    assert "## Attribute alignment" in markdown and "real via VAE" in markdown
+    assert (out / "samples.png").is_file() and (tiny_run / "plots" / "training_curves.png").is_file()
+    assert "metrics_json" in capsys.readouterr().out
+
+
+def test_evaluate_cli_fails_fast_on_missing_weights(tiny_run, tmp_path, capsys):
+    code = evaluate.main(["--run", str(tiny_run), "--i3d", str(tmp_path / "i3d_torchscript.pt"),
+                          "--metrics", "fvd,alignment", "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "i3d_torchscript.pt" in err and "--i3d PATH" in err
+    assert not (tmp_path / "out").exists()  # nothing generated
+
+
+def test_evaluate_run_with_a_loaded_pipeline_as_training_would(tiny_run, weights):
+    pipeline = FaceVidPipeline.from_run(tiny_run)
+    config = EvalConfig(metrics=("fvd", "alignment"), i3d=weights["i3d"], steps=2, synth_heldout=3)
+    extractors = load_extractors(config)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    first = evaluate_run(tiny_run, pipeline=pipeline, config=config, extractors=extractors, step=2, write=False)
+    # No global random state used: evaluating during training leaves the training run unchanged.
+    assert torch.equal(torch.get_rng_state(), torch_state) and np.random.get_state()[1].tolist() == numpy_state[1].tolist()
+    again = evaluate_run(tiny_run, pipeline=pipeline, config=config, extractors=extractors, step=2, write=False)
+    assert first["metrics"]["fvd"]["value"] == pytest.approx(again["metrics"]["fvd"]["value"])  # fixed seeds
+    flat = flat_metrics(first)
+    assert set(flat) == {"eval/fvd", "eval/attribute_accuracy", "eval/exact_match"}
+    assert first["step"] == 2 and first["generation"]["num_videos"] == 3 and "files" not in first
+
+
+def test_prompts_file_alignment_without_reference_clips(tiny_run, tmp_path):
+    file = tmp_path / "p.txt"
+    file.write_text((REPO / "configs" / "demo_prompts.txt").read_text())
+    config = EvalConfig(metrics=("alignment",), steps=2)
+    result = evaluate_run(tiny_run, prompts=prompts_from_file(file), config=config, out_dir=tmp_path / "o")
+    alignment = result["metrics"]["alignment"]
+    assert alignment["num_videos"] == 4 and "reference_real" not in alignment  # no paired real clips
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["eval_set"] == "4 prompts"
+    assert "Attribute alignment" in (tmp_path / "o" / "metrics.md").read_text()
+
+
+def test_dataset_prompts_use_their_own_clips(tiny_run, weights, tmp_path):
+    manifest = tiny_run.parent / "synth" / "manifest.jsonl"
+    code = evaluate.main(["--run", str(tiny_run), "--dataset", str(manifest), "--limit", "3", "--metrics",
+                          "fvd,alignment", "--i3d", weights["i3d"], "--steps", "2", "--out", str(tmp_path / "d")])
+    assert code == 0
+    result = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert result["metrics"]["fvd"]["num_real_videos"] == 3 and result["eval_set"] == "synth (3)"
+    assert "reference_real" in result["metrics"]["alignment"]  # the real clips are the prompts' own
+    assert all(p["reference"].endswith(".mp4") for p in result["prompts"])
