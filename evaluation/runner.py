@@ -16,6 +16,7 @@ import torch
 
 from data.video import read_frames
 from evaluation import metrics as M
+from facevid.config import EVAL_METRICS as METRICS
 from evaluation.features import ClipFeatures, I3DFeatures, InceptionFeatures, MissingWeightsError
 from evaluation.prompts import (
     EvalPrompt,
@@ -27,7 +28,6 @@ from evaluation.prompts import (
 
 logger = logging.getLogger("facevid")
 
-METRICS = ("fvd", "fid", "clip", "alignment")
 
 
 @dataclass

@@ -95,6 +95,7 @@ class UNetConfig:
     attention_levels: list[bool] = field(default_factory=lambda: [False, True])
     attention_head_dim: int = 32
     norm_num_groups: int = 32
+    pooled_text_conditioning: bool = True  # mean text state added to the timestep embedding (see FaceVidUNet3D)
     attention_backend: str = "auto"  # auto | sdpa | math | xformers
     gradient_checkpointing: bool = False
 
@@ -146,6 +147,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Evaluation during training (evaluation/runner.py; evaluate.py does the same on a finished run)."""
+
+    every: int = 0  # optimizer steps between evaluations (and once at the end); 0 = never during training
+    metrics: list[str] = field(default_factory=lambda: ["alignment"])  # from fvd, fid, clip, alignment
+    synth_heldout: int = 64  # held-out FaceVid-Synth prompts (when prompts_file is not given)
+    prompts_file: Optional[str] = None  # one prompt per line instead
+    reference_manifest: Optional[str] = None  # real clips for FVD / FID (default: data.manifest)
+    i3d: str = "weights/i3d_torchscript.pt"  # FVD
+    inception: str = "weights/inception-2015-12-05.pt"  # FID
+    clip: str = "openai/clip-vit-base-patch32"  # CLIP score: hub id or local folder
+    batch_size: int = 8
+
+
+@dataclass
 class RunConfig:
     stage: str = "t2v"  # vae (train the tiny VAE) | t2v (the video diffusion UNet, for any task)
     # What the UNet is conditioned on (facevid/tasks.py): t2v = text; i2v = text + the first frame;
@@ -161,7 +177,10 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvaluationConfig = field(default_factory=EvaluationConfig)
 
+
+EVAL_METRICS = ("fvd", "fid", "clip", "alignment")
 
 CHOICES = {
     "stage": ("vae", "t2v"),
@@ -278,12 +297,13 @@ def validate(cfg: RunConfig) -> None:
         "unet.attention_head_dim", "unet.norm_num_groups", "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+        "eval.synth_heldout", "eval.batch_size",
     ]
     for key in positive_ints:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
-                "train.replica_check_every"]:
+                "train.replica_check_every", "eval.every"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
     for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
@@ -355,8 +375,32 @@ def validate(cfg: RunConfig) -> None:
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     if _looks_local(encoder) and not Path(encoder).exists():
         _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
+    _validate_evaluation(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
+
+
+def _validate_evaluation(cfg: RunConfig) -> None:
+    """Evaluation during training must not fail hours in: check its weights and prompts now."""
+    e = cfg.eval
+    unknown = [m for m in e.metrics if m not in EVAL_METRICS]
+    if unknown or not e.metrics:
+        _fail("eval.metrics", list(e.metrics), f"each must be one of {', '.join(EVAL_METRICS)}")
+    if not e.every:
+        return
+    if cfg.stage != "t2v" or cfg.task != "t2v":
+        _fail("eval.every", e.every, "evaluation during training is for stage t2v with task t2v; set eval.every=0")
+    for metric, key, what in (("fvd", "eval.i3d", "the I3D TorchScript file"),
+                              ("fid", "eval.inception", "the Inception TorchScript file")):
+        if metric in e.metrics and not Path(getattr(e, key.split(".")[1])).is_file():
+            _fail(key, getattr(e, key.split(".")[1]), f"file not found: eval.metrics has {metric}, which needs "
+                  f"{what} (see the README's Evaluation section), or drop {metric} from eval.metrics")
+    if "clip" in e.metrics and _looks_local(e.clip) and not Path(e.clip).exists():
+        _fail("eval.clip", e.clip, "local folder not found (a CLIPModel folder or hub id)")
+    if e.prompts_file and not Path(e.prompts_file).is_file():
+        _fail("eval.prompts_file", e.prompts_file, "file not found (one prompt per line)")
+    if e.reference_manifest and not Path(e.reference_manifest).is_file():
+        _fail("eval.reference_manifest", e.reference_manifest, "file not found")
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

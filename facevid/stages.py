@@ -143,6 +143,7 @@ class TextToVideoStage:
                 block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
                 attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
                 cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
+                pooled_text_conditioning=u.pooled_text_conditioning,
             )
         factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
         if cfg.data.resolution % factor:
@@ -163,7 +164,43 @@ class TextToVideoStage:
         if cfg.task == "i2v":
             # Image-to-video validates on real first frames, with their own clips' captions.
             self.validation_clips = _fixed_validation_clips(dataset, 4)
+        if cfg.eval.every and accelerator.is_main_process:
+            self._prepare_evaluation(dataset)
         return unet
+
+    def _prepare_evaluation(self, dataset) -> None:
+        """Prompts and feature networks for evaluation during training, loaded once, before step 1, so
+        that a missing weight file or an unusable prompt set fails now rather than at the first evaluation."""
+        from evaluation.prompts import heldout_prompts, prompts_from_file
+        from evaluation.runner import EvalConfig, load_extractors
+
+        e = self.cfg.eval
+        self.eval_config = EvalConfig(metrics=tuple(e.metrics), i3d=e.i3d, inception=e.inception, clip=e.clip,
+                                      batch_size=e.batch_size, reference_manifest=e.reference_manifest,
+                                      device=str(self.device))
+        if e.prompts_file:
+            self.eval_prompts, self.eval_set = prompts_from_file(e.prompts_file), Path(e.prompts_file).stem
+        else:
+            try:
+                self.eval_prompts = heldout_prompts(e.synth_heldout, [r.attributes for r in dataset.records])
+            except ValueError as err:
+                raise ConfigError(f"config key 'eval.synth_heldout' = {e.synth_heldout} is unusable with "
+                                  f"{self.cfg.data.manifest}: {err}; give eval.prompts_file instead") from None
+            self.eval_set = f"FaceVid-Synth held-out ({len(self.eval_prompts)})"
+        self.eval_extractors = load_extractors(self.eval_config)
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        """eval.metrics on the fixed evaluation prompts with `model` (the EMA weights); writes
+        RUN/eval/<set>-step-N/ and returns the headline numbers for the tracker."""
+        from evaluation.runner import evaluate_run, flat_metrics
+
+        pipe = self.pipeline(model)
+        pipe.run_config = self.cfg
+        result = evaluate_run(self.cfg.output_dir, pipeline=pipe, prompts=self.eval_prompts, config=self.eval_config,
+                              extractors=self.eval_extractors, step=step, eval_set=self.eval_set,
+                              model_name=f"{Path(self.cfg.output_dir).name} (step {step})")
+        logger.info("evaluation at step %d written to %s", step, Path(result["files"]["metrics_json"]).parent)
+        return flat_metrics(result)
 
     def _check_pretrained(self, unet: FaceVidUNet3D, latent_channels: int) -> None:
         u, text_width = self.cfg.unet, self.text_encoder.hidden_size

@@ -34,6 +34,7 @@ from data.cache import LatentCache, check_fingerprint, text_key
 from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips
 from data.manifest import SkippedItem, read_manifest
 from data.sampler import ShardedEpochSampler
+from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
 
@@ -290,7 +291,8 @@ class Trainer:
                        signal.Signals(signum).name)
         self._stop_requested = True
 
-    def _validate(self) -> None:
+    def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
+        """With the EMA weights: validation samples (stage.validate) and/or evaluation (stage.evaluate)."""
         acc = self.accelerator
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
@@ -298,8 +300,11 @@ class Trainer:
                 self.ema.store(model.parameters())
                 self.ema.copy_to(model.parameters())
             model.eval()
-            out_dir = self.run_dir / "samples" / f"step-{self.state.global_step:08d}"
-            media, metrics = self.stage.validate(model, out_dir, self.state.global_step)
+            step = self.state.global_step
+            out_dir = self.run_dir / "samples" / f"step-{step:08d}"
+            media, metrics = self.stage.validate(model, out_dir, step) if samples else ({}, {})
+            if evaluate:
+                metrics = {**metrics, **self.stage.evaluate(model, step)}
             model.train()
             if self.ema is not None:
                 self.ema.restore(model.parameters())
@@ -307,7 +312,9 @@ class Trainer:
                 acc.log(metrics, step=self.state.global_step)
                 self._write_metrics({"step": self.state.global_step, **metrics})
             self.log_media(media, self.state.global_step)
-            logger.info("validation samples written to %s %s", out_dir, metrics or "")
+            if samples:
+                logger.info("validation samples written to %s %s", out_dir, metrics or "")
+            plot_training_curves(self.run_dir)  # RUN/plots/training_curves.png: loss, lr, metrics so far
         acc.wait_for_everyone()
 
     @torch.no_grad()
@@ -402,8 +409,10 @@ class Trainer:
                 stop_now = acc.check_trigger()
                 if step % cfg.train.checkpoint_every == 0 or step == max_steps or stop_now:
                     self.save_checkpoint()
-                if cfg.train.validate_every and step % cfg.train.validate_every == 0 and step < max_steps:
-                    self._validate()
+                validate_now = bool(cfg.train.validate_every) and step % cfg.train.validate_every == 0
+                evaluate_now = bool(cfg.eval.every) and step % cfg.eval.every == 0
+                if (validate_now or evaluate_now) and step < max_steps:
+                    self._validate(samples=validate_now, evaluate=evaluate_now)
                 if stop_now:
                     logger.warning("stopped at step %d on request; resume with resume=latest", step)
                     stopped_early = True
@@ -419,7 +428,7 @@ class Trainer:
         progress.close()
 
         if not stopped_early:
-            self._validate()
+            self._validate(samples=True, evaluate=bool(cfg.eval.every))
             if acc.is_main_process:
                 model = acc.unwrap_model(self.model)
                 self.stage.save_final(model, self.ema, self.run_dir)

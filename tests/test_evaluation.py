@@ -370,9 +370,34 @@ def tiny_run(tmp_path_factory):
                               progress=False)
     vae_cfg = tiny_config(manifest, root / "vae", "train.max_steps=3", "train.ema_decay=null", stage="vae")
     Trainer(vae_cfg, STAGES["vae"](vae_cfg)).fit()
-    cfg = tiny_config(manifest, root / "t2v", "train.max_steps=2", vae=root / "vae" / "vae")
+    # Evaluated during training too: after step 1 and at the end (step 2).
+    cfg = tiny_config(manifest, root / "t2v", "train.max_steps=2", "eval.every=1", "eval.synth_heldout=2",
+                      "eval.metrics=[alignment]", vae=root / "vae" / "vae")
     Trainer(cfg, TextToVideoStage(cfg)).fit()
     return root / "t2v"
+
+
+def test_training_evaluates_every_n_steps_and_plots_curves(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r["eval/attribute_accuracy"] for r in rows if "eval/attribute_accuracy" in r}
+    assert sorted(evaluated) == [1, 2] and all(0.0 <= a <= 1.0 for a in evaluated.values())
+    for step in (1, 2):
+        result = json.loads((tiny_run / "eval" / f"facevid-synth-held-out-2-step-{step}" / "metrics.json").read_text())
+        assert result["step"] == step and result["metrics"]["alignment"]["num_videos"] == 2
+        assert result["metrics"]["alignment"]["mean_accuracy"] == pytest.approx(evaluated[step])
+    assert (tiny_run / "plots" / "training_curves.png").is_file()
+
+
+def test_evaluation_settings_are_checked_before_training(tmp_path):
+    from facevid.config import ConfigError
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ConfigError, match=r"eval.metrics.*fvd, fid, clip, alignment"):
+        tiny_config(manifest, tmp_path / "r", "eval.metrics=[fvd,psnr]", vae=tmp_path)
+    with pytest.raises(ConfigError, match=r"eval.i3d.*missing.pt.*file not found"):
+        tiny_config(manifest, tmp_path / "r", "eval.every=10", "eval.metrics=[fvd]",
+                    f"eval.i3d={tmp_path / 'missing.pt'}", vae=tmp_path)
 
 
 def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):

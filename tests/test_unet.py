@@ -223,6 +223,29 @@ def test_unet_backends_agree_and_padding_is_ignored():
     assert not torch.allclose(sdpa, sdpa_unmasked, atol=1e-3)  # the mask does change what is attended to
 
 
+def test_pooled_text_conditioning_starts_neutral_and_reads_only_real_tokens():
+    plain = make_model()
+    pooled = make_model(pooled_text_conditioning=True)
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all(k.startswith("text_pool_embedding.") for k in missing)
+    inputs, mask = make_inputs(context_len=6), padding_mask(2, 6)
+    with torch.no_grad():
+        # Zero-initialised output layer: adding it to a trained UNet changes nothing at first.
+        torch.testing.assert_close(pooled(**inputs, encoder_attention_mask=mask),
+                                   plain(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
+        randomize_zero_layers(pooled)
+        # Masked tokens enter neither cross-attention nor the mean; the pooled path does change the output.
+        pooled.set_attention_backend("math")
+        reference = pooled(**inputs, encoder_attention_mask=mask)
+        noisy_padding = torch.where(mask[..., None], inputs["encoder_hidden_states"], 50.0)
+        torch.testing.assert_close(
+            pooled(**{**inputs, "encoder_hidden_states": noisy_padding}, encoder_attention_mask=mask), reference,
+            atol=1e-5, rtol=0)
+        pooled.text_pool_embedding.linear_2.weight.zero_()
+        pooled.text_pool_embedding.linear_2.bias.zero_()
+        assert not torch.allclose(pooled(**inputs, encoder_attention_mask=mask), reference, atol=1e-3)
+
+
 def test_set_attention_backend_switches_every_layer():
     model = make_model()
     model.set_attention_backend("math")
