@@ -16,7 +16,6 @@ import torch
 
 from data.video import read_frames
 from evaluation import metrics as M
-from facevid.config import EVAL_METRICS as METRICS
 from evaluation.features import ClipFeatures, I3DFeatures, InceptionFeatures, MissingWeightsError
 from evaluation.prompts import (
     EvalPrompt,
@@ -25,6 +24,7 @@ from evaluation.prompts import (
     prompts_from_manifest,
     render_reference,
 )
+from facevid.config import EVAL_METRICS as METRICS
 
 logger = logging.getLogger("facevid")
 
