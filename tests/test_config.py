@@ -84,3 +84,9 @@ def test_shipped_configs_parse(tmp_path):
     # demo_vae.yaml must validate on a fresh clone (the manifest is generated on first use).
     cfg = load_config("configs/demo_vae.yaml")
     assert cfg.stage == "vae" and cfg.data.synth.num_clips > 0
+
+
+def test_vae_without_resnet_blocks_needs_equal_widths(manifest, tmp_path):
+    load_config(None, base(manifest, tmp_path, "vae.layers_per_block=0", "vae.block_out_channels=[64,64,64]"))
+    with pytest.raises(ConfigError, match=r"vae.block_out_channels.*same width"):
+        load_config(None, base(manifest, tmp_path, "vae.layers_per_block=0", "vae.block_out_channels=[32,64,64]"))
