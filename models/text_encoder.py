@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+logger = logging.getLogger("facevid")
 
 
 def _load_encoder_model(path: str, subfolder: str | None):
@@ -32,6 +36,7 @@ class FrozenTextEncoder(nn.Module):
         self.model = _load_encoder_model(pretrained, subfolder).eval().requires_grad_(False)
         self.max_length = max_length
         self.pretrained = pretrained
+        self._warned_truncation = False
 
     @property
     def hidden_size(self) -> int:
@@ -44,8 +49,22 @@ class FrozenTextEncoder(nn.Module):
     def train(self, mode: bool = True):  # always frozen: keep dropout off whatever the caller asks
         return super().train(False)
 
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        """Words past max_length never reach the model: say so (once), since the prompt then says less."""
+        if self._warned_truncation:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        too_long = [(n, p) for n, p in zip(lengths, prompts) if n > self.max_length]
+        if too_long:
+            longest, example = max(too_long)
+            logger.warning("%d of %d prompts are longer than text_encoder.max_length=%d tokens and are cut "
+                           "(longest %d tokens: %r); raise text_encoder.max_length to keep their ends",
+                           len(too_long), len(prompts), self.max_length, longest, example[:120])
+            self._warned_truncation = True
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._warn_if_truncated(prompts)
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
