@@ -43,9 +43,11 @@ class _TokenizerEncoder:
     """FrozenTextEncoder's prompt encoding over an exported folder's own tokenizer and text encoder."""
 
     __call__ = FrozenTextEncoder.forward  # the same tokenise-and-encode code, not a copy of it
+    _warn_if_truncated = FrozenTextEncoder._warn_if_truncated
 
     def __init__(self, tokenizer, model):
         self.tokenizer, self.model, self.max_length = tokenizer, model, tokenizer.model_max_length
+        self._warned_truncation = False
 
     @property
     def device(self) -> torch.device:
