@@ -395,10 +395,10 @@ def _validate_evaluation(cfg: RunConfig) -> None:
         return
     if cfg.stage != "t2v" or cfg.task != "t2v":
         _fail("eval.every", e.every, "evaluation during training is for stage t2v with task t2v; set eval.every=0")
-    for metric, key, what in (("fvd", "eval.i3d", "the I3D TorchScript file"),
-                              ("fid", "eval.inception", "the Inception TorchScript file")):
-        if metric in e.metrics and not Path(getattr(e, key.split(".")[1])).is_file():
-            _fail(key, getattr(e, key.split(".")[1]), f"file not found: eval.metrics has {metric}, which needs "
+    for metric, name, path, what in (("fvd", "i3d", e.i3d, "the I3D TorchScript file"),
+                                     ("fid", "inception", e.inception, "the Inception TorchScript file")):
+        if metric in e.metrics and not Path(path).is_file():
+            _fail(f"eval.{name}", path, f"file not found: eval.metrics has {metric}, which needs "
                   f"{what} (see the README's Evaluation section), or drop {metric} from eval.metrics")
     if "clip" in e.metrics and _looks_local(e.clip) and not Path(e.clip).exists():
         _fail("eval.clip", e.clip, "local folder not found (a CLIPModel folder or hub id)")

@@ -309,9 +309,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.restore(model.parameters())
             if metrics:
-                acc.log(metrics, step=self.state.global_step)
-                self._write_metrics({"step": self.state.global_step, **metrics})
-            self.log_media(media, self.state.global_step)
+                acc.log(metrics, step=step)
+                self._write_metrics({"step": step, **metrics})
+            self.log_media(media, step)
             if samples:
                 logger.info("validation samples written to %s %s", out_dir, metrics or "")
             plot_training_curves(self.run_dir)  # RUN/plots/training_curves.png: loss, lr, metrics so far

@@ -49,12 +49,16 @@ class FrozenTextEncoder(nn.Module):
     def train(self, mode: bool = True):  # always frozen: keep dropout off whatever the caller asks
         return super().train(False)
 
-    def _warn_if_truncated(self, prompts: list[str]) -> None:
-        """Words past max_length never reach the model: say so (once), since the prompt then says less."""
+    def _warn_if_truncated(self, prompts: list[str], mask: torch.Tensor) -> None:
+        """Words past max_length never reach the model: say so (once), since the prompt then says less.
+        Only prompts that filled every position can have been cut, so only those are tokenised again."""
         if self._warned_truncation:
             return
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
-        too_long = [(n, p) for n, p in zip(lengths, prompts) if n > self.max_length]
+        full = [p for p, row in zip(prompts, mask.all(dim=1).tolist()) if row]
+        if not full:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(full, truncation=False)["input_ids"]]
+        too_long = [(n, p) for n, p in zip(lengths, full) if n > self.max_length]
         if too_long:
             longest, example = max(too_long)
             logger.warning("%d of %d prompts are longer than text_encoder.max_length=%d tokens and are cut "
@@ -64,10 +68,10 @@ class FrozenTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        self._warn_if_truncated(prompts)
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         mask = tokens["attention_mask"].bool()
+        self._warn_if_truncated(list(prompts), mask)
         hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         return hidden, mask
