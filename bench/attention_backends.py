@@ -1,0 +1,89 @@
+"""Attention backends side by side: one training step (forward + backward + AdamW) of the demo UNet with each
+backend, the same weights and inputs, the backends interleaved step by step so load from other processes hits
+them alike.
+
+    .venv/bin/python bench/attention_backends.py [--threads 2] [--batch 4] [--repeats 10]
+
+On a CPU the candidates are torch SDPA ("sdpa") and the plain matmul-softmax-matmul ("math"); on CUDA xformers
+is added when installed. The demo's attention runs over short sequences (8 frames in temporal attention, 16-64
+tokens in spatial attention, 48 text tokens), where the kernel launch cost matters more than the FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.attention import xformers_available  # noqa: E402
+from models.unet3d import FaceVidUNet3D  # noqa: E402
+
+# configs/demo.yaml's UNet, its latent (4 channels, 8 frames, 16x16) and 48 MiniLM tokens.
+DEMO_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), attention_levels=(False, True, True),
+                 attention_head_dim=32, cross_attention_dim=384, pooled_text_conditioning=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = ["sdpa", "math"] + (["xformers"] if device.type == "cuda" and xformers_available() else [])
+
+    torch.manual_seed(0)
+    reference = FaceVidUNet3D(**DEMO_UNET).to(device)
+    models = {}
+    for backend in backends:
+        model = FaceVidUNet3D(**DEMO_UNET).to(device)
+        model.load_state_dict(reference.state_dict())
+        model.set_attention_backend(backend)
+        models[backend] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(args.batch, 4, 8, 16, 16, generator=generator).to(device)
+    timestep = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    text = torch.randn(args.batch, 48, 384, generator=generator).to(device)
+    mask = torch.ones(args.batch, 48, dtype=torch.bool, device=device)
+    mask[:, 40:] = False  # some padding, as real captions have
+
+    def step(backend: str) -> float:
+        model, optimizer = models[backend]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(sample, timestep, text, mask).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        outputs = {b: models[b][0](sample, timestep, text, mask) for b in backends}
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for repeat in range(args.repeats + 2):
+        for backend in backends:
+            elapsed = step(backend)
+            if repeat >= 2:  # two warm-up steps each
+                times[backend].append(elapsed)
+
+    print(f"device {device}, {args.threads} thread(s), batch {args.batch} clips of 8x16x16 latents, "
+          f"median of {args.repeats} training steps")
+    base = statistics.median(times["sdpa"])
+    print("| backend | s / step | clips / s | vs sdpa | max |output - sdpa output| |")
+    print("|---|---|---|---|---|")
+    for backend in backends:
+        median = statistics.median(times[backend])
+        diff = (outputs[backend] - outputs["sdpa"]).abs().max().item()
+        print(f"| {backend} | {median:.3f} | {args.batch / median:.1f} | {base / median:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
