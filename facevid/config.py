@@ -408,6 +408,19 @@ def _validate_evaluation(cfg: RunConfig) -> None:
         _fail("eval.reference_manifest", e.reference_manifest, "file not found")
 
 
+# Keys that may name local files or folders. A run's saved config names them by absolute path: sample.py and
+# evaluate.py read it from any working directory, where a relative "runs/demo-vae/vae" would silently load
+# whichever VAE sits there (or none).
+LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "text_encoder.pretrained",
+                   "eval.prompts_file", "eval.reference_manifest", "eval.i3d", "eval.inception", "eval.clip")
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write cfg as YAML; relative paths of local files that exist are written as absolute paths."""
+    conf = OmegaConf.structured(cfg)
+    for key in LOCAL_PATH_KEYS:
+        value = OmegaConf.select(conf, key)
+        if isinstance(value, str) and not os.path.isabs(value) and Path(value).exists():
+            OmegaConf.update(conf, key, str(Path(value).resolve()))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    OmegaConf.save(conf, path)

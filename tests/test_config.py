@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from facevid.config import ConfigError, load_config, save_config
@@ -78,6 +80,19 @@ def test_base_file_and_round_trip(manifest, tmp_path):
     save_config(cfg, tmp_path / "saved.yaml")
     again = load_config(tmp_path / "saved.yaml")
     assert again == cfg
+
+
+def test_saved_config_names_local_files_absolutely(manifest, tmp_path, monkeypatch):
+    """A run's config.yaml must find its VAE / manifest from any working directory (sample.py, evaluate.py)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-vae").mkdir()
+    cfg = load_config(None, base(manifest.name, tmp_path, "vae.pretrained=my-vae"))  # both relative to tmp_path
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    monkeypatch.chdir(tmp_path / "run")
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.vae.pretrained == str(tmp_path / "my-vae")
+    assert saved.data.manifest == str(manifest)
+    assert saved.text_encoder.pretrained == cfg.text_encoder.pretrained  # a bundled: / hub name stays as it is
 
 
 def test_shipped_configs_parse(tmp_path):
