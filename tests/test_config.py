@@ -1,4 +1,3 @@
-
 import pytest
 
 from facevid.config import ConfigError, load_config, save_config
@@ -89,8 +88,8 @@ def test_saved_config_names_local_files_absolutely(manifest, tmp_path, monkeypat
     save_config(cfg, tmp_path / "run" / "config.yaml")
     monkeypatch.chdir(tmp_path / "run")
     saved = load_config(tmp_path / "run" / "config.yaml")
-    assert saved.vae.pretrained == str(tmp_path / "my-vae")
-    assert saved.data.manifest == str(manifest)
+    assert saved.vae.pretrained == str((tmp_path / "my-vae").resolve())
+    assert saved.data.manifest == str(manifest.resolve())
     assert saved.text_encoder.pretrained == cfg.text_encoder.pretrained  # a bundled: / hub name stays as it is
 
 
