@@ -12,14 +12,14 @@ tokens in spatial attention, 48 text tokens), where the kernel launch cost matte
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import interleaved_median_seconds  # noqa: E402
 from models.attention import xformers_available  # noqa: E402
 from models.unet3d import FaceVidUNet3D  # noqa: E402
 
@@ -53,34 +53,25 @@ def main() -> None:
     mask = torch.ones(args.batch, 48, dtype=torch.bool, device=device)
     mask[:, 40:] = False  # some padding, as real captions have
 
-    def step(backend: str) -> float:
+    def train_step(backend: str) -> None:
         model, optimizer = models[backend]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
         model(sample, timestep, text, mask).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     with torch.no_grad():
         outputs = {b: models[b][0](sample, timestep, text, mask) for b in backends}
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    for repeat in range(args.repeats + 2):
-        for backend in backends:
-            elapsed = step(backend)
-            if repeat >= 2:  # two warm-up steps each
-                times[backend].append(elapsed)
+    medians = interleaved_median_seconds([partial(train_step, b) for b in backends], args.repeats, warmup=2,
+                                         synchronize=torch.cuda.synchronize if device.type == "cuda" else None)
+    times = dict(zip(backends, medians))
 
     print(f"device {device}, {args.threads} thread(s), batch {args.batch} clips of 8x16x16 latents, "
           f"median of {args.repeats} training steps")
-    base = statistics.median(times["sdpa"])
+    base = times["sdpa"]
     print("| backend | s / step | clips / s | vs sdpa | max |output - sdpa output| |")
     print("|---|---|---|---|---|")
     for backend in backends:
-        median = statistics.median(times[backend])
+        median = times[backend]
         diff = (outputs[backend] - outputs["sdpa"]).abs().max().item()
         print(f"| {backend} | {median:.3f} | {args.batch / median:.1f} | {base / median:.2f}x | {diff:.1e} |")
 

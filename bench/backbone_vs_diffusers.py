@@ -19,15 +19,15 @@ Neither depends on the allocator, unlike RSS; the peak of a step is this plus th
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import UNet3DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import interleaved_median_seconds  # noqa: E402
 from models.pretrained import from_unet3d  # noqa: E402
 
 SIZES = {
@@ -60,15 +60,14 @@ def step(model, inputs) -> torch.Tensor:
 
 def median_seconds(variants: list, inputs, repeats: int) -> list[float]:
     """Per (model, checkpointing) variant; one warm-up pass each, then the variants take turns."""
-    times: list[list[float]] = [[] for _ in variants]
-    for _ in range(repeats + 1):
-        for i, (model, checkpointing) in enumerate(variants):
-            set_checkpointing(model, checkpointing)
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            step(model, inputs)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t[1:]) for t in times]
+
+    def setup(i: int) -> None:
+        model, checkpointing = variants[i]
+        set_checkpointing(model, checkpointing)
+        model.zero_grad(set_to_none=True)
+
+    return interleaved_median_seconds([partial(step, model, inputs) for model, _ in variants], repeats,
+                                      warmup=1, setup=setup)
 
 
 def set_checkpointing(model, enabled: bool) -> None:
