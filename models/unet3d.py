@@ -342,6 +342,14 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             a small model learns far sooner than attribute-by-attribute cross-attention (the demo's colours
             follow their prompts only with it). Its output layer starts at zero, so enabling it on a
             pretrained UNet leaves that UNet's function unchanged.
+        text_layout: also predict, from the same pooled text, a coarse clean latent (out_channels x
+            text_layout_size x text_layout_size, resized to the latent size, the same for every frame) and add it
+            to the output, scaled per channel by a learned function of the timestep (+ pooled text) embedding.
+            At high noise the target is mostly the clean video, and a direct prompt -> layout regression learns
+            where each prompt's colours go in a few hundred steps, long before the UNet's own convolutions do
+            (the demo's skin and hair colours follow their prompts only with it; README, Evaluation). Its output
+            layer starts at zero, so enabling it on a pretrained UNet leaves that UNet's function unchanged.
+        text_layout_size: side of the text_layout grid.
     """
 
     _supports_gradient_checkpointing = True
@@ -370,6 +378,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         input_temporal_transformer: bool = False,
         cross_attention_mask: bool = True,
         pooled_text_conditioning: bool = False,
+        text_layout: bool = False,
+        text_layout_size: int = 16,
     ):
         super().__init__()
         num_levels = len(block_out_channels)
@@ -438,6 +448,20 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             self.text_pool_embedding = TimestepEmbedding(cross_attention_dim, temb_channels)
             nn.init.zeros_(self.text_pool_embedding.linear_2.weight)
             nn.init.zeros_(self.text_pool_embedding.linear_2.bias)
+        self.text_layout_head = self.text_layout_gate = None
+        if text_layout:
+            self.text_layout_head = nn.Sequential(
+                nn.LayerNorm(cross_attention_dim),
+                nn.Linear(cross_attention_dim, 512),
+                nn.SiLU(),
+                nn.Linear(512, out_channels * text_layout_size**2),
+            )
+            nn.init.zeros_(self.text_layout_head[-1].weight)
+            nn.init.zeros_(self.text_layout_head[-1].bias)
+            # Starts at 1 for every timestep; training shapes it (the demo's ends near 1.6 at t=999, 0.1 at t=0).
+            self.text_layout_gate = nn.Linear(temb_channels, out_channels)
+            nn.init.zeros_(self.text_layout_gate.weight)
+            nn.init.ones_(self.text_layout_gate.bias)
         self.conv_in = nn.Conv2d(in_channels + condition_channels, base_channels, kernel_size=3, padding=1)
         self.input_layer = None
         if input_temporal_transformer:
@@ -583,8 +607,15 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         if condition is not None:
             sample = torch.cat([sample, condition], dim=1)
         temb = self._embed_timestep(timestep, batch_size, sample.dtype, sample.device)
+        pooled_text = _masked_mean(encoder_hidden_states, encoder_attention_mask)
         if self.text_pool_embedding is not None:
-            temb = temb + self.text_pool_embedding(_masked_mean(encoder_hidden_states, encoder_attention_mask))
+            temb = temb + self.text_pool_embedding(pooled_text)
+        layout = None
+        if self.text_layout_head is not None:
+            size = self.config.text_layout_size
+            grid = self.text_layout_head(pooled_text).view(batch_size, -1, size, size)
+            grid = F.interpolate(grid, size=sample.shape[-2:], mode="bilinear", align_corners=False)
+            layout = self.text_layout_gate(F.silu(temb))[:, :, None, None] * grid
         if not self.config.cross_attention_mask:
             encoder_attention_mask = None
         if encoder_attention_mask is not None:
@@ -613,5 +644,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             if level < len(self.upsamplers):
                 x = self.upsamplers[level](x)
 
-        x = self.conv_out(F.silu(self.norm_out(x)))
-        return rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
+        x = rearrange(self.conv_out(F.silu(self.norm_out(x))), "(b f) c h w -> b c f h w", f=num_frames)
+        if layout is not None:
+            x = x + layout[:, :, None]  # the same layout for every frame
+        return x

@@ -68,7 +68,9 @@ def test_export_loads_in_a_fresh_process_and_matches_sample_py(pretrained_run, i
     # Observed identical; one grey level allows for rounding of the float -> uint8 step.
     assert theirs.shape == ours.shape and np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
     ours = FaceVidPipeline.from_run(i2v_run)(["a person talking"], images=image[None], **kwargs)
-    assert np.array_equal(np.load(tmp_path / "i2v.npy"), ours)
+    theirs = np.load(tmp_path / "i2v.npy")
+    # The loader runs on 1 thread, this process on more: float sums may round one pixel a grey level apart.
+    assert theirs.shape == ours.shape and np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
 
 
 def test_export_refuses_unet3d_format_for_an_i2v_run(i2v_run, tmp_path, capsys):

@@ -246,6 +246,34 @@ def test_pooled_text_conditioning_starts_neutral_and_reads_only_real_tokens():
         assert not torch.allclose(pooled(**inputs, encoder_attention_mask=mask), reference, atol=1e-3)
 
 
+def test_text_layout_starts_neutral_and_adds_one_prompt_layout_to_every_frame():
+    plain = make_model()
+    with_layout = make_model(text_layout=True, text_layout_size=4)
+    missing, unexpected = with_layout.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("text_layout_") for k in missing)
+    inputs, mask = make_inputs(context_len=6), padding_mask(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(with_layout(**inputs, encoder_attention_mask=mask),
+                                   plain(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
+        randomize_zero_layers(with_layout)
+        plain.load_state_dict(with_layout.state_dict(), strict=False)  # the shared weights stay equal
+
+        def layout_of(**changes):
+            args = {**inputs, "encoder_attention_mask": mask, **changes}
+            return with_layout(**args) - plain(**args)
+
+        layout = layout_of()
+        assert layout.abs().mean() > 1e-3
+        # One coarse image per prompt, resized to the latent and shared by every frame ...
+        torch.testing.assert_close(layout, layout[:, :, :1].expand_as(layout), atol=1e-6, rtol=0)
+        # ... that does not look at the noisy latent, but does follow the prompt and the noise level.
+        torch.testing.assert_close(layout_of(sample=torch.randn_like(inputs["sample"])), layout, atol=1e-5, rtol=0)
+        other_text = torch.randn_like(inputs["encoder_hidden_states"])
+        assert not torch.allclose(layout_of(encoder_hidden_states=other_text), layout, atol=1e-3)
+        low_noise, high_noise = (layout_of(timestep=torch.tensor([t, t])) for t in (3, 900))
+        assert not torch.allclose(low_noise, high_noise, atol=1e-3)
+
+
 def test_set_attention_backend_switches_every_layer():
     model = make_model()
     model.set_attention_backend("math")
