@@ -236,7 +236,8 @@ def _symmetry_axis(pixels: np.ndarray, head: _Head) -> np.ndarray:
     offsets = np.arange(1.0, 0.5 * RX0, 1.0)  # inner features only: the outline is symmetric about another axis
     axes = np.empty(len(pixels), np.float32)
     for t, frame in enumerate(pixels):
-        r0, r1 = (int(np.clip(head.cy[t] + k * RY, 0, SIZE)) for k in (-0.35, 0.75))
+        # At least one row, also for a head tracked at or past the bottom edge (seen in generated videos).
+        r0, r1 = (int(np.clip(head.cy[t] + k * RY, 0, SIZE - 1)) for k in (-0.35, 0.75))
         band = frame[r0:max(r1, r0 + 1)]
         search = np.arange(-10.0, 10.01, 0.5) + head.x[t] if t == 0 else np.arange(-2.5, 2.51, 0.5) + axes[t - 1]
         left, right = _sample_columns(band, search[:, None] - offsets), _sample_columns(band, search[:, None] + offsets)

@@ -10,6 +10,7 @@ CLIPModel with a hand-built byte-level tokenizer. They check the plumbing, not t
 import importlib.util
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from tiny import tiny_config
 from data import synth
 from data.video import read_frames, write_video
 from evaluation import metrics as M
+from evaluation import probe
 from evaluation.features import I3DFeatures, InceptionFeatures, MissingWeightsError, stretch_frames
 from evaluation.frechet import GaussianStats, frechet_distance, frechet_distance_of_features, gaussian_stats
 from evaluation.plots import comparison_sheet, plot_training_curves, read_curves
@@ -106,6 +108,17 @@ def test_probe_reads_other_resolutions_and_survives_any_input():
         assert all(np.isfinite(x) for x in result.measurements.values())
     with pytest.raises(ValueError, match="uint8 frames"):
         probe_clip(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_symmetry_axis_of_a_head_tracked_past_the_bottom_edge():
+    frames = np.random.default_rng(0).random((3, 64, 64, 3)).astype(np.float32)
+    empty = np.zeros((3, 64, 64), bool)
+    head = probe._Head(top=np.full(3, 60.0), x=np.full(3, 32.0), cy=np.full(3, 90.0), foreground=empty,
+                       cap=empty, neck=empty, beside_jaw=empty)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty band used to average nothing and pick an arbitrary axis
+        axes = probe._symmetry_axis(frames, head)
+    assert np.isfinite(axes).all() and np.abs(axes - 32.0).max() <= 10.0
 
 
 # ----------------------------------------------------------------------------- Frechet distance
