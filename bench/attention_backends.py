@@ -25,7 +25,7 @@ from models.unet3d import FaceVidUNet3D  # noqa: E402
 
 # configs/demo.yaml's UNet, its latent (4 channels, 8 frames, 16x16) and 48 MiniLM tokens.
 DEMO_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), attention_levels=(False, True, True),
-                 attention_head_dim=32, cross_attention_dim=384, pooled_text_conditioning=True)
+                 attention_head_dim=32, cross_attention_dim=384, pooled_text_conditioning=True, text_layout=True)
 
 
 def main() -> None:
