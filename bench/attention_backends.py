@@ -2,7 +2,7 @@
 backend, the same weights and inputs, the backends interleaved step by step so load from other processes hits
 them alike.
 
-    .venv/bin/python bench/attention_backends.py [--threads 2] [--batch 4] [--repeats 10]
+    .venv/bin/python bench/attention_backends.py [--threads 2] [--batch 4] [--repeats 10] [--latent-size 16]
 
 On a CPU the candidates are torch SDPA ("sdpa") and the plain matmul-softmax-matmul ("math"); on CUDA xformers
 is added when installed. The demo's attention runs over short sequences (8 frames in temporal attention, 16-64
@@ -23,7 +23,7 @@ from bench.timing import interleaved_median_seconds  # noqa: E402
 from models.attention import xformers_available  # noqa: E402
 from models.unet3d import FaceVidUNet3D  # noqa: E402
 
-# configs/demo.yaml's UNet, its latent (4 channels, 8 frames, 16x16) and 48 MiniLM tokens.
+# configs/demo.yaml's UNet, 4-channel latents of 8 frames and 48 MiniLM tokens.
 DEMO_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), attention_levels=(False, True, True),
                  attention_head_dim=32, cross_attention_dim=384, pooled_text_conditioning=True, text_layout=True)
 
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--latent-size", type=int, default=16,
+                        help="latent side: 16 = a 64 px clip (the README's figures), 8 = the 32 px demo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +49,8 @@ def main() -> None:
         model.set_attention_backend(backend)
         models[backend] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(args.batch, 4, 8, 16, 16, generator=generator).to(device)
+    side = args.latent_size
+    sample = torch.randn(args.batch, 4, 8, side, side, generator=generator).to(device)
     timestep = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
     text = torch.randn(args.batch, 48, 384, generator=generator).to(device)
     mask = torch.ones(args.batch, 48, dtype=torch.bool, device=device)
@@ -65,7 +68,7 @@ def main() -> None:
                                          synchronize=torch.cuda.synchronize if device.type == "cuda" else None)
     times = dict(zip(backends, medians))
 
-    print(f"device {device}, {args.threads} thread(s), batch {args.batch} clips of 8x16x16 latents, "
+    print(f"device {device}, {args.threads} thread(s), batch {args.batch} clips of 8x{side}x{side} latents, "
           f"median of {args.repeats} training steps")
     base = times["sdpa"]
     print("| backend | s / step | clips / s | vs sdpa | max |output - sdpa output| |")

@@ -1,6 +1,6 @@
 """What the latent cache buys, measured side by side on the demo configuration.
 
-    .venv/bin/python bench/cache_benchmark.py [--steps 40] [--clips 128]
+    .venv/bin/python bench/cache_benchmark.py [--steps 40] [--clips 128] [--resolution 64]
 
 Prints: training steps/s encoding on the fly vs. reading the cache (and the ratio); cache build
 clips/s with 1 and 2 processes; bytes per clip per frame at the demo resolution and extrapolated to
@@ -60,14 +60,15 @@ def train(manifest: Path, vae: Path, run: Path, steps: int, *extra: str) -> floa
     return steps_per_second(run)
 
 
-def build_cache_subprocess(manifest: Path, vae: Path, cache: Path, processes: int) -> tuple[dict, float]:
+def build_cache_subprocess(manifest: Path, vae: Path, cache: Path, processes: int,
+                           *extra: str) -> tuple[dict, float]:
     """Runs cache.py in a child; returns its report and the child's peak RSS in MB."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     launch += (["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"])
     cmd = launch + [str(REPO / "cache.py"), "--config", str(REPO / "configs" / "demo.yaml"),
                     f"output_dir={cache.parent / 'run'}", f"data.manifest={manifest}", f"vae.pretrained={vae}",
-                    f"data.cache_dir={cache}"]
+                    f"data.cache_dir={cache}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -81,8 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="training steps per mode")
     parser.add_argument("--clips", type=int, default=128, help="clips for the speed measurements")
+    parser.add_argument("--resolution", type=int, default=64,
+                        help="training resolution (the README's figures: 64; the demo itself trains at 32)")
     args = parser.parse_args()
-    demo = load_config(REPO / "configs" / "demo.yaml", ["vae.pretrained=null", "stage=vae", "data.cache=none"])
+    size = f"data.resolution={args.resolution}"
+    demo = load_config(REPO / "configs" / "demo.yaml", ["vae.pretrained=null", "stage=vae", "data.cache=none", size])
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -93,11 +97,11 @@ def main() -> None:
 
         rows = []
         for processes in (1, 2):
-            report, _ = build_cache_subprocess(manifest, vae, work / f"cache{processes}", processes)
+            report, _ = build_cache_subprocess(manifest, vae, work / f"cache{processes}", processes, size)
             rows.append((processes, report))
-        live = train(manifest, vae, work / "live", args.steps, "data.cache=none")
+        live = train(manifest, vae, work / "live", args.steps, "data.cache=none", size)
         cached = train(manifest, vae, work / "cached", args.steps, f"data.cache_dir={work / 'cache1'}",
-                       "data.cache=use")
+                       "data.cache=use", size)
 
         per_clip = rows[0][1]["bytes_written"] / args.clips
         frames = demo.data.num_frames
@@ -106,7 +110,7 @@ def main() -> None:
         for count in (100, 1000):
             many = synth.generate(work / f"synth{count}", num_clips=count, num_frames=s.num_frames,
                                   resolution=s.resolution, fps=s.fps, seed=7, progress=False)
-            _, rss[count] = build_cache_subprocess(many, vae, work / f"rss{count}", 1)
+            _, rss[count] = build_cache_subprocess(many, vae, work / f"rss{count}", 1, size)
 
     print(f"\nFaceVid cache benchmark: demo config ({demo.data.resolution} px, {frames} frames, VAE factor 4, "
           f"{args.clips} clips), {os.cpu_count()} CPU cores\n")

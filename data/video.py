@@ -282,16 +282,23 @@ def _wrap_text(text: str, font, max_width: int, draw: ImageDraw.ImageDraw) -> li
     return lines + [current] if current else lines or [""]
 
 
+def _enlarge(frames: np.ndarray, factor: int) -> np.ndarray:
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def save_contact_sheet(path: str | os.PathLike, videos: Sequence[np.ndarray],
-                       labels: Sequence[str] | None = None, max_frames: int = 8) -> Path:
+                       labels: Sequence[str] | None = None, max_frames: int = 8, min_side: int = 64) -> Path:
     """PNG grid: one row per video, up to `max_frames` evenly spaced frames as columns.
 
     Videos of different sizes are centered in cells of the largest size. With `labels`, each row gets
-    its (word-wrapped) label above it in a dark band.
+    its (word-wrapped) label above it in a dark band. Videos whose shorter side is under `min_side`
+    are enlarged by a whole factor, nearest-neighbour (each pixel becomes a block: nothing invented).
     """
     videos = [_check_frames(v) for v in videos]
     if not videos:
         raise ValueError("no video to put on the contact sheet")
+    videos = [_enlarge(v, -(-min_side // min(v.shape[1:3]))) if min(v.shape[1:3]) < min_side else v
+              for v in videos]
     if labels is not None and len(labels) != len(videos):
         raise ValueError(f"{len(labels)} labels for {len(videos)} videos")
     cell_h = max(v.shape[1] for v in videos)

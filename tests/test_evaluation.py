@@ -55,23 +55,25 @@ evaluate = _load_cli()
 
 def simulated_vae_round_trip(video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """What a decent VAE does to a dataset clip, without a trained VAE: the clip as stored (H.264
-    mp4, crf 18), then blur (sigma 1 px at 64 px), a colour cast (+-5% gain, +-5 offset per channel)
-    and pixel noise (sigma 3)."""
+    mp4, crf 18), then blur (sigma 1 px at 64 px, in proportion at other sizes), a colour cast (+-5%
+    gain, +-5 offset per channel) and pixel noise (sigma 3)."""
     with tempfile.TemporaryDirectory() as tmp:
         stored = read_frames(write_video(Path(tmp) / "clip.mp4", video, fps=8.0), range(len(video)))
-    out = gaussian_filter(stored.astype(np.float32), sigma=(0, 1.0, 1.0, 0))
+    blur = video.shape[1] / 64
+    out = gaussian_filter(stored.astype(np.float32), sigma=(0, blur, blur, 0))
     out = out * rng.uniform(0.95, 1.05, 3) + rng.uniform(-5, 5, 3) + rng.normal(0, 3.0, out.shape)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def probe_set():
-    """Fresh clips (a seed space no other test or training set uses), 64x64, 8 frames."""
+@pytest.fixture(scope="module", params=[64, 32], ids=["64px", "32px"])
+def probe_set(request):
+    """Fresh clips (a seed space no other test or training set uses), 8 frames, at 64 px and at the
+    32 px the demo trains at."""
     clips, degraded, attributes = [], [], []
     for i in range(PROBE_CLIPS):
         rng = np.random.default_rng([2024, i])
         attrs = synth.sample_attributes(rng)
-        clip = synth.render_clip(attrs, num_frames=8, resolution=64, seed=int(rng.integers(2**63)))
+        clip = synth.render_clip(attrs, num_frames=8, resolution=request.param, seed=int(rng.integers(2**63)))
         clips.append(clip)
         degraded.append(simulated_vae_round_trip(clip, rng))
         attributes.append(attrs)
@@ -93,6 +95,11 @@ def test_probe_reads_every_attribute_of_ground_truth_clips(probe_set):
 def test_probe_survives_a_simulated_vae_round_trip(probe_set):
     _, degraded, attributes = probe_set
     accuracy = probe_accuracy(degraded, attributes)
+    if degraded[0].shape[1] < 64:
+        # At 32 px an eye is ~1 px: after the codec, blur and noise a two-frame blink is a change of the
+        # same size as the noise, and the probe reads a tenth of the blinks as "still" (measured: action
+        # 88%, every miss a blink). The reports' "real via VAE" column shows that ceiling for a 32 px run.
+        assert accuracy.pop("action") >= 0.85, accuracy
     assert all(value >= 0.98 for value in accuracy.values()), accuracy
 
 

@@ -165,13 +165,20 @@ def test_tensor_conversions_round_trip():
 
 def test_contact_sheet_size(tmp_path):
     videos = [smooth_frames(10, 16, 24) for _ in range(3)]
-    plain = save_contact_sheet(tmp_path / "plain.png", videos, max_frames=4)
+    plain = save_contact_sheet(tmp_path / "plain.png", videos, max_frames=4, min_side=0)
     with Image.open(plain) as image:
         assert image.format == "PNG" and image.size == (4 * 24, 3 * 16)
     labels = ["a", "b", "a long label " * 10]
-    labelled = save_contact_sheet(tmp_path / "labelled.png", videos, labels=labels, max_frames=4)
+    labelled = save_contact_sheet(tmp_path / "labelled.png", videos, labels=labels, max_frames=4, min_side=0)
     with Image.open(labelled) as image:
         assert image.width == 4 * 24 and image.height > 3 * 16
-    short = save_contact_sheet(tmp_path / "short.png", [smooth_frames(2, 16, 24)], max_frames=8)
+    short = save_contact_sheet(tmp_path / "short.png", [smooth_frames(2, 16, 24)], max_frames=8, min_side=0)
     with Image.open(short) as image:
         assert image.size == (2 * 24, 16)
+    # Small frames (the 32 px demo) are enlarged by a whole factor, each pixel a block of equal pixels.
+    small = smooth_frames(2, 16, 24)
+    enlarged = save_contact_sheet(tmp_path / "enlarged.png", [small], max_frames=2, min_side=40)
+    with Image.open(enlarged) as image:
+        sheet = np.asarray(image.convert("RGB"))
+    assert sheet.shape == (3 * 16, 2 * 3 * 24, 3)
+    assert np.array_equal(sheet[::3, :72:3], small[0]) and np.array_equal(sheet[2::3, 2:72:3], small[0])
