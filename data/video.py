@@ -13,6 +13,7 @@ training run can skip the clip and report it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -282,7 +283,12 @@ def _wrap_text(text: str, font, max_width: int, draw: ImageDraw.ImageDraw) -> li
     return lines + [current] if current else lines or [""]
 
 
-def _enlarge(frames: np.ndarray, factor: int) -> np.ndarray:
+def _enlarge_small(frames: np.ndarray, min_side: int) -> np.ndarray:
+    """Whole-factor nearest-neighbour enlargement of a video whose shorter side is under `min_side`."""
+    side = min(frames.shape[1:3])
+    if side >= min_side:
+        return frames
+    factor = math.ceil(min_side / side)
     return frames.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
@@ -297,8 +303,7 @@ def save_contact_sheet(path: str | os.PathLike, videos: Sequence[np.ndarray],
     videos = [_check_frames(v) for v in videos]
     if not videos:
         raise ValueError("no video to put on the contact sheet")
-    videos = [_enlarge(v, -(-min_side // min(v.shape[1:3]))) if min(v.shape[1:3]) < min_side else v
-              for v in videos]
+    videos = [_enlarge_small(v, min_side) for v in videos]
     if labels is not None and len(labels) != len(videos):
         raise ValueError(f"{len(labels)} labels for {len(videos)} videos")
     cell_h = max(v.shape[1] for v in videos)
