@@ -40,16 +40,17 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = ["sdpa", "math"] + (["xformers"] if device.type == "cuda" and xformers_available() else [])
 
+    side = args.latent_size
+    unet_kwargs = {**DEMO_UNET, "text_layout_size": side}  # the demo's layout grid is the latent's own size
     torch.manual_seed(0)
-    reference = FaceVidUNet3D(**DEMO_UNET).to(device)
+    reference = FaceVidUNet3D(**unet_kwargs).to(device)
     models = {}
     for backend in backends:
-        model = FaceVidUNet3D(**DEMO_UNET).to(device)
+        model = FaceVidUNet3D(**unet_kwargs).to(device)
         model.load_state_dict(reference.state_dict())
         model.set_attention_backend(backend)
         models[backend] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     generator = torch.Generator().manual_seed(0)
-    side = args.latent_size
     sample = torch.randn(args.batch, 4, 8, side, side, generator=generator).to(device)
     timestep = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
     text = torch.randn(args.batch, 48, 384, generator=generator).to(device)
