@@ -116,6 +116,9 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False  # rescale betas so the last step is pure noise (needs v_prediction)
     offset_noise: float = 0.0  # e.g. 0.05: lets the model change overall brightness
     min_snr_gamma: Optional[float] = 5.0  # min-SNR loss weighting; null = plain MSE
+    # Correlation between the noise of any two frames, in [0, 1): 0 = independent frames; the sampler uses
+    # the same (facevid/diffusion.py: video_noise).
+    frame_noise_correlation: float = 0.0
 
 
 @dataclass
@@ -322,6 +325,9 @@ def validate(cfg: RunConfig) -> None:
         _fail("train.ema_decay", cfg.train.ema_decay, "must be in (0, 1), or null to disable EMA")
     if cfg.diffusion.min_snr_gamma is not None and cfg.diffusion.min_snr_gamma <= 0:
         _fail("diffusion.min_snr_gamma", cfg.diffusion.min_snr_gamma, "must be > 0, or null to disable")
+    if not 0.0 <= cfg.diffusion.frame_noise_correlation < 1.0:
+        _fail("diffusion.frame_noise_correlation", cfg.diffusion.frame_noise_correlation,
+              "must be in [0, 1) (0 = independent noise per frame)")
     if cfg.data.target_fps is not None and cfg.data.target_fps <= 0:
         _fail("data.target_fps", cfg.data.target_fps, "must be > 0, or null to use data.frame_stride")
     if cfg.diffusion.zero_terminal_snr and cfg.diffusion.prediction_type != "v_prediction":

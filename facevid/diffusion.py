@@ -41,6 +41,23 @@ def build_sampler(train_scheduler_config, name: str):
     return SAMPLERS[name].from_config(train_scheduler_config, **extra)
 
 
+def video_noise(shape, generator: torch.Generator, frame_correlation: float = 0.0, device=None,
+                dtype=torch.float32) -> torch.Tensor:
+    """Unit Gaussian noise for latents whose frame axis is dim -3 ((B, C, F, h, w) or (C, F, h, w)).
+
+    frame_correlation rho > 0 mixes in one draw shared by all frames (a "mixed noise" prior, PYoCo, Ge et al.
+    2023): every element stays N(0, 1), and any two frames' noise has correlation rho, so frames start out
+    alike and a model that has not yet learnt temporal consistency does not flicker. Training and sampling
+    must use the same rho. rho = 0 draws exactly what plain torch.randn draws.
+    """
+    noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if frame_correlation > 0:
+        shared_shape = tuple(shape[:-3]) + (1,) + tuple(shape[-2:])
+        shared = torch.randn(shared_shape, generator=generator, device=device, dtype=dtype)
+        noise = (1.0 - frame_correlation) ** 0.5 * noise + frame_correlation ** 0.5 * shared
+    return noise
+
+
 class DiffusionObjective:
     """Turns clean latents into a noisy input + target and weights the per-sample MSE."""
 
@@ -49,7 +66,7 @@ class DiffusionObjective:
         self.cfg = cfg
 
     def noise_like(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = video_noise(latents.shape, generator, self.cfg.frame_noise_correlation, latents.device, latents.dtype)
         if self.cfg.offset_noise:
             # A per-(sample, channel) constant lets the model learn global brightness / colour shifts.
             b, c = latents.shape[:2]

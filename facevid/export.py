@@ -71,10 +71,11 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
-                 num_frames: int = 8, chunk_frames: int = 16):
+                 num_frames: int = 8, chunk_frames: int = 16, frame_noise_correlation: float = 0.0):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames)
+        self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames,
+                                frame_noise_correlation=frame_noise_correlation)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, num_videos: int = 1,
@@ -91,7 +92,8 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
         if image is not None and not prompts:
             prompts = [""] * len(image)  # image-to-video without a prompt: the empty prompt
         sampling = FaceVidPipeline(self.unet, self.vae, _TokenizerEncoder(self.tokenizer, self.text_encoder),
-                                   self.scheduler.config, self.config.chunk_frames, task=self.config.task)
+                                   self.scheduler.config, self.config.chunk_frames, task=self.config.task,
+                                   frame_noise_correlation=self.config.get("frame_noise_correlation", 0.0))
         frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
                           num_frames=num_frames or self.config.num_frames, resolution=resolution,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -116,6 +118,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
     pipe = FaceVidPipeline.from_run(run_dir, use_ema=use_ema)
     cfg = pipe.run_config
     problems = unet3d_incompatibilities(pipe.unet.config)
+    if pipe.frame_noise_correlation:
+        problems.append(f"it was trained with diffusion.frame_noise_correlation={pipe.frame_noise_correlation} "
+                        "(TextToVideoSDPipeline draws independent noise per frame)")
     if format == "unet3d" and problems:
         raise ExportError(f"{run_dir} cannot be exported as UNet3DConditionModel: " + "; ".join(problems)
                           + ". Use --format facevid (or auto).")
@@ -137,7 +142,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
         exported = FaceVidDiffusersPipeline(
             unet=pipe.unet, vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sampler,
             task=cfg.task, resolution=cfg.data.resolution, num_frames=cfg.data.num_frames,
-            chunk_frames=cfg.vae.chunk_frames)
+            chunk_frames=cfg.vae.chunk_frames, frame_noise_correlation=pipe.frame_noise_correlation)
         exported.save_pretrained(out)
         (out / "pipeline.py").write_text(_PIPELINE_SHIM)
         # [file, class]: DiffusionPipeline.from_pretrained finds the pipeline code in the folder's pipeline.py.

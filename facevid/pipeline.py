@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor_to_frames
 from facevid.config import RunConfig, load_config, resolve_pretrained
-from facevid.diffusion import build_sampler
+from facevid.diffusion import build_sampler, video_noise
 from facevid.tasks import check_request, condition_channels, first_frame_condition
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
@@ -42,12 +42,13 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
 
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
-                 task: str | None = None):
+                 task: str | None = None, frame_noise_correlation: float = 0.0):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.chunk_frames = chunk_frames
+        self.frame_noise_correlation = frame_noise_correlation  # must match training (diffusion.frame_noise_correlation)
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
         expected = condition_channels(self.task, unet.config.in_channels)
@@ -74,7 +75,8 @@ class FaceVidPipeline:
         encoder = FrozenTextEncoder(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length,
                                     cfg.text_encoder.subfolder).to(device)
         scheduler_config = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
-        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task)
+        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task,
+                   frame_noise_correlation=cfg.diffusion.frame_noise_correlation)
         pipe.run_config = cfg
         pipe.weights = folder.name
         return pipe
@@ -124,7 +126,8 @@ class FaceVidPipeline:
         device = self.device
         shape = (self.unet.config.in_channels, num_frames, resolution // factor, resolution // factor)
         latents = torch.stack([
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))
+            video_noise(shape, torch.Generator().manual_seed(seed + i), self.frame_noise_correlation)
+            for i in range(len(prompts))
         ]).to(device)
 
         text, mask = self.text_encoder(prompts)

@@ -246,7 +246,8 @@ class TextToVideoStage:
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
-                               self.cfg.vae.chunk_frames, task=self.cfg.task)
+                               self.cfg.vae.chunk_frames, task=self.cfg.task,
+                               frame_noise_correlation=self.cfg.diffusion.frame_noise_correlation)
 
     def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
         """(prompts, first frames, labels) for the task."""

@@ -59,7 +59,8 @@ def test_impossible_values(manifest, tmp_path):
     for override, key in [("train.batch_size=0", "train.batch_size"), ("data.caption_dropout=1.5", "caption_dropout"),
                           ("train.ema_decay=1.0", "ema_decay"), ("unet.attention_levels=[true]", "attention_levels"),
                           ("diffusion.zero_terminal_snr=true", "zero_terminal_snr"),
-                          ("unet.text_layout_size=0", "unet.text_layout_size")]:
+                          ("unet.text_layout_size=0", "unet.text_layout_size"),
+                          ("diffusion.frame_noise_correlation=1.0", "frame_noise_correlation")]:
         extra = ["diffusion.prediction_type=epsilon"] if "zero_terminal" in override else []
         with pytest.raises(ConfigError, match=key):
             load_config(None, base(manifest, tmp_path, override, *extra))

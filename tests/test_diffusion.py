@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from facevid.config import DiffusionConfig
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler, build_sampler
+from facevid.diffusion import DiffusionObjective, build_noise_scheduler, build_sampler, video_noise
 
 
 def _objective(**kw):
@@ -59,3 +59,28 @@ def test_zero_terminal_snr_and_samplers():
         assert sampler.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="ddim, dpm"):
         build_sampler(scheduler.config, "euler")
+
+
+def test_video_noise_frame_correlation():
+    # rho = 0 is plain torch.randn (so runs without the option are unchanged, draw for draw).
+    plain = torch.randn((2, 4, 8, 6, 6), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(video_noise((2, 4, 8, 6, 6), torch.Generator().manual_seed(3)), plain)
+
+    for rho in (0.5, 0.8):
+        noise = video_noise((64, 4, 8, 16, 16), torch.Generator().manual_seed(0), frame_correlation=rho)
+        assert abs(noise.std().item() - 1.0) < 0.01  # still unit variance element-wise
+        frames = noise.transpose(0, 2).reshape(8, -1)  # frame axis first
+        corr = torch.corrcoef(frames)
+        off_diagonal = corr[~torch.eye(8, dtype=torch.bool)]
+        assert (off_diagonal - rho).abs().max() < 0.02, (rho, off_diagonal)
+    # Unbatched (C, F, h, w), as the sampler draws one video at a time.
+    single = video_noise((4, 8, 6, 6), torch.Generator().manual_seed(1), frame_correlation=0.9)
+    assert single.shape == (4, 8, 6, 6)
+
+
+def test_objective_trains_with_correlated_noise():
+    cfg = DiffusionConfig(frame_noise_correlation=0.8)
+    objective = DiffusionObjective(build_noise_scheduler(cfg), cfg)
+    latents = torch.randn(2, 4, 8, 4, 4)
+    expected = video_noise(latents.shape, torch.Generator().manual_seed(5), 0.8)
+    assert torch.equal(objective.noise_like(latents, torch.Generator().manual_seed(5)), expected)

@@ -78,3 +78,28 @@ def test_export_refuses_unet3d_format_for_an_i2v_run(i2v_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot be exported as UNet3DConditionModel" in err and "condition_channels=5" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_keeps_frame_noise_correlation(tmp_path_factory, tmp_path, capsys):
+    """A run trained with frame-correlated noise samples with it, and so does its export; the standard
+    TextToVideoSDPipeline format (independent noise per frame) is refused for it, with the reason."""
+    run = task_runs.trained_run(tmp_path_factory, "t2v_correlated", "diffusion.frame_noise_correlation=0.5")
+    ours = FaceVidPipeline.from_run(run)
+    assert ours.frame_noise_correlation == 0.5
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "x"), "--format", "unet3d"]) == 2
+    assert "frame_noise_correlation=0.5" in capsys.readouterr().err
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 0  # auto -> FaceVid format
+
+    loader = (f"import numpy as np\nfrom diffusers import DiffusionPipeline\n"
+              f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True)\n"
+              f"assert pipe.config.frame_noise_correlation == 0.5\n"
+              f"np.save('frames.npy', pipe('a person talking', num_frames=4, resolution=16, "
+              f"num_inference_steps={STEPS}, guidance_scale={GUIDANCE}, seed={SEED}).frames)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = ours(["a person talking"], num_frames=4, resolution=16, num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE, seed=SEED)
+    # One grey level for the thread count (see the test above); the same correlated noise or it would be far off.
+    assert np.abs(np.load(tmp_path / "frames.npy").astype(int) - expected.astype(int)).max() <= 1
