@@ -77,6 +77,17 @@ def attribute_table(alignment: dict) -> str:
     return _markdown(header, rows)
 
 
+def motion_table(alignment: dict) -> str:
+    """Mean |frame t+1 - frame t| of the generated videos next to the real references, per prompted action."""
+    blocks = [("Generated", alignment)] + [(label, alignment[k]) for k, label in
+                                          (("reference_real", "real clips"), ("reference_vae", "real via VAE"))
+                                          if k in alignment]
+    actions = list(alignment["frame_change"]["by_action"])
+    rows = [[a] + [f"{b['frame_change']['by_action'][a]:.2f}" for _, b in blocks] for a in actions]
+    rows.append(["all"] + [f"{b['frame_change']['mean']:.2f}" for _, b in blocks])
+    return _markdown(["Prompted action"] + [label for label, _ in blocks], rows)
+
+
 def notes(result: dict) -> list[str]:
     """What each number was computed on."""
     m, g = result["metrics"], result["generation"]
@@ -106,7 +117,10 @@ def notes(result: dict) -> list[str]:
 def markdown_report(result: dict) -> str:
     parts = [f"# Evaluation: {result['model']} on {result['eval_set']}", "", results_table([result]), ""]
     if "alignment" in result["metrics"]:
-        parts += ["## Attribute alignment", "", attribute_table(result["metrics"]["alignment"]), ""]
+        alignment = result["metrics"]["alignment"]
+        parts += ["## Attribute alignment", "", attribute_table(alignment), ""]
+        if alignment.get("frame_change", {}).get("mean") is not None:
+            parts += ["## Frame-to-frame change (grey levels) by prompted action", "", motion_table(alignment), ""]
     parts += [f"- {line}" for line in notes(result)]
     return "\n".join(parts) + "\n"
 

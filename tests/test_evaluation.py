@@ -103,6 +103,18 @@ def test_probe_survives_a_simulated_vae_round_trip(probe_set):
     assert all(value >= 0.98 for value in accuracy.values()), accuracy
 
 
+def test_frame_change_by_prompted_action(probe_set):
+    clips, _, attributes = probe_set
+    actions = [a["action"] for a in attributes]
+    change = M.frame_change(np.stack(clips), actions)
+    by_action = change["by_action"]
+    assert set(by_action) == set(actions)
+    assert by_action["still"] == 0.0  # a still clip's frames are identical
+    assert by_action["nodding"] > 1.0 and by_action["nodding"] > by_action["talking"] > 0.0
+    per_video = [np.abs(np.diff(c.astype(np.float32), axis=0)).mean() for c in clips]
+    assert change["mean"] == pytest.approx(np.mean(per_video), rel=1e-5)
+
+
 def test_probe_reads_other_resolutions_and_survives_any_input():
     rng = np.random.default_rng([2025, 0])
     attrs = synth.sample_attributes(rng)
@@ -440,6 +452,7 @@ def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):
     markdown = (out / "metrics.md").read_text()
     assert "| Model | Training set | Eval set |" in markdown and "FaceVid-Synth held-out (4)" in markdown
     assert "## Attribute alignment" in markdown and "real via VAE" in markdown
+    assert "## Frame-to-frame change" in markdown and alignment["frame_change"]["mean"] >= 0.0
     assert (out / "samples.png").is_file() and (tiny_run / "plots" / "training_curves.png").is_file()
     assert "metrics_json" in capsys.readouterr().out
 
