@@ -47,8 +47,8 @@ def video_noise(shape, generator: torch.Generator, frame_correlation: float = 0.
 
     frame_correlation rho > 0 mixes in one draw shared by all frames (a "mixed noise" prior, PYoCo, Ge et al.
     2023): every element stays N(0, 1), and any two frames' noise has correlation rho, so frames start out
-    alike and a model that has not yet learnt temporal consistency does not flicker. Training and sampling
-    must use the same rho. rho = 0 draws exactly what plain torch.randn draws.
+    alike (meant for models that have not learnt temporal consistency yet; README, Evaluation, for what it did
+    to the demo). Training and sampling must use the same rho. rho = 0 draws exactly what torch.randn draws.
     """
     noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     if frame_correlation > 0:
