@@ -95,6 +95,10 @@ class UNetConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, True])
+    # Extra temporal capacity (see FaceVidUNet3D): a 4-stage temporal Conv3d after every ResnetBlock, and a
+    # feed-forward after every temporal attention; both start as the identity.
+    temporal_conv: bool = False
+    temporal_feed_forward: bool = False
     attention_head_dim: int = 32
     norm_num_groups: int = 32
     pooled_text_conditioning: bool = True  # mean text state added to the timestep embedding (see FaceVidUNet3D)

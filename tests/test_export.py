@@ -82,10 +82,13 @@ def test_export_refuses_unet3d_format_for_an_i2v_run(i2v_run, tmp_path, capsys):
 
 def test_export_keeps_frame_noise_correlation(tmp_path_factory, tmp_path, capsys):
     """A run trained with frame-correlated noise samples with it, and so does its export; the standard
-    TextToVideoSDPipeline format (independent noise per frame) is refused for it, with the reason."""
-    run = task_runs.trained_run(tmp_path_factory, "t2v_correlated", "diffusion.frame_noise_correlation=0.5")
+    TextToVideoSDPipeline format (independent noise per frame) is refused for it, with the reason. The run
+    also switches on the UNet's optional temporal layers from the config, which the export must carry."""
+    run = task_runs.trained_run(tmp_path_factory, "t2v_correlated", "diffusion.frame_noise_correlation=0.5",
+                                "unet.temporal_conv=true", "unet.temporal_feed_forward=true")
     ours = FaceVidPipeline.from_run(run)
     assert ours.frame_noise_correlation == 0.5
+    assert ours.unet.config.temporal_conv and ours.unet.config.temporal_feed_forward
     assert export.main(["--run", str(run), "--out", str(tmp_path / "x"), "--format", "unet3d"]) == 2
     assert "frame_noise_correlation=0.5" in capsys.readouterr().err
     assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 0  # auto -> FaceVid format
