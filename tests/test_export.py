@@ -34,6 +34,16 @@ print(type(t2v).__name__, type(t2v.unet).__name__, type(i2v).__name__, type(i2v.
 """.format(g=GUIDANCE, s=STEPS, seed=SEED)
 
 
+def run_fresh_interpreter(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run `code` in a new Python process in tmp_path (argv[1] = tmp_path), offline, one thread, with its own
+    diffusers modules cache; fails the test with the child's stderr when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
     """A t2v run started from a (tiny) ModelScope-format UNet3DConditionModel."""
@@ -56,10 +66,7 @@ def test_export_loads_in_a_fresh_process_and_matches_sample_py(pretrained_run, i
     image = load_first_frame(clip, 16, frame=4)
     torch.save(image, tmp_path / "image.pt")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_fresh_interpreter(LOADER, tmp_path)
     assert "TextToVideoSDPipeline UNet3DConditionModel FaceVidDiffusersPipeline FaceVidUNet3D" in result.stdout
 
     kwargs = dict(num_frames=4, resolution=16, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED)
@@ -98,10 +105,7 @@ def test_export_keeps_frame_noise_correlation(tmp_path_factory, tmp_path, capsys
               f"assert pipe.config.frame_noise_correlation == 0.5\n"
               f"np.save('frames.npy', pipe('a person talking', num_frames=4, resolution=16, "
               f"num_inference_steps={STEPS}, guidance_scale={GUIDANCE}, seed={SEED}).frames)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True, cwd=tmp_path, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh_interpreter(loader, tmp_path)
     expected = ours(["a person talking"], num_frames=4, resolution=16, num_inference_steps=STEPS,
                     guidance_scale=GUIDANCE, seed=SEED)
     # One grey level for the thread count (see the test above); the same correlated noise or it would be far off.
