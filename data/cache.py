@@ -100,7 +100,8 @@ def check_fingerprint(cache_dir: Path, expected: CacheFingerprint, rebuild_hint:
 def write_fingerprint(cache_dir: Path, fingerprint: CacheFingerprint) -> None:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / "fingerprint.json.tmp"
+    # A per-process temporary name: two runs sharing one cache may both write the (same) fingerprint.
+    tmp = cache_dir / f"fingerprint.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(asdict(fingerprint), indent=2))
     os.replace(tmp, cache_dir / "fingerprint.json")
 
