@@ -123,6 +123,9 @@ class DiffusionConfig:
     # Correlation between the noise of any two frames, in [0, 1): 0 = independent frames; the sampler uses
     # the same (facevid/diffusion.py: video_noise).
     frame_noise_correlation: float = 0.0
+    # The model denoises clips whose frames' deviation from the clip's mean frame is multiplied by this
+    # (facevid/diffusion.py: scale_motion); samples are scaled back before decoding. 1 = plain latents.
+    motion_scale: float = 1.0
 
 
 @dataclass
@@ -317,7 +320,8 @@ def validate(cfg: RunConfig) -> None:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
-                "train.replica_check_every", "eval.every", "vae.layers_per_block"]:
+                "train.replica_check_every", "eval.every", "vae.layers_per_block",
+                "vae.kl_weight"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
     for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
@@ -332,6 +336,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.diffusion.frame_noise_correlation < 1.0:
         _fail("diffusion.frame_noise_correlation", cfg.diffusion.frame_noise_correlation,
               "must be in [0, 1) (0 = independent noise per frame)")
+    if not cfg.diffusion.motion_scale > 0:
+        _fail("diffusion.motion_scale", cfg.diffusion.motion_scale, "must be > 0 (1 = plain latents)")
+    if cfg.diffusion.motion_scale != 1.0 and cfg.task == "i2v":
+        _fail("diffusion.motion_scale", cfg.diffusion.motion_scale, "must be 1 for task i2v: its sampler writes "
+              "the given first frame into the latents, which motion scaling would change")
     if cfg.data.target_fps is not None and cfg.data.target_fps <= 0:
         _fail("data.target_fps", cfg.data.target_fps, "must be > 0, or null to use data.frame_stride")
     if cfg.diffusion.zero_terminal_snr and cfg.diffusion.prediction_type != "v_prediction":

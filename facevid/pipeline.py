@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor_to_frames
 from facevid.config import RunConfig, load_config, resolve_pretrained
-from facevid.diffusion import build_sampler, video_noise
+from facevid.diffusion import build_sampler, scale_motion, video_noise
 from facevid.tasks import check_request, condition_channels, first_frame_condition
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
@@ -42,15 +42,20 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
 
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
-                 task: str | None = None, frame_noise_correlation: float = 0.0):
+                 task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.chunk_frames = chunk_frames
-        self.frame_noise_correlation = frame_noise_correlation  # must match training (diffusion.frame_noise_correlation)
+        # Both must match training (diffusion.frame_noise_correlation / motion_scale).
+        self.frame_noise_correlation = frame_noise_correlation
+        self.motion_scale = motion_scale
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
+        if self.task == "i2v" and motion_scale != 1.0:
+            raise ValueError(f"motion_scale={motion_scale}: image-to-video sampling needs 1 (it writes the given "
+                             "first frame into the latents, which motion scaling would change)")
         expected = condition_channels(self.task, unet.config.in_channels)
         if unet.config.condition_channels != expected:
             raise ValueError(f"task {self.task} needs a UNet with condition_channels={expected}, this one has "
@@ -76,7 +81,8 @@ class FaceVidPipeline:
                                     cfg.text_encoder.subfolder).to(device)
         scheduler_config = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
         pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task,
-                   frame_noise_correlation=cfg.diffusion.frame_noise_correlation)
+                   frame_noise_correlation=cfg.diffusion.frame_noise_correlation,
+                   motion_scale=cfg.diffusion.motion_scale)
         pipe.run_config = cfg
         pipe.weights = folder.name
         return pipe
@@ -164,6 +170,7 @@ class FaceVidPipeline:
             latents = sampler.step(prediction, t, latents).prev_sample
         if first is not None:
             latents[:, :, :1] = first
+        latents = scale_motion(latents, 1.0 / self.motion_scale)
         video = decode_latents(self.vae, latents, self.chunk_frames)
         return np.stack([tensor_to_frames(v) for v in video.cpu()])
 

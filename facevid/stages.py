@@ -18,7 +18,7 @@ from torch import nn
 
 from data.video import tensor_to_frames
 from facevid.config import ConfigError, RunConfig, resolve_pretrained
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler
+from facevid.diffusion import DiffusionObjective, build_noise_scheduler, scale_motion
 from facevid.pipeline import FaceVidPipeline, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
 from models.pretrained import load_pretrained_unet
@@ -232,6 +232,7 @@ class TextToVideoStage:
         mean, std, text, mask = self.encode_batch(batch)
         scale = self.vae.config.scaling_factor
         latents = sample_latents(mean, std, scale, generator) if cfg.vae.sample_posterior else mean * scale
+        latents = scale_motion(latents, cfg.diffusion.motion_scale)
         if cfg.task == "uncond":  # always the empty prompt, also when the cache holds the captions
             text, mask = self.null_text.expand_as(text), self.null_mask.expand_as(mask)
         else:
@@ -248,7 +249,8 @@ class TextToVideoStage:
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
                                self.cfg.vae.chunk_frames, task=self.cfg.task,
-                               frame_noise_correlation=self.cfg.diffusion.frame_noise_correlation)
+                               frame_noise_correlation=self.cfg.diffusion.frame_noise_correlation,
+                               motion_scale=self.cfg.diffusion.motion_scale)
 
     def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
         """(prompts, first frames, labels) for the task."""

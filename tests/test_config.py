@@ -60,7 +60,9 @@ def test_impossible_values(manifest, tmp_path):
                           ("train.ema_decay=1.0", "ema_decay"), ("unet.attention_levels=[true]", "attention_levels"),
                           ("diffusion.zero_terminal_snr=true", "zero_terminal_snr"),
                           ("unet.text_layout_size=0", "unet.text_layout_size"),
-                          ("diffusion.frame_noise_correlation=1.0", "frame_noise_correlation")]:
+                          ("diffusion.frame_noise_correlation=1.0", "frame_noise_correlation"),
+                          ("diffusion.motion_scale=0", "diffusion.motion_scale"),
+                          ("vae.kl_weight=-1e-6", "vae.kl_weight")]:
         extra = ["diffusion.prediction_type=epsilon"] if "zero_terminal" in override else []
         with pytest.raises(ConfigError, match=key):
             load_config(None, base(manifest, tmp_path, override, *extra))

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from facevid.config import DiffusionConfig
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler, build_sampler, video_noise
+from facevid.diffusion import (
+    DiffusionObjective,
+    build_noise_scheduler,
+    build_sampler,
+    scale_motion,
+    video_noise,
+)
 
 
 def _objective(**kw):
@@ -84,3 +90,17 @@ def test_objective_trains_with_correlated_noise():
     latents = torch.randn(2, 4, 8, 4, 4)
     expected = video_noise(latents.shape, torch.Generator().manual_seed(5), 0.8)
     assert torch.equal(objective.noise_like(latents, torch.Generator().manual_seed(5)), expected)
+
+
+def test_scale_motion_keeps_the_mean_frame_and_inverts():
+    latents = torch.randn((2, 4, 8, 3, 3), generator=torch.Generator().manual_seed(0))
+    assert scale_motion(latents, 1.0) is latents
+    scaled = scale_motion(latents, 4.0)
+    mean = latents.mean(dim=2, keepdim=True)
+    torch.testing.assert_close(scaled.mean(dim=2, keepdim=True), mean)  # appearance untouched
+    torch.testing.assert_close(scaled - mean, 4.0 * (latents - mean))  # every frame's motion x4
+    torch.testing.assert_close(scale_motion(scaled, 0.25), latents)  # what the sampler undoes
+    still = latents[:, :, :1].expand(-1, -1, 8, -1, -1)
+    torch.testing.assert_close(scale_motion(still, 4.0), still)  # a still clip has no motion to scale
+    single = latents[0]  # unbatched (C, F, h, w): the frame axis is still dim -3
+    torch.testing.assert_close(scale_motion(single, 4.0), scaled[0])
