@@ -61,11 +61,12 @@ def video_noise(shape, generator: torch.Generator, frame_correlation: float = 0.
 def scale_motion(latents: torch.Tensor, scale: float) -> torch.Tensor:
     """Multiply each frame's deviation from the clip's mean frame by `scale` (frame axis dim -3).
 
-    Talking-head motion is tiny next to appearance (FaceVid-Synth, demo VAE: a talking mouth moves the latents
-    by ~0.025 std, blinking ~0.006: bench/latent_motion.py), so in plain latents it drowns in the noise, and every error a model makes
-    differently per frame shows as flicker. Training on scale_motion(z, s) and decoding scale_motion(sample,
-    1 / s) raises the motion's signal-to-noise ratio by s^2 and divides per-frame errors by s, while the mean
-    frame (appearance) sees exactly the plain schedule. scale = 1 returns the latents unchanged.
+    Talking-head motion is tiny next to appearance (FaceVid-Synth, demo VAE, bench/latent_motion.py: a talking
+    mouth moves the latents by ~0.025 std, blinking ~0.006), so in plain latents it drowns in the noise, and
+    every error a model makes differently per frame shows as flicker. Training on scale_motion(z, s) and
+    decoding scale_motion(sample, 1 / s) raises the motion's signal-to-noise ratio by s^2 and divides per-frame
+    errors by s, while the mean frame (appearance) sees exactly the plain schedule. scale = 1 returns the
+    latents unchanged.
     """
     if scale == 1.0:
         return latents
