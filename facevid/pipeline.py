@@ -40,6 +40,12 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
     return frames_to_tensor(frames)[:, 0]
 
 
+def sampling_options(cfg: RunConfig) -> dict:
+    """The training choices that sampling must repeat, as FaceVidPipeline keyword arguments."""
+    return {"frame_noise_correlation": cfg.diffusion.frame_noise_correlation,
+            "motion_scale": cfg.diffusion.motion_scale}
+
+
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
                  task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0):
@@ -81,8 +87,7 @@ class FaceVidPipeline:
                                     cfg.text_encoder.subfolder).to(device)
         scheduler_config = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
         pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task,
-                   frame_noise_correlation=cfg.diffusion.frame_noise_correlation,
-                   motion_scale=cfg.diffusion.motion_scale)
+                   **sampling_options(cfg))
         pipe.run_config = cfg
         pipe.weights = folder.name
         return pipe

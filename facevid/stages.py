@@ -19,7 +19,7 @@ from torch import nn
 from data.video import tensor_to_frames
 from facevid.config import ConfigError, RunConfig, resolve_pretrained
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler, scale_motion
-from facevid.pipeline import FaceVidPipeline, write_samples
+from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
 from models.pretrained import load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
@@ -248,9 +248,7 @@ class TextToVideoStage:
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
-                               self.cfg.vae.chunk_frames, task=self.cfg.task,
-                               frame_noise_correlation=self.cfg.diffusion.frame_noise_correlation,
-                               motion_scale=self.cfg.diffusion.motion_scale)
+                               self.cfg.vae.chunk_frames, task=self.cfg.task, **sampling_options(self.cfg))
 
     def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
         """(prompts, first frames, labels) for the task."""
