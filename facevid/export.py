@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from facevid.diffusion import build_sampler
-from facevid.pipeline import FaceVidPipeline, load_first_frame
+from facevid.pipeline import FaceVidPipeline, load_first_frame, sampling_options
 from models.pretrained import to_unet3d, unet3d_incompatibilities
 from models.text_encoder import FrozenTextEncoder
 from models.vae import downscale_factor
@@ -147,8 +147,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
         exported = FaceVidDiffusersPipeline(
             unet=pipe.unet, vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sampler,
             task=cfg.task, resolution=cfg.data.resolution, num_frames=cfg.data.num_frames,
-            chunk_frames=cfg.vae.chunk_frames, frame_noise_correlation=pipe.frame_noise_correlation,
-            motion_scale=pipe.motion_scale)
+            chunk_frames=cfg.vae.chunk_frames, **sampling_options(cfg))
         exported.save_pretrained(out)
         (out / "pipeline.py").write_text(_PIPELINE_SHIM)
         # [file, class]: DiffusionPipeline.from_pretrained finds the pipeline code in the folder's pipeline.py.
