@@ -56,6 +56,15 @@ EMOTION_SHAPES = {
     "sad": {"bend": -0.22, "half_width": 0.4, "opening": 0.0, "brow_inner": 0.18, "brow_outer": -0.06},
     "surprised": {"bend": 0.0, "half_width": 0.22, "opening": 0.34, "brow_inner": 0.2, "brow_outer": 0.2},
 }
+# Mouth row and lip thickness (ry units below the face centre), how far a talking mouth opens (the
+# part of the way to fully open that an emotion's mouth leaves), and how far the chin follows it.
+# evaluation/probe.py redraws the mouth from these.
+MOUTH_Y, LIP_THICKNESS, TALK_OPENING, JAW_DROP = 0.45, 0.09, 0.32, 0.04
+
+
+def mouth_opening(shape: dict, talk):
+    """Lip opening (ry units) of an emotion's mouth at talk amount 0..1: an open mouth opens less."""
+    return shape["opening"] + TALK_OPENING * (1.0 - shape["opening"]) * talk
 
 SHIRT_RGB = [(60, 60, 66), (40, 48, 90), (120, 30, 40), (200, 190, 170), (70, 95, 70), (150, 150, 150)]
 MOUTH_RGB = (95, 28, 34)
@@ -297,10 +306,10 @@ def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, se
     neck = _rounded_box(x, y, body_x, cy + 1.05 * ry, 0.42 * rx0, 0.6 * ry, 0.1 * rx0)
     canvas = _paint(canvas, neck, skin * 0.85)
     canvas = _paint(canvas, _ellipse(x, y, hair_x, cy - 0.1 * ry, 1.12 * rx0, 1.06 * ry), hair)
-    jaw_drop = 0.04 * ry * pose["mouth"]  # the chin follows the mouth when talking
+    jaw_drop = JAW_DROP * ry * pose["mouth"]  # the chin follows the mouth when talking
     canvas = _paint(canvas, _ellipse(x, y, cx, cy + jaw_drop, rx, ry + jaw_drop), skin)
 
-    mouth_y = features_y + (0.45 + 0.4 * shape["bend"]) * ry
+    mouth_y = features_y + (MOUTH_Y + 0.4 * shape["bend"]) * ry
     mouth_x = features_x + 0.1 * rx0 * yaw
     if attributes["beard"] == "beard":
         below_nose = _coverage(mouth_y - 0.14 * ry - y)
@@ -330,11 +339,10 @@ def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, se
                         brow_y - shape["brow_outer"] * ry, 0.09 * ry)
         canvas = _paint(canvas, brow, hair * 0.75)
 
-    talk_opening = 0.32 * (1.0 - shape["opening"]) * pose["mouth"]  # an already open mouth opens less
     nose = _ellipse(x, y, features_x + 0.12 * rx0 * yaw, features_y + 0.15 * ry, 0.08 * rx0, 0.15 * ry)
     canvas = _paint(canvas, nose, skin * 0.8)
     lips = _mouth(x, y, mouth_x, mouth_y, shape["half_width"] * rx * (1 - 0.2 * turned),
-                  shape["bend"] * ry, 0.09 * ry, (shape["opening"] + talk_opening) * ry)
+                  shape["bend"] * ry, LIP_THICKNESS * ry, mouth_opening(shape, pose["mouth"]) * ry)
     canvas = _paint(canvas, lips, MOUTH_RGB)
 
     if attributes["glasses"] == "glasses":

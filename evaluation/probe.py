@@ -350,7 +350,7 @@ def _render_face(x, y, fx, fy, skin, hair, glasses=False, beard=False, emotion="
     lower = float(y.max()) > fy + 0.2 * ry
     canvas = np.broadcast_to(np.float32(hair), x.shape + (3,))
     canvas = _paint(canvas, _ellipse(x, y, fx, fy, rx0, ry), skin)
-    mouth_y = fy + (0.45 + 0.4 * shape["bend"]) * ry
+    mouth_y = fy + (synth.MOUTH_Y + 0.4 * shape["bend"]) * ry
     if beard and lower:
         lower_face = _ellipse(x, y, fx, fy + 0.04 * ry, 1.04 * rx0, 1.04 * ry) * _coverage(mouth_y - 0.14 * ry - y)
         lips_area = _ellipse(x, y, fx, mouth_y + shape["opening"] * 0.4 * ry, (shape["half_width"] + 0.12) * rx0,
@@ -371,8 +371,8 @@ def _render_face(x, y, fx, fy, skin, hair, glasses=False, beard=False, emotion="
         canvas = _paint(canvas, brow, hair * 0.75)
     canvas = _paint(canvas, _ellipse(x, y, fx, fy + 0.15 * ry, 0.08 * rx0, 0.15 * ry), skin * 0.8)
     if lower:
-        opening = shape["opening"] + 0.32 * (1.0 - shape["opening"]) * talk
-        lips = _mouth(x, y, fx, mouth_y, shape["half_width"] * rx0, shape["bend"] * ry, 0.09 * ry, opening * ry)
+        lips = _mouth(x, y, fx, mouth_y, shape["half_width"] * rx0, shape["bend"] * ry, synth.LIP_THICKNESS * ry,
+                      synth.mouth_opening(shape, talk) * ry)
         canvas = _paint(canvas, lips, synth.MOUTH_RGB)
     if glasses and upper:
         rim = max(0.09 * rx0, 1.0)
