@@ -74,7 +74,8 @@ def alignment(videos, targets: list[dict[str, str]], groups: list[str | None] | 
         raise ValueError(f"{len(targets)} attribute sets for {len(videos)} videos")
     predictions = [probe_attributes(v) for v in videos]
     result = {**_alignment_summary(predictions, targets), "frames_per_video": int(videos.shape[1]),
-              "frame_change": frame_change(videos, [t["action"] for t in targets])}
+              "frame_change": frame_change(videos, [t["action"] for t in targets]),
+              "action_confusion": action_confusion([t["action"] for t in targets], [p["action"] for p in predictions])}
     if groups is not None and any(g is not None for g in groups):
         result["groups"] = {
             g: _alignment_summary([p for p, gg in zip(predictions, groups) if gg == g],
@@ -95,6 +96,14 @@ def frame_change(videos, actions: list[str]) -> dict:
     by_action = {a: float(per_video[[x == a for x in actions]].mean()) for a in synth.ATTRIBUTES["action"]
                  if a in actions}
     return {"mean": float(per_video.mean()), "by_action": by_action}
+
+
+def action_confusion(prompted: list[str], read: list[str]) -> dict[str, dict[str, int]]:
+    """{prompted action: {action the probe read: count}}: whether "talking" samples move their mouth and
+    "still" ones hold still shows here, where the accuracy alone mixes it with the other actions."""
+    actions = synth.ATTRIBUTES["action"]
+    return {a: {b: sum(p == a and r == b for p, r in zip(prompted, read)) for b in actions}
+            for a in actions if a in prompted}
 
 
 def _alignment_summary(predictions: list[dict], targets: list[dict]) -> dict:

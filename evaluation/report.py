@@ -88,6 +88,14 @@ def motion_table(alignment: dict) -> str:
     return _markdown(["Prompted action"] + [label for label, _ in blocks], rows)
 
 
+def confusion_table(alignment: dict) -> str:
+    """Prompted action (rows) against the action the probe read from the generated video (columns)."""
+    confusion = alignment["action_confusion"]
+    actions = list(synth.ATTRIBUTES["action"])
+    rows = [[a] + [str(counts[b]) for b in actions] for a, counts in confusion.items()]
+    return _markdown(["Prompted \\ read"] + actions, rows)
+
+
 def notes(result: dict) -> list[str]:
     """What each number was computed on."""
     m, g = result["metrics"], result["generation"]
@@ -121,6 +129,9 @@ def markdown_report(result: dict) -> str:
         parts += ["## Attribute alignment", "", attribute_table(alignment), ""]
         if alignment.get("frame_change", {}).get("mean") is not None:
             parts += ["## Frame-to-frame change (grey levels) by prompted action", "", motion_table(alignment), ""]
+        if alignment.get("action_confusion"):
+            parts += ["## Action: prompted (rows) and read by the probe (columns), generated videos", "",
+                      confusion_table(alignment), ""]
     parts += [f"- {line}" for line in notes(result)]
     return "\n".join(parts) + "\n"
 

@@ -29,7 +29,7 @@ from evaluation.frechet import GaussianStats, frechet_distance, frechet_distance
 from evaluation.plots import comparison_sheet, plot_training_curves, read_curves
 from evaluation.probe import probe_attributes, probe_clip
 from evaluation.prompts import HELDOUT_TAG, heldout_prompts, parse_caption, prompts_from_file
-from evaluation.report import results_table
+from evaluation.report import confusion_table, results_table
 from evaluation.runner import EvalConfig, evaluate_run, flat_metrics, load_extractors
 from facevid.pipeline import FaceVidPipeline
 from facevid.stages import STAGES, TextToVideoStage
@@ -113,6 +113,18 @@ def test_frame_change_by_prompted_action(probe_set):
     assert by_action["nodding"] > 1.0 and by_action["nodding"] > by_action["talking"] > 0.0
     per_video = [np.abs(np.diff(c.astype(np.float32), axis=0)).mean() for c in clips]
     assert change["mean"] == pytest.approx(np.mean(per_video), rel=1e-5)
+
+
+def test_action_confusion_counts_prompted_against_read():
+    prompted = ["talking", "talking", "still", "nodding", "talking"]
+    read = ["talking", "still", "still", "blinking", "talking"]
+    confusion = M.action_confusion(prompted, read)
+    assert list(confusion) == ["talking", "nodding", "still"]  # prompted actions only, in ATTRIBUTES order
+    assert confusion["talking"] == {**dict.fromkeys(synth.ATTRIBUTES["action"], 0), "talking": 2, "still": 1}
+    assert confusion["nodding"]["blinking"] == 1 and confusion["still"]["still"] == 1
+    table = confusion_table({"action_confusion": confusion}).splitlines()
+    assert table[0] == "| Prompted \\ read | talking | blinking | nodding | turning left | turning right | still |"
+    assert table[2] == "| talking | 2 | 0 | 0 | 0 | 0 | 1 |" and len(table) == 5
 
 
 def test_probe_reads_other_resolutions_and_survives_any_input():
@@ -453,6 +465,8 @@ def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):
     assert "| Model | Training set | Eval set |" in markdown and "FaceVid-Synth held-out (4)" in markdown
     assert "## Attribute alignment" in markdown and "real via VAE" in markdown
     assert "## Frame-to-frame change" in markdown and alignment["frame_change"]["mean"] >= 0.0
+    confusion = alignment["action_confusion"]  # every prompt counted once, by what the probe read
+    assert sum(sum(row.values()) for row in confusion.values()) == 4 and "| Prompted \\ read |" in markdown
     assert (out / "samples.png").is_file() and (tiny_run / "plots" / "training_curves.png").is_file()
     assert "metrics_json" in capsys.readouterr().out
 
