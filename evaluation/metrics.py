@@ -73,9 +73,10 @@ def alignment(videos, targets: list[dict[str, str]], groups: list[str | None] | 
     if len(targets) != len(videos):
         raise ValueError(f"{len(targets)} attribute sets for {len(videos)} videos")
     predictions = [probe_attributes(v) for v in videos]
+    prompted_actions = [t["action"] for t in targets]
     result = {**_alignment_summary(predictions, targets), "frames_per_video": int(videos.shape[1]),
-              "frame_change": frame_change(videos, [t["action"] for t in targets]),
-              "action_confusion": action_confusion([t["action"] for t in targets], [p["action"] for p in predictions])}
+              "frame_change": frame_change(videos, prompted_actions),
+              "action_confusion": action_confusion(prompted_actions, [p["action"] for p in predictions])}
     if groups is not None and any(g is not None for g in groups):
         result["groups"] = {
             g: _alignment_summary([p for p, gg in zip(predictions, groups) if gg == g],
