@@ -80,7 +80,15 @@ class VAEStage:
             frames = frames[..., top : top + crop, left : left + crop]
         reconstruction, kl = model(frames, generator)
         mse = F.mse_loss(reconstruction.float(), frames.float())
-        return mse + self.cfg.vae.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+        loss = mse + self.cfg.vae.kl_weight * kl
+        logs = {"mse": mse.item(), "kl": kl.item()}
+        if self.cfg.vae.edge_loss_weight > 0:
+            # The difference of neighbouring pixels' errors = the error in the image's gradient.
+            error = reconstruction.float() - frames.float()
+            edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
+            loss = loss + self.cfg.vae.edge_loss_weight * edge
+            logs["edge"] = edge.item()
+        return loss, logs
 
     @torch.no_grad()
     def validate(self, model: _VAEWithLoss, out_dir: Path, step: int):
