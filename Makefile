@@ -15,7 +15,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 timed = start=$$(date +%s); $(2) && echo "[demo] $(1): $$(( $$(date +%s) - start )) s"
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo demo-long test test-slow lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ demo: $(STAMP)
 	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/demo_vae.yaml)
 	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo.yaml)
 	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run runs/demo --prompts-file configs/demo_prompts.txt --out runs/demo/samples/demo)
+
+# The longer CPU recipe (~40 min on 2 cores; README, Evaluation): a sharper VAE, ten times the UNet steps.
+demo-long: $(STAMP)
+	@rm -rf runs/demo-long runs/demo-long-vae outputs/facevid_synth_cache_long
+	@$(call timed,VAE stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo_long_vae.yaml)
+	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo_long.yaml)
+	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run runs/demo-long --prompts-file configs/demo_prompts.txt --out runs/demo-long/samples/demo)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

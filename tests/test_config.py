@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from facevid.config import ConfigError, load_config, save_config
@@ -62,7 +64,8 @@ def test_impossible_values(manifest, tmp_path):
                           ("unet.text_layout_size=0", "unet.text_layout_size"),
                           ("diffusion.frame_noise_correlation=1.0", "frame_noise_correlation"),
                           ("diffusion.motion_scale=0", "diffusion.motion_scale"),
-                          ("vae.kl_weight=-1e-6", "vae.kl_weight")]:
+                          ("vae.kl_weight=-1e-6", "vae.kl_weight"),
+                          ("vae.edge_loss_weight=-1", "vae.edge_loss_weight")]:
         extra = ["diffusion.prediction_type=epsilon"] if "zero_terminal" in override else []
         with pytest.raises(ConfigError, match=key):
             load_config(None, base(manifest, tmp_path, override, *extra))
@@ -97,10 +100,19 @@ def test_saved_config_names_local_files_absolutely(manifest, tmp_path, monkeypat
     assert saved.text_encoder.pretrained == cfg.text_encoder.pretrained  # a bundled: / hub name stays as it is
 
 
-def test_shipped_configs_parse(tmp_path):
+def test_shipped_configs_parse(tmp_path, monkeypatch):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/ yet
     # demo_vae.yaml must validate on a fresh clone (the manifest is generated on first use).
-    cfg = load_config("configs/demo_vae.yaml")
+    cfg = load_config(configs / "demo_vae.yaml")
     assert cfg.stage == "vae" and cfg.data.synth.num_clips > 0
+    long_vae = load_config(configs / "demo_long_vae.yaml")
+    assert long_vae.vae.edge_loss_weight > 0 and long_vae.train.max_steps == 2 * cfg.train.max_steps
+    assert long_vae.output_dir != cfg.output_dir
+    # The t2v configs need their VAE stage's output first, and say so.
+    for t2v, vae_dir in [("demo.yaml", cfg.output_dir), ("demo_long.yaml", long_vae.output_dir)]:
+        with pytest.raises(ConfigError, match=f"vae.pretrained.*{vae_dir}/vae.*not found"):
+            load_config(configs / t2v)
 
 
 def test_vae_without_resnet_blocks_needs_equal_widths(manifest, tmp_path):
