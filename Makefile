@@ -26,19 +26,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,curation]"
 	touch $(STAMP)
 
+# The demo's three stages. $(1): the VAE stage's config, $(2): the text-to-video config, $(3): its run folder.
+define demo_stages
+	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/$(1))
+	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/$(2))
+	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run $(3) --prompts-file configs/demo_prompts.txt --out $(3)/samples/demo)
+endef
+
 demo: $(STAMP)
 	@# The demo retrains its VAE, so latents cached from an earlier demo no longer match: start clean.
 	@rm -rf runs/demo runs/demo-vae outputs/facevid_synth_cache
-	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/demo_vae.yaml)
-	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo.yaml)
-	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run runs/demo --prompts-file configs/demo_prompts.txt --out runs/demo/samples/demo)
+	$(call demo_stages,demo_vae.yaml,demo.yaml,runs/demo)
 
 # The longer CPU recipe (~40 min on 2 cores; README, Evaluation): a sharper VAE, ten times the UNet steps.
 demo-long: $(STAMP)
 	@rm -rf runs/demo-long runs/demo-long-vae outputs/facevid_synth_cache_long
-	@$(call timed,VAE stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo_long_vae.yaml)
-	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/demo_long.yaml)
-	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run runs/demo-long --prompts-file configs/demo_prompts.txt --out runs/demo-long/samples/demo)
+	$(call demo_stages,demo_long_vae.yaml,demo_long.yaml,runs/demo-long)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
