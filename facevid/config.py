@@ -130,6 +130,10 @@ class DiffusionConfig:
     # The model denoises clips whose frames' deviation from the clip's mean frame is multiplied by this
     # (facevid/diffusion.py: scale_motion); samples are scaled back before decoding. 1 = plain latents.
     motion_scale: float = 1.0
+    # Extra loss weight where the clip moves: each latent location's MSE is multiplied by 1 + this x its motion
+    # relative to the clip's largest (facevid/diffusion.py: motion_weights), so a talking mouth counts as much
+    # as a nodding head. 0 = plain MSE.
+    motion_loss_weight: float = 0.0
 
 
 @dataclass
@@ -325,7 +329,7 @@ def validate(cfg: RunConfig) -> None:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
                 "train.replica_check_every", "eval.every", "vae.layers_per_block",
-                "vae.kl_weight", "vae.edge_loss_weight"]:
+                "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
     for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:

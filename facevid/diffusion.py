@@ -74,6 +74,28 @@ def scale_motion(latents: torch.Tensor, scale: float) -> torch.Tensor:
     return mean_frame + scale * (latents - mean_frame)
 
 
+# Motion below this (RMS over channels and frames, in unit-variance latents before motion_scale) is weighed
+# in proportion to it, not stretched to the clip's peak: a still clip's VAE jitter (~0.008 in the demo's
+# latents) must not count as motion, a talking mouth (~0.2 at its peak) does.
+MOTION_FLOOR = 0.1
+
+
+def motion_weights(latents: torch.Tensor, weight: float, floor: float = MOTION_FLOOR) -> torch.Tensor:
+    """Per-location loss weights (B, 1, 1, h, w) for clean latents (B, C, F, h, w): 1 + weight x how far the
+    location's frames deviate from their mean (RMS over channels and frames), relative to the clip's most
+    moving location (or to `floor` when that is smaller).
+
+    Why: the loss is an average over every latent element, and a talking mouth is one or two locations of
+    an 8x8 latent moving by a seventh of what a nodding head does (bench/latent_motion.py), so its share of
+    the loss, and of the gradient that ties the word "talking" to it, is ~1%. Normalising by the clip's own
+    peak gives every moving clip's moving part the same extra weight, however small the motion.
+    """
+    deviation = latents - latents.mean(dim=2, keepdim=True)
+    amount = deviation.float().square().mean(dim=(1, 2), keepdim=True).sqrt()
+    peak = amount.amax(dim=(-2, -1), keepdim=True).clamp(min=MOTION_FLOOR)
+    return 1.0 + weight * amount / peak
+
+
 class DiffusionObjective:
     """Turns clean latents into a noisy input + target and weights the per-sample MSE."""
 
@@ -103,9 +125,11 @@ class DiffusionObjective:
         else:
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         prediction = model_fn(noisy, timesteps)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-            dim=tuple(range(1, latents.ndim))
-        )
+        squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        if self.cfg.motion_loss_weight > 0:
+            floor = MOTION_FLOOR * self.cfg.motion_scale  # the latents here are motion-scaled
+            squared_error = squared_error * motion_weights(latents, self.cfg.motion_loss_weight, floor)
+        per_sample = squared_error.mean(dim=tuple(range(1, latents.ndim)))
         if self.cfg.min_snr_gamma is None:
             return per_sample.mean()
         # Min-SNR-gamma: cap the weight of easy (low-noise) steps so they do not dominate training.

@@ -65,7 +65,8 @@ def test_impossible_values(manifest, tmp_path):
                           ("diffusion.frame_noise_correlation=1.0", "frame_noise_correlation"),
                           ("diffusion.motion_scale=0", "diffusion.motion_scale"),
                           ("vae.kl_weight=-1e-6", "vae.kl_weight"),
-                          ("vae.edge_loss_weight=-1", "vae.edge_loss_weight")]:
+                          ("vae.edge_loss_weight=-1", "vae.edge_loss_weight"),
+                          ("diffusion.motion_loss_weight=-2", "diffusion.motion_loss_weight")]:
         extra = ["diffusion.prediction_type=epsilon"] if "zero_terminal" in override else []
         with pytest.raises(ConfigError, match=key):
             load_config(None, base(manifest, tmp_path, override, *extra))

@@ -6,6 +6,7 @@ from facevid.diffusion import (
     DiffusionObjective,
     build_noise_scheduler,
     build_sampler,
+    motion_weights,
     scale_motion,
     video_noise,
 )
@@ -104,3 +105,42 @@ def test_scale_motion_keeps_the_mean_frame_and_inverts():
     torch.testing.assert_close(scale_motion(still, 4.0), still)  # a still clip has no motion to scale
     single = latents[0]  # unbatched (C, F, h, w): the frame axis is still dim -3
     torch.testing.assert_close(scale_motion(single, 4.0), scaled[0])
+
+
+def test_motion_weights_put_the_extra_weight_where_the_clip_moves():
+    """A clip whose one location oscillates gets 1 + w there and 1 elsewhere, however small the motion (above
+    the floor); a still clip gets 1 everywhere; motion below the floor counts in proportion."""
+    base = torch.randn((1, 4, 1, 4, 4), generator=torch.Generator().manual_seed(0)).expand(3, -1, 8, -1, -1).clone()
+    wave = torch.tensor([1.0, -1.0] * 4)
+    base[0, :, :, 1, 2] += 0.5 * wave  # big motion at (1, 2)
+    base[1, :, :, 3, 0] += 0.2 * wave  # small motion at (3, 0), still above the floor (RMS 0.2)
+    base[2, :, :, 0, 0] += 0.05 * wave  # half the floor
+    weights = motion_weights(base, 4.0)
+    assert weights.shape == (3, 1, 1, 4, 4)
+    expected = torch.ones(3, 4, 4)
+    expected[0, 1, 2] = expected[1, 3, 0] = 5.0
+    expected[2, 0, 0] = 1.0 + 4.0 * 0.05 / 0.1
+    torch.testing.assert_close(weights[:, 0, 0], expected)
+    torch.testing.assert_close(motion_weights(base[:, :, :1].expand(-1, -1, 8, -1, -1), 4.0), torch.ones(3, 1, 1, 4, 4))
+
+
+def test_motion_loss_weight_multiplies_the_error_at_moving_locations():
+    latents = torch.randn((1, 4, 1, 4, 4), generator=torch.Generator().manual_seed(1)).expand(1, -1, 8, -1, -1).clone()
+    latents[0, :, :, 2, 2] += torch.tensor([1.0, -1.0] * 4)
+
+    def loss(weight, error_at):
+        objective = _objective(min_snr_gamma=None, motion_loss_weight=weight)
+        alpha_of = objective.scheduler.alphas_cumprod
+
+        def off_by_one_at(noisy, t):  # the exact v target, plus 1 at one location
+            alpha = alpha_of[t].view(-1, 1, 1, 1, 1)
+            noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+            v = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+            v[:, :, :, error_at[0], error_at[1]] += 1.0
+            return v
+
+        return objective.loss(off_by_one_at, latents, torch.Generator().manual_seed(0)).item()
+
+    assert loss(0.0, (2, 2)) == pytest.approx(1 / 16, rel=1e-4)  # one of 16 locations off by 1
+    assert loss(3.0, (2, 2)) == pytest.approx(4 / 16, rel=1e-4)  # the moving one: weight 1 + 3
+    assert loss(3.0, (0, 1)) == pytest.approx(1 / 16, rel=1e-4)  # a location that does not move
