@@ -74,16 +74,17 @@ def scale_motion(latents: torch.Tensor, scale: float) -> torch.Tensor:
     return mean_frame + scale * (latents - mean_frame)
 
 
-# Motion below this (RMS over channels and frames, in unit-variance latents before motion_scale) is weighed
-# in proportion to it, not stretched to the clip's peak: a still clip's VAE jitter (~0.008 in the demo's
-# latents) must not count as motion, a talking mouth (~0.2 at its peak) does.
+# A clip whose most moving location moves less than this (RMS over channels and frames, in the latents the
+# loss sees, i.e. after motion_scale) is not stretched to full weight: its weights grow in proportion to its
+# motion. In the demo's latents at motion_scale 4 a still clip's VAE jitter peaks at ~0.03 (weights up to
+# 1 + 0.3 w), a talking mouth at ~0.9 and a nodding head at ~3.7 (both 1 + w at their peak).
 MOTION_FLOOR = 0.1
 
 
-def motion_weights(latents: torch.Tensor, weight: float, floor: float = MOTION_FLOOR) -> torch.Tensor:
+def motion_weights(latents: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-location loss weights (B, 1, 1, h, w) for clean latents (B, C, F, h, w): 1 + weight x how far the
     location's frames deviate from their mean (RMS over channels and frames), relative to the clip's most
-    moving location (or to `floor` when that is smaller).
+    moving location (or to MOTION_FLOOR when that is smaller).
 
     Why: the loss is an average over every latent element, and a talking mouth is one or two locations of
     an 8x8 latent moving by a seventh of what a nodding head does (bench/latent_motion.py), so its share of
@@ -127,8 +128,7 @@ class DiffusionObjective:
         prediction = model_fn(noisy, timesteps)
         squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
         if self.cfg.motion_loss_weight > 0:
-            floor = MOTION_FLOOR * self.cfg.motion_scale  # the latents here are motion-scaled
-            squared_error = squared_error * motion_weights(latents, self.cfg.motion_loss_weight, floor)
+            squared_error = squared_error * motion_weights(latents, self.cfg.motion_loss_weight)
         per_sample = squared_error.mean(dim=tuple(range(1, latents.ndim)))
         if self.cfg.min_snr_gamma is None:
             return per_sample.mean()
