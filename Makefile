@@ -38,7 +38,8 @@ demo: $(STAMP)
 	@rm -rf runs/demo runs/demo-vae outputs/facevid_synth_cache
 	$(call demo_stages,demo_vae.yaml,demo.yaml,runs/demo)
 
-# The longer CPU recipe (~40 min on 2 cores; README, Evaluation): a sharper VAE, ten times the UNet steps.
+# The longer CPU recipe (54 min on a fresh 2-core clone; README, Evaluation): a sharper VAE, ten times the
+# UNet steps, motion scaling and a motion-weighted loss.
 demo-long: $(STAMP)
 	@rm -rf runs/demo-long runs/demo-long-vae outputs/facevid_synth_cache_long
 	$(call demo_stages,demo_long_vae.yaml,demo_long.yaml,runs/demo-long)
