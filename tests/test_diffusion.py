@@ -17,6 +17,15 @@ def _objective(**kw):
     return DiffusionObjective(build_noise_scheduler(cfg), cfg)
 
 
+def _exact_target(objective, latents, noisy, t):
+    """The target the objective trains towards, recovered from the noisy input and the clean latents."""
+    alpha = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+    if objective.cfg.prediction_type == "epsilon":
+        return noise
+    return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_is_zero_for_the_exact_target(prediction_type):
     """A model that returns the true target scores 0: checks noising and targets agree."""
@@ -26,11 +35,7 @@ def test_loss_is_zero_for_the_exact_target(prediction_type):
 
     def oracle(noisy, t):
         seen["t"] = t
-        alpha = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-        noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
-        if prediction_type == "epsilon":
-            return noise
-        return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        return _exact_target(objective, latents, noisy, t)
 
     loss = objective.loss(oracle, latents, torch.Generator().manual_seed(0))
     assert loss.item() < 1e-8
@@ -130,14 +135,11 @@ def test_motion_loss_weight_multiplies_the_error_at_moving_locations():
 
     def loss(weight, error_at):
         objective = _objective(min_snr_gamma=None, motion_loss_weight=weight)
-        alpha_of = objective.scheduler.alphas_cumprod
 
-        def off_by_one_at(noisy, t):  # the exact v target, plus 1 at one location
-            alpha = alpha_of[t].view(-1, 1, 1, 1, 1)
-            noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
-            v = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
-            v[:, :, :, error_at[0], error_at[1]] += 1.0
-            return v
+        def off_by_one_at(noisy, t):  # the exact target, plus 1 at one location
+            target = _exact_target(objective, latents, noisy, t)
+            target[:, :, :, error_at[0], error_at[1]] += 1.0
+            return target
 
         return objective.loss(off_by_one_at, latents, torch.Generator().manual_seed(0)).item()
 
