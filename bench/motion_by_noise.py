@@ -35,8 +35,13 @@ from facevid.pipeline import FaceVidPipeline  # noqa: E402
 TIMESTEPS = (100, 250, 400, 550, 700, 850, 999)
 
 
+def motion(latents: torch.Tensor) -> torch.Tensor:
+    """Each frame's deviation from its clip's mean frame, for (B, C, F, h, w) latents."""
+    return latents - latents.mean(dim=2, keepdim=True)
+
+
 def motion_rms(latents: torch.Tensor) -> float:
-    return float((latents - latents.mean(dim=2, keepdim=True)).square().mean().sqrt())
+    return float(motion(latents).square().mean().sqrt())
 
 
 def main() -> None:
@@ -81,7 +86,7 @@ def main() -> None:
         texts = {name: pipe.text_encoder(prompts) for name, prompts in captions.items()}
         rows = {name: [] for name in captions}
         recovered = []
-        true_motion = clean - clean.mean(dim=2, keepdim=True)
+        true_motion = motion(clean)
         for t in TIMESTEPS:
             alpha = scheduler.alphas_cumprod[t]
             noisy = scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), torch.tensor([t]))
@@ -94,7 +99,7 @@ def main() -> None:
                     predicted = (noisy - (1 - alpha).sqrt() * output) / alpha.sqrt()
                 rows[name].append(motion_rms(predicted))
                 if name == "own":
-                    error = (predicted - predicted.mean(dim=2, keepdim=True)) - true_motion
+                    error = motion(predicted) - true_motion
                     recovered.append(100 * (1 - float(error.square().sum() / true_motion.square().sum())))
         print(f"{action:>14} {'true':>9} {motion_rms(clean):.3f}")
         for name, values in rows.items():
