@@ -7,7 +7,8 @@ Reads every clip's cached posterior (mean, std) and prints, in the diffusion mod
 (x the VAE's scaling factor): the RMS deviation of the frames from the clip's mean frame ("motion"), and the
 posterior's std (the noise vae.sample_posterior adds to every frame independently), per value of a manifest
 attribute. Motion far below the posterior noise is motion the model can hardly see; motion_scale=s
-multiplies it by s for training.
+multiplies it by s for training. The last line is the motion's std over all clips, the value diffusion.motion_std
+wants (times motion_scale).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.cache import LatentCache  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
+from facevid.diffusion import mean_frame  # noqa: E402
 from models.vae import load_vae  # noqa: E402
 
 
@@ -39,7 +41,7 @@ def main() -> None:
         for start, flip in cache.windows.get(record.clip_id, []):
             mean, std = cache.latent(record.clip_id, start, flip)  # (C, F, h, w), unscaled
             group = (record.attributes or {}).get(args.group_by, "(none)")
-            deviation = mean - mean.mean(dim=1, keepdim=True)
+            deviation = mean - mean_frame(mean)
             motion[group].append(float(deviation.square().mean().sqrt()) * scale)
             noise[group].append(float(std.square().mean().sqrt()) * scale)
     if not motion:
@@ -50,6 +52,8 @@ def main() -> None:
         print(f"{group:>16} {len(m):>8} {sum(m) / len(m):>11.4f} {sum(n) / len(n):>14.4f}")
     every_m, every_n = sum(motion.values(), []), sum(noise.values(), [])
     print(f"{'all':>16} {len(every_m):>8} {sum(every_m) / len(every_m):>11.4f} {sum(every_n) / len(every_n):>14.4f}")
+    # The std of every latent element's motion, over all clips: what diffusion.motion_std wants (x motion_scale).
+    print(f"motion std over all windows: {(sum(m * m for m in every_m) / len(every_m)) ** 0.5:.4f}")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ class DiffusionConfig:
     # relative to the clip's largest (facevid/diffusion.py: motion_weights), so a talking mouth counts as much
     # as a nodding head. 0 = plain MSE.
     motion_loss_weight: float = 0.0
+    # The std of the frames' deviation from the clip's mean frame in the latents the model denoises (after
+    # motion_scale; bench/latent_motion.py prints it): the UNet's output for that motion is preconditioned for
+    # data of this std, so an unsure model predicts still frames rather than flickering ones
+    # (facevid/diffusion.py: motion_preconditioned_velocity). Needs v_prediction. null = plain v-prediction.
+    motion_std: Optional[float] = None
 
 
 @dataclass
@@ -349,6 +354,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.diffusion.motion_scale != 1.0 and cfg.task == "i2v":
         _fail("diffusion.motion_scale", cfg.diffusion.motion_scale, "must be 1 for task i2v: its sampler writes "
               "the given first frame into the latents, which motion scaling would change")
+    if cfg.diffusion.motion_std is not None:
+        if not cfg.diffusion.motion_std > 0:
+            _fail("diffusion.motion_std", cfg.diffusion.motion_std, "must be > 0 (e.g. 0.1, what "
+                  "bench/latent_motion.py prints for the data), or null for plain v-prediction")
+        if cfg.diffusion.prediction_type != "v_prediction":
+            _fail("diffusion.motion_std", cfg.diffusion.motion_std, "needs diffusion.prediction_type=v_prediction "
+                  "(it preconditions the v-prediction parameterisation)")
     if cfg.data.target_fps is not None and cfg.data.target_fps <= 0:
         _fail("data.target_fps", cfg.data.target_fps, "must be > 0, or null to use data.frame_stride")
     if cfg.diffusion.zero_terminal_snr and cfg.diffusion.prediction_type != "v_prediction":

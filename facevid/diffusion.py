@@ -58,6 +58,11 @@ def video_noise(shape, generator: torch.Generator, frame_correlation: float = 0.
     return noise
 
 
+def mean_frame(latents: torch.Tensor) -> torch.Tensor:
+    """The clip's mean frame (frame axis dim -3), kept as a length-1 frame axis; latents minus it is the motion."""
+    return latents.mean(dim=-3, keepdim=True)
+
+
 def scale_motion(latents: torch.Tensor, scale: float) -> torch.Tensor:
     """Multiply each frame's deviation from the clip's mean frame by `scale` (frame axis dim -3).
 
@@ -70,8 +75,8 @@ def scale_motion(latents: torch.Tensor, scale: float) -> torch.Tensor:
     """
     if scale == 1.0:
         return latents
-    mean_frame = latents.mean(dim=-3, keepdim=True)
-    return mean_frame + scale * (latents - mean_frame)
+    mean = mean_frame(latents)
+    return mean + scale * (latents - mean)
 
 
 # A clip whose most moving location moves less than this (RMS over channels and frames, in the latents the
@@ -91,10 +96,38 @@ def motion_weights(latents: torch.Tensor, weight: float) -> torch.Tensor:
     the loss, and of the gradient that ties the word "talking" to it, is ~1%. Normalising by the clip's own
     peak gives every moving clip's moving part the same extra weight, however small the motion.
     """
-    deviation = latents - latents.mean(dim=2, keepdim=True)
+    deviation = latents - mean_frame(latents)
     amount = deviation.float().square().mean(dim=(1, 2), keepdim=True).sqrt()
     peak = amount.amax(dim=(-2, -1), keepdim=True).clamp(min=MOTION_FLOOR)
     return 1.0 + weight * amount / peak
+
+
+def motion_preconditioned_velocity(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor,
+                                   motion_std: float) -> torch.Tensor:
+    """The v-prediction that a UNet output means when its motion part is preconditioned for motion of std
+    `motion_std` (diffusion.motion_std). Latents (B, C, F, h, w) or (C, F, h, w); alpha_bar: one per video.
+
+    Plain v-prediction predicts the clean latents as a x_t - s v (x_t = a x0 + s noise, a^2 + s^2 = 1), the
+    preconditioning of Karras et al. (EDM, 2022) for data of unit std. That fits the mean frame, but the
+    frames' deviation from it (the motion) has std ~0.1 in the demo's latents: there, the skip term a x_t
+    copies each frame's own noise into the predicted clean clip, and the network has to learn to cancel it
+    exactly, or the frames flicker (the demo's 7.9 grey levels frame to frame for "still" prompts). Here the
+    mean frame keeps that parameterisation and the motion uses EDM's c_skip and c_out for sigma = s / a and
+    data std m: predicted motion = c_skip dev(x_t) / a - c_out dev(output), so at high noise the skip is
+    ~(m / sigma)^2 and an unsure network predicts still frames; the network's output there has unit std.
+    The result is returned as the equivalent velocity (a dev(x_t) - predicted motion) / s, so the loss (the
+    same v-MSE, i.e. the same weighting of clean-latent errors) and diffusers' samplers are unchanged.
+    motion_std = 1 is plain v-prediction.
+    """
+    shape = (-1,) + (1,) * (output.ndim - 1)
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=output.device).reshape(shape)
+    a, s, m = alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), motion_std
+    # The formula above with c_skip / a = m^2 a / (s^2 + a^2 m^2) and c_out = s m / sqrt(s^2 + a^2 m^2) written
+    # out: stable at a = 0 (zero-terminal SNR), and exactly the output's own motion when m = 1.
+    norm = s.square() + (a * m).square()
+    output_mean, noisy_mean = mean_frame(output), mean_frame(noisy)
+    motion = (a * s * (1 - m * m) * (noisy - noisy_mean) + m * norm.sqrt() * (output - output_mean)) / norm
+    return output_mean + motion.to(output.dtype)
 
 
 class DiffusionObjective:
@@ -126,6 +159,10 @@ class DiffusionObjective:
         else:
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         prediction = model_fn(noisy, timesteps)
+        if self.cfg.motion_std is not None:
+            alpha_bar = self.scheduler.alphas_cumprod.to(latents.device)[timesteps]
+            prediction = motion_preconditioned_velocity(prediction.float(), noisy.float(), alpha_bar,
+                                                        self.cfg.motion_std)
         squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
         if self.cfg.motion_loss_weight > 0:
             squared_error = squared_error * motion_weights(latents, self.cfg.motion_loss_weight)

@@ -72,11 +72,12 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
                  num_frames: int = 8, chunk_frames: int = 16, frame_noise_correlation: float = 0.0,
-                 motion_scale: float = 1.0):
+                 motion_scale: float = 1.0, motion_std: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames,
-                                frame_noise_correlation=frame_noise_correlation, motion_scale=motion_scale)
+                                frame_noise_correlation=frame_noise_correlation, motion_scale=motion_scale,
+                                motion_std=motion_std)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, num_videos: int = 1,
@@ -95,7 +96,8 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
         sampling = FaceVidPipeline(self.unet, self.vae, _TokenizerEncoder(self.tokenizer, self.text_encoder),
                                    self.scheduler.config, self.config.chunk_frames, task=self.config.task,
                                    frame_noise_correlation=self.config.get("frame_noise_correlation", 0.0),
-                                   motion_scale=self.config.get("motion_scale", 1.0))
+                                   motion_scale=self.config.get("motion_scale", 1.0),
+                                   motion_std=self.config.get("motion_std"))
         frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
                           num_frames=num_frames or self.config.num_frames, resolution=resolution,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -126,6 +128,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
     if pipe.motion_scale != 1.0:
         problems.append(f"it was trained with diffusion.motion_scale={pipe.motion_scale} (TextToVideoSDPipeline "
                         "decodes the latents as sampled)")
+    if pipe.motion_std is not None:
+        problems.append(f"it was trained with diffusion.motion_std={pipe.motion_std} (TextToVideoSDPipeline "
+                        "reads the UNet's output as a plain prediction)")
     if format == "unet3d" and problems:
         raise ExportError(f"{run_dir} cannot be exported as UNet3DConditionModel: " + "; ".join(problems)
                           + ". Use --format facevid (or auto).")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor_to_frames
 from facevid.config import RunConfig, load_config, resolve_pretrained
-from facevid.diffusion import build_sampler, scale_motion, video_noise
+from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion, video_noise
 from facevid.tasks import check_request, condition_channels, first_frame_condition
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
@@ -43,20 +43,22 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
 def sampling_options(cfg: RunConfig) -> dict:
     """The training choices that sampling must repeat, as FaceVidPipeline keyword arguments."""
     return {"frame_noise_correlation": cfg.diffusion.frame_noise_correlation,
-            "motion_scale": cfg.diffusion.motion_scale}
+            "motion_scale": cfg.diffusion.motion_scale, "motion_std": cfg.diffusion.motion_std}
 
 
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
-                 task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0):
+                 task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0,
+                 motion_std: float | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.chunk_frames = chunk_frames
-        # Both must match training (diffusion.frame_noise_correlation / motion_scale).
+        # All three must match training (diffusion.frame_noise_correlation / motion_scale / motion_std).
         self.frame_noise_correlation = frame_noise_correlation
         self.motion_scale = motion_scale
+        self.motion_std = motion_std
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
         if self.task == "i2v" and motion_scale != 1.0:
@@ -172,6 +174,9 @@ class FaceVidPipeline:
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (cond - uncond)
+            if self.motion_std is not None:
+                prediction = motion_preconditioned_velocity(prediction, latents, alphas_cumprod[int(t)],
+                                                            self.motion_std)
             latents = sampler.step(prediction, t, latents).prev_sample
         if first is not None:
             latents[:, :, :1] = first

@@ -66,8 +66,11 @@ def test_impossible_values(manifest, tmp_path):
                           ("diffusion.motion_scale=0", "diffusion.motion_scale"),
                           ("vae.kl_weight=-1e-6", "vae.kl_weight"),
                           ("vae.edge_loss_weight=-1", "vae.edge_loss_weight"),
-                          ("diffusion.motion_loss_weight=-2", "diffusion.motion_loss_weight")]:
-        extra = ["diffusion.prediction_type=epsilon"] if "zero_terminal" in override else []
+                          ("diffusion.motion_loss_weight=-2", "diffusion.motion_loss_weight"),
+                          ("diffusion.motion_std=0", "diffusion.motion_std"),
+                          ("diffusion.motion_std=0.1", "diffusion.motion_std.*v_prediction")]:
+        needs_epsilon = "zero_terminal" in override or override == "diffusion.motion_std=0.1"
+        extra = ["diffusion.prediction_type=epsilon"] if needs_epsilon else []
         with pytest.raises(ConfigError, match=key):
             load_config(None, base(manifest, tmp_path, override, *extra))
 

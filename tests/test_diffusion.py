@@ -6,6 +6,8 @@ from facevid.diffusion import (
     DiffusionObjective,
     build_noise_scheduler,
     build_sampler,
+    mean_frame,
+    motion_preconditioned_velocity,
     motion_weights,
     scale_motion,
     video_noise,
@@ -23,13 +25,21 @@ def _exact_target(objective, latents, noisy, t):
     noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
     if objective.cfg.prediction_type == "epsilon":
         return noise
-    return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    if objective.cfg.motion_std is None:
+        return velocity
+    # The output whose preconditioned velocity is the true one: motion_preconditioned_velocity solved for it.
+    a, s, m = alpha.sqrt(), (1 - alpha).sqrt(), objective.cfg.motion_std
+    norm = s.square() + (a * m).square()
+    motion = lambda x: x - mean_frame(x)  # noqa: E731
+    return mean_frame(velocity) + (norm * motion(velocity) - a * s * (1 - m * m) * motion(noisy)) / (m * norm.sqrt())
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_loss_is_zero_for_the_exact_target(prediction_type):
+@pytest.mark.parametrize("prediction_type,motion_std", [("epsilon", None), ("v_prediction", None),
+                                                        ("v_prediction", 0.1)])
+def test_loss_is_zero_for_the_exact_target(prediction_type, motion_std):
     """A model that returns the true target scores 0: checks noising and targets agree."""
-    objective = _objective(prediction_type=prediction_type, min_snr_gamma=5.0)
+    objective = _objective(prediction_type=prediction_type, min_snr_gamma=5.0, motion_std=motion_std)
     latents = torch.randn(3, 4, 2, 4, 4)
     seen = {}
 
@@ -146,3 +156,32 @@ def test_motion_loss_weight_multiplies_the_error_at_moving_locations():
     assert loss(0.0, (2, 2)) == pytest.approx(1 / 16, rel=1e-4)  # one of 16 locations off by 1
     assert loss(3.0, (2, 2)) == pytest.approx(4 / 16, rel=1e-4)  # the moving one: weight 1 + 3
     assert loss(3.0, (0, 1)) == pytest.approx(1 / 16, rel=1e-4)  # a location that does not move
+
+
+def test_motion_std_preconditions_the_motion_for_data_of_that_std():
+    """diffusion.motion_std=m: the clean clip it implies is EDM's c_skip x + c_out F on the motion (sigma = s / a,
+    data std m) and plain v-prediction on the mean frame; m = 1 is plain v-prediction."""
+    scheduler = build_noise_scheduler(DiffusionConfig())
+    t = torch.tensor([0, 500, 999])
+    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    noisy, output = torch.randn(3, 4, 8, 4, 4), torch.randn(3, 4, 8, 4, 4)
+    motion = lambda x: x - mean_frame(x)  # noqa: E731
+
+    torch.testing.assert_close(motion_preconditioned_velocity(output, noisy, alpha.flatten(), 1.0), output)
+    m = 0.1
+    velocity = motion_preconditioned_velocity(output, noisy, alpha.flatten(), m)
+    clean = a * noisy - s * velocity
+    sigma = s / a
+    c_skip, c_out = m**2 / (sigma**2 + m**2), sigma * m / (sigma**2 + m**2).sqrt()
+    torch.testing.assert_close(motion(clean), c_skip * motion(noisy) / a - c_out * motion(output))
+    torch.testing.assert_close(mean_frame(clean), mean_frame(a * noisy - s * output))
+
+    # An output of zero (an untrained, unsure network): plain v-prediction copies the input's frame-to-frame
+    # differences into the clean clip at every noise level (a x_t), so the frames flicker; preconditioned, the
+    # high-noise prediction is a still clip, and only at low noise is the input (by then clean) passed through.
+    zero = torch.zeros_like(noisy)
+    plain = motion(a * noisy - s * zero).square().mean(dim=(1, 2, 3, 4)).sqrt()
+    still = motion(a * noisy - s * motion_preconditioned_velocity(zero, noisy, alpha.flatten(), m))
+    ratio = still.square().mean(dim=(1, 2, 3, 4)).sqrt() / plain
+    assert ratio[2] < 0.02 and ratio[0] > 0.95

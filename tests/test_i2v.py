@@ -15,7 +15,7 @@ from data.dataset import VideoClipDataset, collate_clips
 from data.manifest import read_manifest
 from data.video import tensor_to_frames
 from facevid.config import ConfigError
-from facevid.diffusion import scale_motion
+from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion
 from facevid.pipeline import FaceVidPipeline, load_first_frame
 from facevid.stages import TextToVideoStage
 from facevid.tasks import TaskMismatchError
@@ -134,6 +134,32 @@ def test_motion_scale_scales_what_is_trained_and_is_undone_before_decoding(tmp_p
     plain_videos = pipe(["a person talking"], **SAMPLING)
     torch.testing.assert_close(decoded[0], scale_motion(decoded[1], 0.25))
     assert not np.array_equal(scaled_videos, plain_videos)
+
+
+def test_motion_std_is_applied_by_training_and_sampling_alike(tmp_path_factory, tmp_path, monkeypatch):
+    """The objective and every sampling step read the UNet's output through the same preconditioning, with the
+    run's motion_std and the step's own noise level."""
+    stage, model, batch = _stage("t2v", tmp_path_factory, tmp_path, "diffusion.motion_std=0.1")
+    seen = []
+    preconditioned = motion_preconditioned_velocity
+
+    def spy(output, noisy, alpha_bar, motion_std):
+        seen.append((torch.as_tensor(alpha_bar).flatten(), motion_std))
+        return preconditioned(output, noisy, alpha_bar, motion_std)
+
+    monkeypatch.setattr("facevid.diffusion.motion_preconditioned_velocity", spy)
+    stage.compute_loss(model, batch, torch.Generator().manual_seed(0))
+    assert len(seen) == 1 and seen[0][1] == 0.1 and len(seen[0][0]) == 2  # one noise level per clip
+
+    monkeypatch.setattr("facevid.pipeline.motion_preconditioned_velocity", spy)
+    pipe = stage.pipeline(model.eval())
+    preconditioned_videos = pipe(["a person talking"], **SAMPLING)
+    sampler = build_sampler(pipe.scheduler_config, "dpm++")
+    sampler.set_timesteps(SAMPLING["num_inference_steps"])
+    assert [float(a) for a, _ in seen[1:]] == [float(sampler.alphas_cumprod[int(t)]) for t in sampler.timesteps]
+    assert all(m == 0.1 for _, m in seen[1:])
+    pipe.motion_std = None
+    assert not np.array_equal(preconditioned_videos, pipe(["a person talking"], **SAMPLING))
 
 
 def test_motion_scale_is_refused_for_i2v(i2v_run, tmp_path_factory, tmp_path):
