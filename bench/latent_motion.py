@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.cache import LatentCache  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
-from facevid.diffusion import mean_frame  # noqa: E402
+from facevid.diffusion import frame_motion  # noqa: E402
 from models.vae import load_vae  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main() -> None:
         for start, flip in cache.windows.get(record.clip_id, []):
             mean, std = cache.latent(record.clip_id, start, flip)  # (C, F, h, w), unscaled
             group = (record.attributes or {}).get(args.group_by, "(none)")
-            deviation = mean - mean_frame(mean)
-            motion[group].append(float(deviation.square().mean().sqrt()) * scale)
+            motion[group].append(float(frame_motion(mean).square().mean().sqrt()) * scale)
             noise[group].append(float(std.square().mean().sqrt()) * scale)
     if not motion:
         sys.exit(f"no clip of {args.manifest} is in the cache {args.cache}")

@@ -31,7 +31,7 @@ from data.cache import LatentCache  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
 from facevid.diffusion import (  # noqa: E402
     build_noise_scheduler,
-    mean_frame,
+    frame_motion,
     motion_preconditioned_velocity,
     scale_motion,
 )
@@ -40,13 +40,8 @@ from facevid.pipeline import FaceVidPipeline  # noqa: E402
 TIMESTEPS = (100, 250, 400, 550, 700, 850, 999)
 
 
-def motion(latents: torch.Tensor) -> torch.Tensor:
-    """Each frame's deviation from its clip's mean frame, for (B, C, F, h, w) latents."""
-    return latents - mean_frame(latents)
-
-
 def motion_rms(latents: torch.Tensor) -> float:
-    return float(motion(latents).square().mean().sqrt())
+    return float(frame_motion(latents).square().mean().sqrt())
 
 
 def main() -> None:
@@ -92,7 +87,7 @@ def main() -> None:
         texts = {name: pipe.text_encoder(prompts) for name, prompts in captions.items()}
         rows = {name: [] for name in captions}
         recovered = []
-        true_motion = motion(clean)
+        true_motion = frame_motion(clean)
         for t in TIMESTEPS:
             alpha = scheduler.alphas_cumprod[t]
             noisy = scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), torch.tensor([t]))
@@ -107,7 +102,7 @@ def main() -> None:
                     predicted = (noisy - (1 - alpha).sqrt() * output) / alpha.sqrt()
                 rows[name].append(motion_rms(predicted))
                 if name == "own":
-                    error = motion(predicted) - true_motion
+                    error = frame_motion(predicted) - true_motion
                     recovered.append(100 * (1 - float(error.square().sum() / true_motion.square().sum())))
         print(f"{action:>14} {'true':>9} {motion_rms(clean):.3f}")
         for name, values in rows.items():

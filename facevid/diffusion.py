@@ -59,8 +59,13 @@ def video_noise(shape, generator: torch.Generator, frame_correlation: float = 0.
 
 
 def mean_frame(latents: torch.Tensor) -> torch.Tensor:
-    """The clip's mean frame (frame axis dim -3), kept as a length-1 frame axis; latents minus it is the motion."""
+    """The clip's mean frame (frame axis dim -3), kept as a length-1 frame axis."""
     return latents.mean(dim=-3, keepdim=True)
+
+
+def frame_motion(latents: torch.Tensor) -> torch.Tensor:
+    """The motion: each frame's deviation from the clip's mean frame (frame axis dim -3)."""
+    return latents - mean_frame(latents)
 
 
 def scale_motion(latents: torch.Tensor, scale: float) -> torch.Tensor:
@@ -96,8 +101,7 @@ def motion_weights(latents: torch.Tensor, weight: float) -> torch.Tensor:
     the loss, and of the gradient that ties the word "talking" to it, is ~1%. Normalising by the clip's own
     peak gives every moving clip's moving part the same extra weight, however small the motion.
     """
-    deviation = latents - mean_frame(latents)
-    amount = deviation.float().square().mean(dim=(1, 2), keepdim=True).sqrt()
+    amount = frame_motion(latents).float().square().mean(dim=(1, 2), keepdim=True).sqrt()
     peak = amount.amax(dim=(-2, -1), keepdim=True).clamp(min=MOTION_FLOOR)
     return 1.0 + weight * amount / peak
 
@@ -125,8 +129,8 @@ def motion_preconditioned_velocity(output: torch.Tensor, noisy: torch.Tensor, al
     # The formula above with c_skip / a = m^2 a / (s^2 + a^2 m^2) and c_out = s m / sqrt(s^2 + a^2 m^2) written
     # out: stable at a = 0 (zero-terminal SNR), and exactly the output's own motion when m = 1.
     norm = s.square() + (a * m).square()
-    output_mean, noisy_mean = mean_frame(output), mean_frame(noisy)
-    motion = (a * s * (1 - m * m) * (noisy - noisy_mean) + m * norm.sqrt() * (output - output_mean)) / norm
+    output_mean = mean_frame(output)
+    motion = (a * s * (1 - m * m) * frame_motion(noisy) + m * norm.sqrt() * (output - output_mean)) / norm
     return output_mean + motion.to(output.dtype)
 
 

@@ -6,6 +6,7 @@ from facevid.diffusion import (
     DiffusionObjective,
     build_noise_scheduler,
     build_sampler,
+    frame_motion,
     mean_frame,
     motion_preconditioned_velocity,
     motion_weights,
@@ -31,8 +32,8 @@ def _exact_target(objective, latents, noisy, t):
     # The output whose preconditioned velocity is the true one: motion_preconditioned_velocity solved for it.
     a, s, m = alpha.sqrt(), (1 - alpha).sqrt(), objective.cfg.motion_std
     norm = s.square() + (a * m).square()
-    motion = lambda x: x - mean_frame(x)  # noqa: E731
-    return mean_frame(velocity) + (norm * motion(velocity) - a * s * (1 - m * m) * motion(noisy)) / (m * norm.sqrt())
+    motion = norm * frame_motion(velocity) - a * s * (1 - m * m) * frame_motion(noisy)
+    return mean_frame(velocity) + motion / (m * norm.sqrt())
 
 
 @pytest.mark.parametrize("prediction_type,motion_std", [("epsilon", None), ("v_prediction", None),
@@ -166,7 +167,6 @@ def test_motion_std_preconditions_the_motion_for_data_of_that_std():
     alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
     a, s = alpha.sqrt(), (1 - alpha).sqrt()
     noisy, output = torch.randn(3, 4, 8, 4, 4), torch.randn(3, 4, 8, 4, 4)
-    motion = lambda x: x - mean_frame(x)  # noqa: E731
 
     torch.testing.assert_close(motion_preconditioned_velocity(output, noisy, alpha.flatten(), 1.0), output)
     m = 0.1
@@ -174,14 +174,14 @@ def test_motion_std_preconditions_the_motion_for_data_of_that_std():
     clean = a * noisy - s * velocity
     sigma = s / a
     c_skip, c_out = m**2 / (sigma**2 + m**2), sigma * m / (sigma**2 + m**2).sqrt()
-    torch.testing.assert_close(motion(clean), c_skip * motion(noisy) / a - c_out * motion(output))
+    torch.testing.assert_close(frame_motion(clean), c_skip * frame_motion(noisy) / a - c_out * frame_motion(output))
     torch.testing.assert_close(mean_frame(clean), mean_frame(a * noisy - s * output))
 
     # An output of zero (an untrained, unsure network): plain v-prediction copies the input's frame-to-frame
     # differences into the clean clip at every noise level (a x_t), so the frames flicker; preconditioned, the
     # high-noise prediction is a still clip, and only at low noise is the input (by then clean) passed through.
     zero = torch.zeros_like(noisy)
-    plain = motion(a * noisy - s * zero).square().mean(dim=(1, 2, 3, 4)).sqrt()
-    still = motion(a * noisy - s * motion_preconditioned_velocity(zero, noisy, alpha.flatten(), m))
+    plain = frame_motion(a * noisy - s * zero).square().mean(dim=(1, 2, 3, 4)).sqrt()
+    still = frame_motion(a * noisy - s * motion_preconditioned_velocity(zero, noisy, alpha.flatten(), m))
     ratio = still.square().mean(dim=(1, 2, 3, 4)).sqrt() / plain
     assert ratio[2] < 0.02 and ratio[0] > 0.95
