@@ -7,7 +7,10 @@ Each clip is a head-and-shoulders shot drawn with numpy from signed distances (o
 antialiasing, no supersampling needed). Every attribute value is kept far apart in colour or geometry
 and every action is a distinct motion within any 8-frame window, so that a simple pixel probe can
 recover all attributes even from a blurry 64x64 reconstruction; per-clip jitter (position, size, tints,
-motion phase and speed) makes clips differ.
+motion phase and speed) makes clips differ. With aligned_motion, every periodic action keeps one rhythm
+and starts from the same pose (a talking mouth opens from closed at frame 0, every clip at the same
+speed), so that an action's average clip is itself that action: the timing then follows from the words
+alone, which a small model learns far sooner than timing chosen by the noise (README, Evaluation).
 
 Conventions: image coordinates in pixels, y pointing down; "turning left" means the face turns
 towards the left of the frame (the viewer's left).
@@ -40,7 +43,7 @@ ATTRIBUTES: dict[str, list[str]] = {
 }
 
 # Bumped whenever rendering changes, so that generate() does not reuse clips drawn by older code.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 
 # Skin and hair colours are at least ~50 RGB levels from each other (and hair from backgrounds).
 SKIN_RGB = {"light": (240, 200, 175), "medium": (205, 150, 110), "tan": (165, 110, 70), "dark": (120, 80, 62)}
@@ -242,24 +245,32 @@ def _background(name: str, x, y, size: int, rng) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def _motion(action: str, num_frames: int, rng) -> dict:
+def _motion(action: str, num_frames: int, rng, aligned: bool = False) -> dict:
     """Per-frame pose, each (T, 1, 1): yaw (-1 left .. 1 right), nod (-1 up .. 1 down), eye and mouth
     opening (0..1). Periods are 5.5-8 frames: any 8-frame window holds a full cycle, and they stay clear
-    of 4 frames, which every-other-frame sampling would alias to no motion at all."""
+    of 4 frames, which every-other-frame sampling would alias to no motion at all. `aligned`: each periodic
+    action at one period inside its range and from the rest pose (mouth closed, eyes open, head level)."""
     t = np.arange(num_frames, dtype=np.float32)[:, None, None]
     zeros = np.zeros_like(t)
     pose = {"yaw": zeros, "nod": zeros, "eyes": np.ones_like(t), "mouth": zeros}
-    phase = rng.uniform(0, 2 * np.pi)
+    # Both drawn whether used or not, so that aligned and random clips of a seed share every other draw.
+    phase, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0, 1)
+    if aligned:
+        phase = 0.0
+
+    def period(low: float, high: float, aligned_period: float) -> float:
+        return aligned_period if aligned else low + (high - low) * speed
+
     if action == "talking":
-        cycle = 2 * np.pi * t / rng.uniform(5.5, 7.5) + phase
+        cycle = 2 * np.pi * t / period(5.5, 7.5, 6.0) + phase
         pose["mouth"] = rng.uniform(0.8, 1.0) * (0.5 - 0.5 * np.cos(cycle))
     elif action == "blinking":
         # Closed for two frames per period: even every-other-frame sampling sees each blink.
-        period = int(rng.integers(6, 9))
-        profile = np.array([0.45, 0.0, 0.0, 0.45] + [1.0] * (period - 4), np.float32)
-        pose["eyes"] = profile[(t.astype(int) + rng.integers(period)) % period]
+        frames = int(period(6, 9, 7))  # 6, 7 or 8
+        profile = np.array([0.45, 0.0, 0.0, 0.45] + [1.0] * (frames - 4), np.float32)
+        pose["eyes"] = profile[(t.astype(int) + int(frames * phase / (2 * np.pi))) % frames]
     elif action == "nodding":
-        pose["nod"] = np.sin(2 * np.pi * t / rng.uniform(6.0, 8.0) + phase)
+        pose["nod"] = np.sin(2 * np.pi * t / period(6.0, 8.0, 7.0) + phase)
     elif action in ("turning left", "turning right"):
         direction = -1.0 if action == "turning left" else 1.0
         start, end = rng.uniform(-0.1, 0.1), rng.uniform(0.75, 0.95)
@@ -271,8 +282,10 @@ def _motion(action: str, num_frames: int, rng) -> dict:
     return {name: curve if np.ptp(curve) > 0 else curve[:1] for name, curve in pose.items()}
 
 
-def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, seed: int) -> np.ndarray:
-    """Draw one clip as uint8 ``(num_frames, resolution, resolution, 3)``; deterministic for a seed."""
+def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, seed: int,
+                aligned_motion: bool = False) -> np.ndarray:
+    """Draw one clip as uint8 ``(num_frames, resolution, resolution, 3)``; deterministic for a seed.
+    aligned_motion: every periodic action at one rhythm and phase (module docstring)."""
     _check_attributes(attributes)
     if num_frames < 1 or resolution < 16:
         raise ValueError(f"need num_frames >= 1 and resolution >= 16, got {num_frames}, {resolution}")
@@ -283,7 +296,7 @@ def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, se
     skin = _tint(SKIN_RGB[attributes["skin_tone"]], rng)
     hair = _tint(HAIR_RGB[attributes["hair_color"]], rng)
     shape = EMOTION_SHAPES[attributes["emotion"]]
-    pose = _motion(attributes["action"], num_frames, motion_rng)
+    pose = _motion(attributes["action"], num_frames, motion_rng, aligned_motion)
     yaw, turned = pose["yaw"], np.abs(pose["yaw"])
 
     # Head: about half the frame high; per-clip jitter of position and size.
@@ -370,21 +383,21 @@ def _clip_id(index: int) -> str:
 
 def _make_clip(job: tuple) -> ClipRecord:
     """Render and write clip `index` (unless a complete file is already there); returns its record."""
-    out_dir, index, num_frames, resolution, fps, seed, captions_per_clip = job
+    out_dir, index, num_frames, resolution, fps, seed, captions_per_clip, aligned_motion = job
     rng = np.random.default_rng([seed, index])  # clip i depends on (seed, i) only
     attributes = sample_attributes(rng)
     render_seed = int(rng.integers(2**63))
     captions = [caption_for(attributes, rng) for _ in range(captions_per_clip)]
     video = Path(out_dir) / "clips" / f"{_clip_id(index)}.mp4"
     if not video.is_file():  # files are written atomically: one that exists is complete
-        write_video(video, render_clip(attributes, num_frames, resolution, render_seed), fps)
+        write_video(video, render_clip(attributes, num_frames, resolution, render_seed, aligned_motion), fps)
     return ClipRecord(clip_id=_clip_id(index), video=str(video), captions=captions, attributes=attributes,
                       fps=float(fps), extra={"source": "facevid-synth"})
 
 
 def generate(out_dir: str | os.PathLike, num_clips: int, num_frames: int = 16, resolution: int = 64,
-             fps: float = 12.0, seed: int = 0, captions_per_clip: int = 2, workers: int = 1,
-             progress: bool = True) -> Path:
+             fps: float = 12.0, seed: int = 0, captions_per_clip: int = 2, aligned_motion: bool = False,
+             workers: int = 1, progress: bool = True) -> Path:
     """Write `num_clips` clips to out_dir/clips/*.mp4 and out_dir/manifest.jsonl; returns the manifest.
 
     synth_info.json records the arguments: a re-run with the same ones returns at once when the
@@ -397,7 +410,8 @@ def generate(out_dir: str | os.PathLike, num_clips: int, num_frames: int = 16, r
     manifest = out_dir / "manifest.jsonl"
     info_path = out_dir / "synth_info.json"
     info = {"version": SYNTH_VERSION, "num_clips": num_clips, "num_frames": num_frames,
-            "resolution": resolution, "fps": float(fps), "seed": seed, "captions_per_clip": captions_per_clip}
+            "resolution": resolution, "fps": float(fps), "seed": seed, "captions_per_clip": captions_per_clip,
+            "aligned_motion": aligned_motion}
     clip_paths = [out_dir / "clips" / f"{_clip_id(i)}.mp4" for i in range(num_clips)]
 
     previous = json.loads(info_path.read_text()) if info_path.is_file() else None
@@ -410,7 +424,8 @@ def generate(out_dir: str | os.PathLike, num_clips: int, num_frames: int = 16, r
         out_dir.mkdir(parents=True, exist_ok=True)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
 
-    jobs = [(str(out_dir), i, num_frames, resolution, fps, seed, captions_per_clip) for i in range(num_clips)]
+    jobs = [(str(out_dir), i, num_frames, resolution, fps, seed, captions_per_clip, aligned_motion)
+            for i in range(num_clips)]
     bar = {"total": num_clips, "desc": "FaceVid-Synth", "unit": "clip", "disable": not progress}
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -429,10 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--captions-per-clip", type=int, default=2)
+    parser.add_argument("--aligned-motion", action="store_true",
+                        help="every periodic action at one rhythm, from the rest pose at frame 0")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
     args = parser.parse_args(argv)
     manifest = generate(args.out, args.num_clips, num_frames=args.frames, resolution=args.resolution,
                         fps=args.fps, seed=args.seed, captions_per_clip=args.captions_per_clip,
+                        aligned_motion=args.aligned_motion,
                         workers=args.workers)
     print(manifest)
 

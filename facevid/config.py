@@ -35,6 +35,9 @@ class SynthDataConfig:
     resolution: int = 64
     fps: float = 12.0
     seed: int = 0
+    # Every periodic action at one rhythm, from the rest pose at frame 0 (data/synth.py): its average clip is
+    # the action itself, which unet.text_motion_frames learns at the demo's budget.
+    aligned_motion: bool = False
 
 
 @dataclass
@@ -110,6 +113,9 @@ class UNetConfig:
     # only on the demo, where it needs low guidance (1.5; at 4 guidance overshoots the prior's colours).
     text_layout: bool = False
     text_layout_size: int = 16
+    # > 0: the layout also gets a per-frame part from the text, this many frames (see FaceVidUNet3D). Learns an
+    # action's timing only where every clip of it moves in step (FaceVid-Synth: data.synth.aligned_motion).
+    text_motion_frames: int = 0
     attention_backend: str = "auto"  # auto | sdpa | math | xformers
     gradient_checkpointing: bool = False
 
@@ -334,9 +340,12 @@ def validate(cfg: RunConfig) -> None:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
                 "train.replica_check_every", "eval.every", "vae.layers_per_block",
-                "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight"]:
+                "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight", "unet.text_motion_frames"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
+    if cfg.unet.text_motion_frames and not cfg.unet.text_layout and not cfg.unet.pretrained:
+        _fail("unet.text_motion_frames", cfg.unet.text_motion_frames,
+              "is a part of the text layout: set unet.text_layout=true, or 0")
     for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
         if not _get(cfg, key) > 0:
             _fail(key, _get(cfg, key), "must be > 0")

@@ -152,7 +152,8 @@ class TextToVideoStage:
                 attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
                 cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
                 pooled_text_conditioning=u.pooled_text_conditioning, text_layout=u.text_layout,
-                text_layout_size=u.text_layout_size, temporal_conv=u.temporal_conv,
+                text_layout_size=u.text_layout_size, text_motion_frames=u.text_motion_frames,
+                temporal_conv=u.temporal_conv,
                 temporal_feed_forward=u.temporal_feed_forward,
             )
         factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)

@@ -86,14 +86,18 @@ def setup_logging(accelerator: Accelerator) -> None:
 def ensure_manifest(cfg: RunConfig, accelerator: Accelerator) -> Path:
     """The manifest to train on; FaceVid-Synth is generated there first when the config asks for it."""
     manifest = Path(cfg.data.manifest)
-    if not manifest.is_file():
+    s = cfg.data.synth
+    # A FaceVid-Synth folder (it has synth_info.json) drawn with other settings is redrawn; generate() returns
+    # at once when the files already match. Any other existing manifest is never touched.
+    ours = (manifest.parent / "synth_info.json").is_file()
+    if not manifest.is_file() or (ours and s.num_clips):
         if accelerator.is_main_process:
             from data import synth
 
-            s = cfg.data.synth
-            logger.info("generating FaceVid-Synth (%d clips) into %s", s.num_clips, manifest.parent)
+            logger.info("FaceVid-Synth (%d clips, aligned_motion=%s) in %s: generating what is missing",
+                        s.num_clips, s.aligned_motion, manifest.parent)
             synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
-                           resolution=s.resolution, fps=s.fps, seed=s.seed)
+                           resolution=s.resolution, fps=s.fps, seed=s.seed, aligned_motion=s.aligned_motion)
         accelerator.wait_for_everyone()
     return manifest
 

@@ -351,6 +351,13 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             output layer starts at zero, so enabling it on a pretrained UNet leaves that UNet's function
             unchanged. Guidance multiplies its prompt-dependent part: sample with low guidance (the demo: 1.5).
         text_layout_size: side of the text_layout grid.
+        text_motion_frames: > 0 adds to the layout a per-frame part, also from the pooled text (its own small
+            MLP: the action words need not compete with the colours for one hidden layer): text_motion_frames
+            grids of text_layout_size, made zero-mean over frames and resampled to the clip's frame count. It
+            learns a prompt's average motion, which is the action itself only where every clip of an action
+            moves in step (FaceVid-Synth with aligned_motion: talking prompts then read as talking at the
+            demo's 420 steps, 9/14 against 2-3/14; README, Evaluation); with random timing that average is
+            ~0 and the part stays ~0. Needs text_layout; starts at zero like it.
     """
 
     _supports_gradient_checkpointing = True
@@ -381,6 +388,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         pooled_text_conditioning: bool = False,
         text_layout: bool = False,
         text_layout_size: int = 16,
+        text_motion_frames: int = 0,
     ):
         super().__init__()
         num_levels = len(block_out_channels)
@@ -410,6 +418,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         ):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}.")
+        if text_motion_frames < 0 or (text_motion_frames and not text_layout):
+            raise ValueError(f"text_motion_frames={text_motion_frames} needs text_layout=True and must be >= 0.")
         validate_attention_backend(attention_backend)
 
         def num_heads(channels: int, head_dim: int) -> int:
@@ -463,6 +473,16 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             self.text_layout_gate = nn.Linear(temb_channels, out_channels)
             nn.init.zeros_(self.text_layout_gate.weight)
             nn.init.ones_(self.text_layout_gate.bias)
+        self.text_motion_head = None
+        if text_motion_frames:
+            self.text_motion_head = nn.Sequential(
+                nn.LayerNorm(cross_attention_dim),
+                nn.Linear(cross_attention_dim, 256),
+                nn.SiLU(),
+                nn.Linear(256, out_channels * text_motion_frames * text_layout_size**2),
+            )
+            nn.init.zeros_(self.text_motion_head[-1].weight)
+            nn.init.zeros_(self.text_motion_head[-1].bias)
         self.conv_in = nn.Conv2d(in_channels + condition_channels, base_channels, kernel_size=3, padding=1)
         self.input_layer = None
         if input_temporal_transformer:
@@ -614,9 +634,13 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         layout = None
         if self.text_layout_head is not None:
             size = self.config.text_layout_size
-            grid = self.text_layout_head(pooled_text).view(batch_size, -1, size, size)
-            grid = F.interpolate(grid, size=sample.shape[-2:], mode="bilinear", align_corners=False)
-            layout = self.text_layout_gate(F.silu(temb))[:, :, None, None] * grid
+            grid = self.text_layout_head(pooled_text).view(batch_size, -1, 1, size, size)
+            if self.text_motion_head is not None:
+                motion = self.text_motion_head(pooled_text).view(batch_size, -1, self.config.text_motion_frames,
+                                                                 size, size)
+                grid = grid + motion - motion.mean(dim=2, keepdim=True)
+            grid = F.interpolate(grid, size=(num_frames, *sample.shape[-2:]), mode="trilinear", align_corners=False)
+            layout = self.text_layout_gate(F.silu(temb))[:, :, None, None, None] * grid
         if not self.config.cross_attention_mask:
             encoder_attention_mask = None
         if encoder_attention_mask is not None:
@@ -647,5 +671,5 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
 
         x = rearrange(self.conv_out(F.silu(self.norm_out(x))), "(b f) c h w -> b c f h w", f=num_frames)
         if layout is not None:
-            x = x + layout[:, :, None]  # the same layout for every frame
+            x = x + layout
         return x
