@@ -353,7 +353,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         text_layout_size: side of the text_layout grid.
         text_motion_frames: > 0 adds to the layout a per-frame part, also from the pooled text (its own small
             MLP: the action words need not compete with the colours for one hidden layer): text_motion_frames
-            grids of text_layout_size, made zero-mean over frames and resampled to the clip's frame count. It
+            grids of text_layout_size, resampled to the clip's frame count and made zero-mean over it. It
             learns a prompt's average motion, which is the action itself only where every clip of an action
             moves in step (FaceVid-Synth with aligned_motion: talking prompts then read as talking at the
             demo's 420 steps, 9/14 against 2-3/14; README, Evaluation); with random timing that average is
@@ -638,7 +638,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             if self.text_motion_head is not None:
                 motion = self.text_motion_head(pooled_text).view(batch_size, -1, self.config.text_motion_frames,
                                                                  size, size)
-                grid = grid + motion - motion.mean(dim=2, keepdim=True)
+                motion = F.interpolate(motion, size=(num_frames, size, size), mode="trilinear", align_corners=False)
+                grid = grid + motion - motion.mean(dim=2, keepdim=True)  # motion only: the layout keeps the mean
             grid = F.interpolate(grid, size=(num_frames, *sample.shape[-2:]), mode="trilinear", align_corners=False)
             layout = self.text_layout_gate(F.silu(temb))[:, :, None, None, None] * grid
         if not self.config.cross_attention_mask:

@@ -68,6 +68,8 @@ def test_impossible_values(manifest, tmp_path):
                           ("vae.edge_loss_weight=-1", "vae.edge_loss_weight"),
                           ("diffusion.motion_loss_weight=-2", "diffusion.motion_loss_weight"),
                           ("diffusion.motion_std=0", "diffusion.motion_std"),
+                          ("unet.text_motion_frames=-1", "unet.text_motion_frames"),
+                          ("unet.text_motion_frames=8", "unet.text_motion_frames.*text_layout"),
                           ("diffusion.motion_std=0.1", "diffusion.motion_std.*v_prediction")]:
         needs_epsilon = "zero_terminal" in override or override == "diffusion.motion_std=0.1"
         extra = ["diffusion.prediction_type=epsilon"] if needs_epsilon else []

@@ -63,6 +63,23 @@ def test_still_is_static_and_talking_moves_the_mouth_below_the_blinking_eyes():
         assert mouth_y > eyes_y + 0.1 * SIZE  # same seed, same face: the mouth is well below the eyes
 
 
+def test_aligned_motion_puts_every_clip_of_an_action_in_step():
+    def curves(action, aligned):  # the pose curve an action drives, for 4 clips of different seeds
+        key = {"talking": "mouth", "blinking": "eyes", "nodding": "nod"}[action]
+        return [synth._motion(action, 16, np.random.default_rng(seed), aligned)[key].ravel() for seed in range(4)]
+
+    for action in ("talking", "blinking", "nodding"):
+        aligned, free = curves(action, True), curves(action, False)
+        # Aligned: one rhythm from the rest pose (a talking mouth's depth still varies per clip).
+        assert all(np.allclose(c / c.max(), aligned[0] / aligned[0].max(), atol=1e-6) for c in aligned), action
+        assert not all(np.allclose(c / c.max(), free[0] / free[0].max(), atol=1e-2) for c in free), action
+    assert curves("talking", True)[0][0] == 0 and curves("nodding", True)[0][0] == 0  # mouth shut, head level
+    # The rest of the clip is the same person and scene either way.
+    attributes = {**synth.sample_attributes(np.random.default_rng(3)), "action": "still"}
+    np.testing.assert_array_equal(synth.render_clip(attributes, 4, 32, 7, aligned_motion=True),
+                                  synth.render_clip(attributes, 4, 32, 7))
+
+
 def test_blinks_survive_every_other_frame_sampling():
     for seed in range(5):
         video = render(seed, action="blinking")
@@ -138,6 +155,10 @@ def test_generate_reuses_what_is_on_disk(tmp_path):
     clips[1].unlink()  # an interrupted run: only the missing clip is drawn again
     synth.generate(tmp_path, **kwargs)
     assert clips[1].is_file() and clips[0].stat().st_mtime_ns == stamps[0]
+
+    synth.generate(tmp_path, **kwargs, aligned_motion=True)  # other timing: every clip drawn again
+    assert json.loads((tmp_path / "synth_info.json").read_text())["aligned_motion"] is True
+    assert all(clip.stat().st_mtime_ns != stamp for clip, stamp in zip(clips, stamps))
 
     synth.generate(tmp_path, **{**kwargs, "num_clips": 2, "num_frames": 6})  # other arguments: start over
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == ["synth_00000.mp4", "synth_00001.mp4"]

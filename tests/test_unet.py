@@ -274,6 +274,35 @@ def test_text_layout_starts_neutral_and_adds_one_prompt_layout_to_every_frame():
         assert not torch.allclose(low_noise, high_noise, atol=1e-3)
 
 
+def test_text_motion_frames_add_a_zero_mean_per_frame_part_to_the_layout():
+    with pytest.raises(ValueError, match="text_motion_frames"):
+        make_model(text_motion_frames=4)  # a part of the text layout, which is off
+    layout_only = make_model(text_layout=True, text_layout_size=4)
+    with_motion = make_model(text_layout=True, text_layout_size=4, text_motion_frames=3)
+    missing, unexpected = with_motion.load_state_dict(layout_only.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("text_motion_head") for k in missing)
+    inputs, mask = make_inputs(context_len=6), padding_mask(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(with_motion(**inputs, encoder_attention_mask=mask),
+                                   layout_only(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
+        randomize_zero_layers(with_motion)
+        layout_only.load_state_dict(with_motion.state_dict(), strict=False)
+
+        def motion_of(**changes):
+            args = {**inputs, "encoder_attention_mask": mask, **changes}
+            return with_motion(**args) - layout_only(**args)
+
+        motion = motion_of()  # 3 learnt frames resampled to the input's frame count
+        assert motion.shape == inputs["sample"].shape and motion.abs().mean() > 1e-3
+        assert not torch.allclose(motion[:, :, :1].expand_as(motion), motion, atol=1e-3)  # differs frame to frame
+        torch.testing.assert_close(motion.mean(dim=2), torch.zeros_like(motion.mean(dim=2)), atol=1e-5, rtol=0)
+        other_text = torch.randn_like(inputs["encoder_hidden_states"])
+        assert not torch.allclose(motion_of(encoder_hidden_states=other_text), motion, atol=1e-3)
+        torch.testing.assert_close(motion_of(sample=torch.randn_like(inputs["sample"])), motion, atol=1e-5, rtol=0)
+        one_frame = {k: v[:, :, :1] if k == "sample" else v for k, v in inputs.items()}
+        assert motion_of(**one_frame).abs().max() < 1e-5  # a single frame has no motion to add
+
+
 def test_set_attention_backend_switches_every_layer():
     model = make_model()
     model.set_attention_backend("math")
