@@ -246,22 +246,28 @@ def test_pooled_text_conditioning_starts_neutral_and_reads_only_real_tokens():
         assert not torch.allclose(pooled(**inputs, encoder_attention_mask=mask), reference, atol=1e-3)
 
 
-def test_text_layout_starts_neutral_and_adds_one_prompt_layout_to_every_frame():
-    plain = make_model()
-    with_layout = make_model(text_layout=True, text_layout_size=4)
-    missing, unexpected = with_layout.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(k.startswith("text_layout_") for k in missing)
+def added_output(base: dict, extra: dict, new_prefix: str):
+    """(inputs, f): f(**changes) = output of a model with `extra` options minus that of the same model without
+    them, after checking that the extra part adds only `new_prefix` weights and starts at exactly zero."""
+    plain, extended = make_model(**base), make_model(**base, **extra)
+    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith(new_prefix) for k in missing)
     inputs, mask = make_inputs(context_len=6), padding_mask(2, 6)
+    torch.testing.assert_close(extended(**inputs, encoder_attention_mask=mask),
+                               plain(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
+    randomize_zero_layers(extended)
+    plain.load_state_dict(extended.state_dict(), strict=False)  # the shared weights stay equal
+
+    def added(**changes):
+        args = {**inputs, "encoder_attention_mask": mask, **changes}
+        return extended(**args) - plain(**args)
+
+    return inputs, added
+
+
+def test_text_layout_starts_neutral_and_adds_one_prompt_layout_to_every_frame():
     with torch.no_grad():
-        torch.testing.assert_close(with_layout(**inputs, encoder_attention_mask=mask),
-                                   plain(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
-        randomize_zero_layers(with_layout)
-        plain.load_state_dict(with_layout.state_dict(), strict=False)  # the shared weights stay equal
-
-        def layout_of(**changes):
-            args = {**inputs, "encoder_attention_mask": mask, **changes}
-            return with_layout(**args) - plain(**args)
-
+        inputs, layout_of = added_output({}, {"text_layout": True, "text_layout_size": 4}, "text_layout_")
         layout = layout_of()
         assert layout.abs().mean() > 1e-3
         # One coarse image per prompt, resized to the latent and shared by every frame ...
@@ -277,21 +283,9 @@ def test_text_layout_starts_neutral_and_adds_one_prompt_layout_to_every_frame():
 def test_text_motion_frames_add_a_zero_mean_per_frame_part_to_the_layout():
     with pytest.raises(ValueError, match="text_motion_frames"):
         make_model(text_motion_frames=4)  # a part of the text layout, which is off
-    layout_only = make_model(text_layout=True, text_layout_size=4)
-    with_motion = make_model(text_layout=True, text_layout_size=4, text_motion_frames=3)
-    missing, unexpected = with_motion.load_state_dict(layout_only.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(k.startswith("text_motion_head") for k in missing)
-    inputs, mask = make_inputs(context_len=6), padding_mask(2, 6)
     with torch.no_grad():
-        torch.testing.assert_close(with_motion(**inputs, encoder_attention_mask=mask),
-                                   layout_only(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
-        randomize_zero_layers(with_motion)
-        layout_only.load_state_dict(with_motion.state_dict(), strict=False)
-
-        def motion_of(**changes):
-            args = {**inputs, "encoder_attention_mask": mask, **changes}
-            return with_motion(**args) - layout_only(**args)
-
+        inputs, motion_of = added_output({"text_layout": True, "text_layout_size": 4}, {"text_motion_frames": 3},
+                                         "text_motion_head")
         motion = motion_of()  # 3 learnt frames resampled to the input's frame count
         assert motion.shape == inputs["sample"].shape and motion.abs().mean() > 1e-3
         assert not torch.allclose(motion[:, :, :1].expand_as(motion), motion, atol=1e-3)  # differs frame to frame
