@@ -4,6 +4,7 @@
     python sample.py --run runs/i2v --image face.png --prompt "a person talking"             # i2v
     python sample.py --run runs/i2v --image clip.mp4 --image-frame 12 --prompt "..."         # i2v, a video frame
     python sample.py --run runs/uncond --num-videos 4                                        # uncond
+    python sample.py --run runs/demo --prompts-file configs/demo_prompts.txt --same-seed     # one noise for all
 
 Writes an mp4, a gif and a PNG contact sheet per video (plus all.png) and prints their paths. A request the
 run's task cannot serve (an image for t2v, none for i2v, a prompt for uncond) is refused with what to give.
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None, help="number of denoising steps")
     parser.add_argument("--scheduler", choices=["dpm++", "ddim"], default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="prompt i gets seed + i (default: the run's sample.seed)")
+    parser.add_argument("--same-seed", action="store_true",
+                        help="every prompt gets the same seed, so prompts that differ in one word differ only by it")
     parser.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     parser.add_argument("--resolution", type=int, default=None, help="default: the training resolution")
     parser.add_argument("--fps", type=float, default=None)
@@ -50,6 +53,8 @@ def main(argv=None) -> int:
         parser.error("--num-videos must be >= 1")
     if args.image_frame is not None and not args.image:
         parser.error("--image-frame needs --image")
+    if args.same_seed and not prompts:
+        parser.error("--same-seed needs prompts: it gives every prompt the same noise")
     try:
         pipe = FaceVidPipeline.from_run(args.run, use_ema=not args.no_ema, device=args.device)
         check_request(pipe.task, bool(prompts), bool(args.image), source=f"run {args.run}")
@@ -59,12 +64,15 @@ def main(argv=None) -> int:
     except (OSError, ValueError, VideoDecodeError) as err:  # missing / unreadable files, task mismatches
         print(f"error: {err}", file=sys.stderr)
         return 2
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    seed = pick(args.seed, cfg.sample.seed)
     if pipe.task == "uncond":
         labels = [f"unconditional {i}" for i in range(args.num_videos)]
     else:  # an i2v run may be given an image alone: it is then sampled with the empty prompt
+        if args.same_seed:  # repeat k of every prompt gets seed + k
+            seed = [seed + k for _ in prompts for k in range(args.num_videos)]
         prompts = [p for p in (prompts or [""]) for _ in range(args.num_videos)]
         labels = [p or f"image {Path(args.image).stem}" for p in prompts]
-    pick = lambda value, default: default if value is None else value  # noqa: E731
     videos = pipe(
         prompts,
         images=None if image is None else image[None].expand(len(prompts), -1, -1, -1),
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
         num_inference_steps=pick(args.steps, cfg.sample.num_inference_steps),
         guidance_scale=pick(args.guidance_scale, cfg.sample.guidance_scale),
         scheduler=pick(args.scheduler, cfg.sample.scheduler),
-        seed=pick(args.seed, cfg.sample.seed),
+        seed=seed,
         progress=True,
     )
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "cli"

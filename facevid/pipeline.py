@@ -7,6 +7,7 @@ produce the same video for the same weights, inputs, seed and scheduler.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,7 @@ class FaceVidPipeline:
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         scheduler="dpm++",
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         progress: bool = False,
     ) -> np.ndarray:
         """Returns uint8 videos (N, F, H, W, 3).
@@ -124,7 +125,8 @@ class FaceVidPipeline:
         t2v: one video per prompt. i2v: one per (prompt, image) pair, images (N, 3, H, W) in [-1, 1] at
         `resolution` (a prompt may be ""); frame 0 is the image after a VAE round trip. uncond: `num_videos`
         videos, no prompts. `scheduler` is "dpm++", "ddim" or a ready diffusers scheduler. Video i's noise is
-        seeded by seed + i, so a video does not depend on which others share the batch.
+        seeded by seed + i, so a video does not depend on which others share the batch; a list of seeds gives
+        each video its own (the same seed for two prompts that differ in one word shows that word's effect).
         """
         check_request(self.task, bool(prompts), images is not None)
         factor = downscale_factor(self.vae)
@@ -136,11 +138,13 @@ class FaceVidPipeline:
             prompts = [""] * len(images)
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"give one image per prompt: {len(images)} image(s), {len(prompts)} prompt(s)")
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"give one seed per video: {len(seeds)} seed(s) for {len(prompts)} video(s)")
         device = self.device
         shape = (self.unet.config.in_channels, num_frames, resolution // factor, resolution // factor)
         latents = torch.stack([
-            video_noise(shape, torch.Generator().manual_seed(seed + i), self.frame_noise_correlation)
-            for i in range(len(prompts))
+            video_noise(shape, torch.Generator().manual_seed(s), self.frame_noise_correlation) for s in seeds
         ]).to(device)
 
         text, mask = self.text_encoder(prompts)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tiny import TINY, tiny_config, train_tiny_vae
 
 from data import synth
-from data.video import probe_video
+from data.video import probe_video, read_frames
 from facevid.config import DiffusionConfig
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler
 from facevid.pipeline import FaceVidPipeline
@@ -196,6 +196,12 @@ def test_sampling_is_deterministic_by_seed(t2v_run):
     assert not np.array_equal(b, c)
     ddim = pipe(["a person with red hair talking"], seed=5, scheduler="ddim", **kwargs)
     assert ddim.shape == b.shape
+    # One seed per video: the second prompt sampled with the first one's noise, as if alone with seed 5.
+    same = pipe(["a person with red hair talking", "a person with gray hair"], seed=[5, 5], **kwargs)
+    alone = pipe(["a person with gray hair"], seed=5, **kwargs)
+    assert np.array_equal(same[0], b[0]) and np.array_equal(same[1], alone[0]) and not np.array_equal(same[1], a[1])
+    with pytest.raises(ValueError, match="one seed per video"):
+        pipe(["a person talking"], seed=[1, 2], **kwargs)
 
 
 def test_sample_cli_writes_playable_files(t2v_run, tmp_path):
@@ -209,6 +215,21 @@ def test_sample_cli_writes_playable_files(t2v_run, tmp_path):
     assert str(mp4s[0]) in result.stdout
     info = probe_video(mp4s[0])
     assert (info.num_frames, info.width, info.height) == (4, 16, 16)
+
+
+def test_sample_cli_same_seed_gives_every_prompt_the_same_noise(t2v_run, tmp_path):
+    def sample(*extra):
+        out = tmp_path / "-".join(extra or ("plain",))
+        cmd = [sys.executable, str(REPO / "sample.py"), "--run", str(t2v_run), "--prompt", "a person talking",
+               "--prompt", "a person talking", "--steps", "2", "--seed", "3", "--out", str(out), *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [read_frames(p, range(4)) for p in sorted(out.glob("*.mp4"))]
+
+    first, second = sample("--same-seed")
+    assert np.array_equal(first, second)  # the same prompt with the same noise: the same video
+    first, second = sample()
+    assert not np.array_equal(first, second)  # seeds 3 and 4
 
 
 def test_sample_cli_refuses_a_vae_run(tiny_vae, tmp_path):
