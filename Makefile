@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The demo's three stages. $(1): the VAE stage's config, $(2): the text-to-video config, $(3): its run folder.
+# The prompts come in pairs one action word apart; --same-seed gives both the same noise.
 define demo_stages
 	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/$(1))
 	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/$(2))
-	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run $(3) --prompts-file configs/demo_prompts.txt --out $(3)/samples/demo)
+	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run $(3) --prompts-file configs/demo_prompts.txt --same-seed --out $(3)/samples/demo)
 endef
 
 demo: $(STAMP)

@@ -293,7 +293,7 @@ def _enlarge_small(frames: np.ndarray, min_side: int) -> np.ndarray:
 
 
 def save_contact_sheet(path: str | os.PathLike, videos: Sequence[np.ndarray],
-                       labels: Sequence[str] | None = None, max_frames: int = 8, min_side: int = 64) -> Path:
+                       labels: Sequence[str] | None = None, max_frames: int = 8, min_side: int = 128) -> Path:
     """PNG grid: one row per video, up to `max_frames` evenly spaced frames as columns.
 
     Videos of different sizes are centered in cells of the largest size. With `labels`, each row gets

@@ -113,8 +113,10 @@ def test_shipped_configs_parse(tmp_path, monkeypatch):
     cfg = load_config(configs / "demo_vae.yaml")
     assert cfg.stage == "vae" and cfg.data.synth.num_clips > 0
     long_vae = load_config(configs / "demo_long_vae.yaml")
-    assert long_vae.vae.edge_loss_weight > 0 and long_vae.train.max_steps == 2 * cfg.train.max_steps
-    assert long_vae.output_dir != cfg.output_dir
+    # demo-long's VAE: the demo's recipe (edge term, same steps) on its own data (random motion timing).
+    assert cfg.vae.edge_loss_weight > 0 and (long_vae.vae, long_vae.train) == (cfg.vae, cfg.train)
+    assert not long_vae.data.synth.aligned_motion and cfg.data.synth.aligned_motion
+    assert long_vae.output_dir != cfg.output_dir and long_vae.data.manifest != cfg.data.manifest
     # The t2v configs need their VAE stage's output first, and say so.
     for t2v, vae_dir in [("demo.yaml", cfg.output_dir), ("demo_long.yaml", long_vae.output_dir)]:
         with pytest.raises(ConfigError, match=f"vae.pretrained.*{vae_dir}/vae.*not found"):
