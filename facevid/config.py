@@ -9,12 +9,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+try:
+    from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
+except ImportError:
+    from omegaconf._utils import get_yaml_loader  # omegaconf 2.3
 
 BUNDLED_TEXT_ENCODERS = {
     # name -> (python package that ships the weights, folder inside it)
@@ -233,12 +240,40 @@ CHOICES = {
 }
 
 
+# Keys whose "off" choice is what `off` / `false` (and a YAML 1.1 `no`) mean.
+OFF_CHOICES = {"train.mixed_precision": "no", "data.cache": "none", "train.tracker": "none"}
+
+
+class _Loader(get_yaml_loader()):
+    """OmegaConf's YAML loader with YAML 1.2 booleans: only true/false are booleans. YAML 1.1 also reads
+    `no`, `off`, `yes`, `on` as booleans, so `train.mixed_precision=no` arrived as 'False'. Boolean keys
+    still accept yes/no/on/off (OmegaConf converts those strings)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+
+
 def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config 'base' chain loops back to {path}")
-    raw = OmegaConf.load(path)
+    content = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(content, (dict, type(None))):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(content).__name__}")
+    raw = OmegaConf.create(content or {})
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -250,10 +285,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
     schema = OmegaConf.structured(RunConfig)
     layers = [_load_yaml_with_bases(Path(path))] if path else []
+    dotlist = OmegaConf.create()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+        key, value = item.split("=", 1)
+        OmegaConf.update(dotlist, key, _parse_yaml(value, f"override {item!r}"))
+    layers.append(dotlist)
     try:
         merged = OmegaConf.merge(schema, *layers)
         # Resolve interpolations and MISSING now so a bad config fails before any work.
@@ -264,6 +302,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         raise ConfigError(f"config key '{err.full_key}' has a value of the wrong type: {err.msg}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {err.msg}") from None
+    for key, off in OFF_CHOICES.items():
+        if str(_get(cfg, key)).lower() in ("off", "false", "no"):
+            parent, _, name = key.rpartition(".")
+            setattr(_get(cfg, parent), name, off)
     validate(cfg)
     return cfg
 

@@ -127,3 +127,25 @@ def test_vae_without_resnet_blocks_needs_equal_widths(manifest, tmp_path):
     load_config(None, base(manifest, tmp_path, "vae.layers_per_block=0", "vae.block_out_channels=[64,64,64]"))
     with pytest.raises(ConfigError, match=r"vae.block_out_channels.*same width"):
         load_config(None, base(manifest, tmp_path, "vae.layers_per_block=0", "vae.block_out_channels=[32,64,64]"))
+
+
+def test_yaml_booleans_do_not_sneak_into_string_keys(manifest, tmp_path):
+    """YAML 1.1 reads `no` / `off` as false; string keys must get what was written (issue 21, item 1)."""
+    cfg = load_config(None, base(manifest, tmp_path, "train.mixed_precision=no", "sample.negative_prompt=no",
+                                 "train.validation_prompts=[yes, on]"))
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.sample.negative_prompt == "no" and cfg.train.validation_prompts == ["yes", "on"]
+    # "off" / false mean the key's off choice.
+    for value in ("off", "false", "OFF"):
+        cfg = load_config(None, base(manifest, tmp_path, f"train.mixed_precision={value}",
+                                     f"train.tracker={value}", f"data.cache={value}"))
+        assert (cfg.train.mixed_precision, cfg.train.tracker, cfg.data.cache) == ("no", "none", "none")
+    (tmp_path / "c.yaml").write_text(f"data:\n  manifest: {manifest}\n  flip: yes\n  cache: off\n"
+                                     f"output_dir: {tmp_path}\nstage: vae\ntrain:\n  mixed_precision: no\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.mixed_precision, cfg.data.cache, cfg.data.flip) == ("no", "none", True)
+    # Boolean keys still read yes / on / off.
+    assert load_config(None, base(manifest, tmp_path, "data.flip=on")).data.flip is True
+    assert load_config(None, base(manifest, tmp_path, "data.flip=off")).data.flip is False
+    with pytest.raises(ConfigError, match="train.mixed_precision.*auto, no, fp16, bf16"):
+        load_config(None, base(manifest, tmp_path, "train.mixed_precision=fp8"))
