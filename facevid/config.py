@@ -10,11 +10,15 @@ import importlib.util
 import json
 import os
 import re
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -352,6 +356,80 @@ def _looks_local(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def _model_file(name: str, subfolder: Optional[str], filename: str) -> Path | None:
+    """A model's file when it is on this machine: in a local folder, or in the local Hugging Face cache."""
+    relative = f"{subfolder}/{filename}" if subfolder else filename
+    if _looks_local(name):
+        path = Path(name).expanduser() / relative
+        return path if path.is_file() else None
+    found = try_to_load_from_cache(name, relative)
+    return Path(found) if isinstance(found, str) else None
+
+
+def text_encoder_positions(cfg: RunConfig) -> int | None:
+    """How many token positions the text encoder has (None: no fixed limit, or its config is not at hand)."""
+    config_file = _model_file(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.subfolder,
+                              "config.json")
+    if config_file is None:
+        return None
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") in ("t5", "mt5", "umt5"):
+        return None  # relative position buckets: any length works
+    config = config.get("text_config") or config  # a full CLIPModel folder keeps the text tower's config here
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _offline() -> bool:
+    # Read at call time (huggingface_hub reads it once, at import).
+    return any(os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE")
+               for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_ids(cfg: RunConfig) -> list[tuple[str, str, Optional[str]]]:
+    """(config key, hub id, subfolder) of every model the run would fetch from the Hugging Face Hub."""
+    named = [("text_encoder.pretrained", resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.subfolder),
+             ("unet.pretrained", cfg.unet.pretrained, cfg.unet.subfolder)]
+    if cfg.stage == "t2v":
+        named.append(("vae.pretrained", cfg.vae.pretrained, cfg.vae.subfolder))
+    if cfg.eval.every and "clip" in cfg.eval.metrics:
+        named.append(("eval.clip", cfg.eval.clip, None))
+    return [(key, name, sub) for key, name, sub in named if name and not _looks_local(name)]
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One request with a short timeout. huggingface_hub retries a failed request 5 times with backoff, each
+    try waiting up to HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT (10 s): minutes before an unreachable hub
+    gives up."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_hub_models(cfg: RunConfig) -> None:
+    """A hub id must be in the local cache when offline, and the hub reachable when it is not cached."""
+    models = _hub_ids(cfg)
+    missing = [(key, name, sub) for key, name, sub in models
+               if not any(_model_file(name, sub, f) for f in ("config.json", "model_index.json"))]
+    if not missing:
+        return
+    key, name, _ = missing[0]
+    fix = (f"download it on a connected machine (`huggingface-cli download {name}`, then copy the Hugging Face "
+           f"cache, {hub_constants.HF_HUB_CACHE}) or set {key} to a local folder holding the model")
+    if _offline():
+        _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub is off "
+              f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set): {fix}")
+    if not _hub_reachable():
+        _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub "
+              f"({hub_constants.ENDPOINT}) cannot be reached from this machine: {fix}")
+
+
 def vae_downscale_factor(cfg: RunConfig) -> int | None:
     """Spatial factor of the VAE, when it can be known without a download."""
     if cfg.stage == "vae" or not cfg.vae.pretrained:
@@ -475,6 +553,11 @@ def validate(cfg: RunConfig) -> None:
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     if _looks_local(encoder) and not Path(encoder).exists():
         _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
+    _check_hub_models(cfg)
+    positions = text_encoder_positions(cfg)
+    if positions is not None and cfg.text_encoder.max_length > positions:
+        _fail("text_encoder.max_length", cfg.text_encoder.max_length, f"must be at most {positions}: the text "
+              f"encoder {cfg.text_encoder.pretrained} has {positions} token positions")
     _validate_evaluation(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
