@@ -29,8 +29,12 @@ def main(argv=None) -> int:
         return 2
     accelerator = build_accelerator(cfg, Path(cfg.output_dir))
     setup_logging(accelerator)
-    ensure_manifest(cfg, accelerator)
-    report = build_cache(cfg, accelerator)
+    try:
+        ensure_manifest(cfg, accelerator)
+        report = build_cache(cfg, accelerator)
+    except ConfigError as err:  # found once the manifest is read or the cache opened
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0 if report.clips_encoded + report.clips_already_cached > 0 else 1
 
 

@@ -23,7 +23,11 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    Trainer(cfg, STAGES[cfg.stage](cfg)).fit()
+    try:
+        Trainer(cfg, STAGES[cfg.stage](cfg)).fit()
+    except ConfigError as err:  # found once the data is read (e.g. a cache built for another setup)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,7 +5,12 @@ Layout of a cache folder::
 
     fingerprint.json                    what produced the cache (VAE, encoder, frames, dtype ...)
     shards/r{rank}-{seq:06d}.safetensors  VAE posteriors and text embeddings, written atomically
-    report-r{rank}.jsonl                clips skipped while building, with the reason
+    report-r{rank}.jsonl                clips (and manifest lines) skipped while building, with the reason
+    report.json                         the last build's counts
+    complete.json                       written last, once every clip of the manifest was encoded or
+                                        skipped; a cache without it is a build that stopped half-way
+
+Files respect the umask (a cache shared on a cluster is readable by the group).
 
 Why shards with an index rather than one file per clip: at FaceVid-1K scale (270k clips x windows
 x flips) one file per clip means millions of small files, which shared network filesystems handle
@@ -73,8 +78,7 @@ class CacheFingerprint:
         return [f"{k}: cache has {theirs[k]!r}, config needs {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
 
 
-class CacheMismatchError(RuntimeError):
-    pass
+COMPLETE_MARKER = "complete.json"
 
 
 def read_fingerprint(cache_dir: Path) -> CacheFingerprint | None:
@@ -84,26 +88,53 @@ def read_fingerprint(cache_dir: Path) -> CacheFingerprint | None:
     return CacheFingerprint(**json.loads(path.read_text()))
 
 
-def check_fingerprint(cache_dir: Path, expected: CacheFingerprint, rebuild_hint: str) -> None:
-    """Refuse a cache made by anything other than what the config describes, naming each field."""
-    found = read_fingerprint(cache_dir)
-    if found is None:
-        raise CacheMismatchError(f"{cache_dir} holds no cache (fingerprint.json missing); {rebuild_hint}")
-    diffs = expected.differences(found)
-    if diffs:
-        raise CacheMismatchError(
-            f"the cache in {cache_dir} was built for a different setup and will not be used:\n  "
-            + "\n  ".join(diffs) + f"\nRebuild it: {rebuild_hint}"
-        )
+def cache_state(cache_dir: str | Path) -> str:
+    """'missing' (no cache), 'incomplete' (a build that has not finished) or 'complete'."""
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / "fingerprint.json").is_file():
+        return "missing"
+    return "complete" if (cache_dir / COMPLETE_MARKER).is_file() else "incomplete"
+
+
+def shard_files(cache_dir: str | Path) -> list[Path]:
+    return sorted((Path(cache_dir) / "shards").glob("r*-*.safetensors"))
+
+
+def mark_complete(cache_dir: str | Path, summary: dict) -> None:
+    _write_text_atomic(Path(cache_dir) / COMPLETE_MARKER, json.dumps(summary, indent=2))
+
+
+def mark_incomplete(cache_dir: str | Path) -> None:
+    """Before a build adds to the cache."""
+    (Path(cache_dir) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def discard_cache(cache_dir: str | Path) -> None:
+    """Remove every file of the cache format (nothing else) from cache_dir."""
+    cache_dir = Path(cache_dir)
+    for path in [*shard_files(cache_dir), *(cache_dir / "shards").glob(".tmp-*"), *cache_dir.glob("report-r*.jsonl"),
+                 cache_dir / "report.json", cache_dir / COMPLETE_MARKER, cache_dir / "fingerprint.json"]:
+        path.unlink(missing_ok=True)
+
+
+def _readable(path: Path) -> None:
+    # safetensors (like tempfile.mkstemp) creates files readable by their owner only: apply the umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    # A per-process temporary name: two runs sharing one cache may both write the (same) file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_fingerprint(cache_dir: Path, fingerprint: CacheFingerprint) -> None:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # A per-process temporary name: two runs sharing one cache may both write the (same) fingerprint.
-    tmp = cache_dir / f"fingerprint.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(asdict(fingerprint), indent=2))
-    os.replace(tmp, cache_dir / "fingerprint.json")
+    _write_text_atomic(cache_dir / "fingerprint.json", json.dumps(asdict(fingerprint), indent=2))
 
 
 def hash_weights(folder: str | Path) -> str:
@@ -160,6 +191,7 @@ class CacheWriter:
         final = self.shard_dir / f"r{self.rank}-{self.next_seq:06d}.safetensors"
         tmp = final.with_name(f".tmp-{final.name}")
         save_file(self.pending, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+        _readable(tmp)
         os.replace(tmp, final)
         self.bytes_written += final.stat().st_size
         self.next_seq += 1
@@ -173,7 +205,7 @@ class LatentCache:
         self.cache_dir = Path(cache_dir)
         self.fingerprint = read_fingerprint(self.cache_dir)
         self._where: dict[str, int] = {}
-        self._shards = sorted((self.cache_dir / "shards").glob("r*-*.safetensors"))
+        self._shards = shard_files(self.cache_dir)
         self.windows: dict[str, list[tuple[int, int]]] = {}
         for shard_index, path in enumerate(self._shards):
             with safe_open(str(path), framework="pt") as handle:
@@ -184,6 +216,12 @@ class LatentCache:
                         clip_id, start, flip, _ = name[len("latent/"):].rsplit("/", 3)
                         self.windows.setdefault(clip_id, []).append((int(start), int(flip)))
         self._handles: dict[int, object] = {}  # opened lazily, per process (handles do not pickle)
+        # Why a clip is absent: the builds' skip reports (video -> reason).
+        self.skipped: dict[str, str] = {}
+        for report in sorted(self.cache_dir.glob("report-r*.jsonl")):
+            for line in report.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                self.skipped[row["video"]] = row["reason"]
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -112,8 +112,7 @@ class CachedClipDataset(_ClipDataset):
     def __init__(self, records: list[ClipRecord], cache, text_key, seed: int = 0, flip: bool = False,
                  max_substitutions: int = 16):
         present = [r for r in records if cache.has_clip(r.clip_id)]
-        self.missing = [SkippedItem(r.video, "not in the latent cache (skipped when it was built, "
-                                             "see the cache's report.json)") for r in records
+        self.missing = [SkippedItem(r.video, _why_not_cached(cache, r)) for r in records
                         if not cache.has_clip(r.clip_id)]
         super().__init__(present, seed, flip, max_substitutions)
         self.cache = cache
@@ -129,9 +128,16 @@ class CachedClipDataset(_ClipDataset):
                 "caption": caption}
 
 
-def window_range(record: ClipRecord, info: VideoInfo, num_frames: int, frame_stride: int = 1,
-                 target_fps: float | None = None) -> tuple[range, int]:
-    """(every valid window start, stride) for a clip; VideoDecodeError when no window fits.
+def _why_not_cached(cache, record: ClipRecord) -> str:
+    if record.video in cache.skipped:
+        return f"not in the latent cache: skipped when it was built ({cache.skipped[record.video]})"
+    return ("not in the latent cache, which was built from an earlier manifest: add it with data.cache=auto "
+            "or cache.py")
+
+
+def usable_frames(record: ClipRecord, info: VideoInfo, frame_stride: int = 1,
+                  target_fps: float | None = None) -> tuple[int, int, int]:
+    """(first, end, stride): the frames [first, end) a window may use, and the stride between its frames.
 
     The usable frames are the record's frame_range, else its time_range (converted with the clip's
     fps), else the whole clip. With target_fps and a known fps, stride = max(1, round(fps / target_fps))
@@ -150,8 +156,13 @@ def window_range(record: ClipRecord, info: VideoInfo, num_frames: int, frame_str
             raise VideoDecodeError(record.video, "time_range given but the clip's fps is unknown")
         # Frame k is shown at k / fps: keep the frames whose time lies in [start, end).
         first, end = (math.ceil(t * fps - 1e-6) for t in record.time_range)
-    end = min(end, info.num_frames)
+    return first, min(end, info.num_frames), stride
 
+
+def window_range(record: ClipRecord, info: VideoInfo, num_frames: int, frame_stride: int = 1,
+                 target_fps: float | None = None) -> tuple[range, int]:
+    """(every valid window start, stride) for a clip (see usable_frames); VideoDecodeError when no window fits."""
+    first, end, stride = usable_frames(record, info, frame_stride, target_fps)
     span = (num_frames - 1) * stride + 1
     if end - first < span:
         raise VideoDecodeError(record.video, f"too short: {max(end - first, 0)} usable frames in "

@@ -8,8 +8,8 @@ A line looks like::
      "fps": 25.0, "frame_range": [0, 250], "time_range": null}
 
 - ``video`` is relative to the manifest's folder (or absolute).
-- ``captions`` is a list (one is drawn per training step); a single ``caption`` string is
-  accepted too. A clip with no caption is kept only when ``require_caption`` is off
+- ``captions`` is a list of strings (one is drawn per training step); a single ``caption`` string
+  is accepted too; any other type skips the line. A clip with no caption is kept only when ``require_caption`` is off
   (unconditional training).
 - ``attributes``, ``fps``, ``frame_range`` ([start, end) in frames) and ``time_range``
   ([start, end) in seconds) are optional.
@@ -80,16 +80,27 @@ def _pair(value, cast, name: str):
     return (start, end)
 
 
+def _describe(value) -> str:
+    if isinstance(value, list):
+        return "a list holding " + ", ".join(sorted({type(v).__name__ for v in value if not isinstance(v, str)}))
+    return f"{type(value).__name__} {json.dumps(value)[:80]}"
+
+
 def parse_line(obj: dict, root: Path, require_caption: bool = True) -> ClipRecord:
     """Turn one decoded JSON object into a ClipRecord; raises ValueError naming the bad key."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if not obj.get("video"):
         raise ValueError("missing 'video' (path of the clip, relative to the manifest)")
-    captions = obj.get("captions", obj.get("caption"))
+    key = "captions" if "captions" in obj else "caption"
+    captions = obj.get(key)
     if isinstance(captions, str):
         captions = [captions]
-    captions = [c.strip() for c in (captions or []) if isinstance(c, str) and c.strip()]
+    # Anything else is refused, not guessed at: iterating an object would make its keys the captions.
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise ValueError(f"'{key}' must be a string or a list of strings, got "
+                         f"{_describe(captions)}")
+    captions = [c.strip() for c in (captions or []) if c.strip()]
     if require_caption and not captions:
         raise ValueError("missing caption ('caption' string or non-empty 'captions' list)")
     attributes = obj.get("attributes") or {}
@@ -130,7 +141,10 @@ def read_manifest(
             where = f"{path}:{line_no}"
             try:
                 record = parse_line(json.loads(line), root, require_caption)
-            except (json.JSONDecodeError, ValueError, TypeError) as err:
+            except json.JSONDecodeError as err:
+                skipped.append(SkippedItem(where, f"not valid JSON: {err.msg} at column {err.colno}"))
+                continue
+            except (ValueError, TypeError) as err:
                 skipped.append(SkippedItem(where, str(err)))
                 continue
             if check_files and not os.path.isfile(record.video):
@@ -138,6 +152,24 @@ def read_manifest(
                 continue
             records.append(record)
     return records, skipped
+
+
+def append_skip_report(path: str | os.PathLike, skipped: list[SkippedItem], **fields) -> int:
+    """Append {"video": source, "reason": reason, **fields} per item to a JSONL report, leaving out items the
+    report already lists (a resumed run or a re-run build reads the same manifest again); returns the count."""
+    path = Path(path)
+    seen = set()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            seen.add((row.get("video"), row.get("reason")))
+    new = [item for item in dict.fromkeys((s.source, s.reason) for s in skipped) if item not in seen]
+    if new:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            for source, reason in new:
+                handle.write(json.dumps({"video": source, "reason": reason, **fields}) + "\n")
+    return len(new)
 
 
 def write_manifest(path: str | os.PathLike, records: list[ClipRecord]) -> Path:

@@ -22,18 +22,21 @@ from tqdm.auto import tqdm
 from data.cache import (
     FORMAT_VERSION,
     CacheFingerprint,
-    CacheMismatchError,
     CacheWriter,
     LatentCache,
+    cache_state,
+    discard_cache,
     hash_weights,
+    mark_complete,
+    mark_incomplete,
     read_fingerprint,
     text_key,
     write_fingerprint,
 )
 from data.dataset import window_starts
-from data.manifest import read_manifest
+from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.video import VideoDecodeError, frames_to_tensor, probe_video, read_frames
-from facevid.config import RunConfig, resolve_pretrained
+from facevid.config import ConfigError, RunConfig, resolve_pretrained, validate_clips
 from models.text_encoder import FrozenTextEncoder
 from models.vae import encode_video_posterior, load_vae
 
@@ -65,9 +68,27 @@ def expected_fingerprint(cfg: RunConfig) -> CacheFingerprint:
     )
 
 
-def rebuild_hint(cfg: RunConfig) -> str:
-    return (f"delete {cfg.data.cache_dir} (or point data.cache_dir elsewhere) and run "
-            f"`accelerate launch cache.py --config <your config>`, or train with data.cache=auto")
+def check_cache(cfg: RunConfig, building: bool = False) -> None:
+    """Refuse a cache built for another setup: a ConfigError naming each differing fingerprint field and what
+    to do."""
+    cache_dir = Path(cfg.data.cache_dir)
+    found = read_fingerprint(cache_dir)
+    if found is None:
+        if building:
+            return
+        raise ConfigError(f"config key 'data.cache_dir' = {str(cache_dir)!r}: holds no cache (fingerprint.json "
+                          f"missing); build it with `accelerate launch cache.py --config <your config>` or set "
+                          f"data.cache=auto")
+    differences = expected_fingerprint(cfg).differences(found)
+    if not differences:
+        return
+    fixes = [f"set those keys back to what the cache was built with, or build a cache for this config: point "
+             f"data.cache_dir at a new folder (or delete {cache_dir})"]
+    fixes.append("and run `accelerate launch cache.py --config <your config>`" if building else
+                 "and run `accelerate launch cache.py --config <your config>` or train with data.cache=auto")
+    raise ConfigError(f"config key 'data.cache_dir' = {str(cache_dir)!r}: the cache there was built for a "
+                      f"different setup and will not be {'added to' if building else 'used'}:\n  "
+                      + "\n  ".join(differences) + "\nTo fix it, " + " ".join(fixes))
 
 
 @dataclass
@@ -78,6 +99,7 @@ class BuildReport:
     windows_encoded: int = 0
     texts_encoded: int = 0
     skipped: list = field(default_factory=list)  # [video, reason]
+    manifest_skipped: list = field(default_factory=list)  # [manifest line or video, reason]
     bytes_written: int = 0
     seconds: float = 0.0
 
@@ -95,18 +117,48 @@ def build_cache(cfg: RunConfig, accelerator) -> BuildReport:
     """Encode what is missing from cfg.data.cache_dir. All ranks must call it."""
     acc, d = accelerator, cfg.data
     cache_dir = Path(d.cache_dir)
-    fingerprint = expected_fingerprint(cfg)
     found = read_fingerprint(cache_dir)
-    if found is not None and fingerprint.differences(found):
-        raise CacheMismatchError(
-            f"{cache_dir} already holds a cache built for a different setup:\n  "
-            + "\n  ".join(fingerprint.differences(found)) + f"\nRebuild it: {rebuild_hint(cfg)}")
-    if acc.is_main_process:
-        write_fingerprint(cache_dir, fingerprint)
-    acc.wait_for_everyone()
-
+    if found and expected_fingerprint(cfg).differences(found) and _holds_no_clip(cache_dir):
+        # What a build that failed or was killed before its first clip left: nothing worth keeping.
+        if acc.is_main_process:
+            logger.info("%s holds an unfinished cache of another setup without any clip: replacing it", cache_dir)
+            discard_cache(cache_dir)
+        acc.wait_for_everyone()
+    check_cache(cfg, building=True)
     started = time.time()
     records, manifest_skipped = read_manifest(d.manifest)
+    validate_clips(cfg, records)
+    if acc.is_main_process:
+        mark_incomplete(cache_dir)  # until every clip below is done
+        write_fingerprint(cache_dir, expected_fingerprint(cfg))
+    acc.wait_for_everyone()
+    try:
+        report = _encode_missing(cfg, acc, records)
+    except BaseException:
+        if acc.is_main_process and _holds_no_clip(cache_dir):
+            discard_cache(cache_dir)  # nothing worth resuming: leave nothing that could block another config
+        raise
+    report.seconds = time.time() - started
+    mine = report.skipped + ([[s.source, s.reason] for s in manifest_skipped] if acc.is_main_process else [])
+    append_skip_report(cache_dir / f"report-r{acc.process_index}.jsonl", [SkippedItem(*s) for s in mine])
+    report.manifest_skipped = [[s.source, s.reason] for s in manifest_skipped]
+    total = _summarise(acc, report, cache_dir)
+    if acc.is_main_process:
+        mark_complete(cache_dir, {"clips_cached": total.clips_encoded + total.clips_already_cached,
+                                  "clips_skipped": len(total.skipped), "manifest": str(Path(d.manifest).resolve()),
+                                  "manifest_lines_skipped": len(manifest_skipped)})
+    acc.wait_for_everyone()
+    return total
+
+
+def _holds_no_clip(cache_dir: Path) -> bool:
+    return cache_state(cache_dir) == "incomplete" and not LatentCache(cache_dir).windows
+
+
+def _encode_missing(cfg: RunConfig, acc, records) -> BuildReport:
+    """This rank's share: the captions and clips not cached yet."""
+    d = cfg.data
+    cache_dir = Path(d.cache_dir)
     cached = LatentCache(cache_dir)
     report = BuildReport(clips_total=len(records))
     mine = [r for i, r in enumerate(records) if i % acc.num_processes == acc.process_index]
@@ -155,15 +207,10 @@ def build_cache(cfg: RunConfig, accelerator) -> BuildReport:
             report.clips_encoded += 1
     writer.flush()
     report.bytes_written = writer.bytes_written
-    report.seconds = time.time() - started
-    if report.skipped:
-        with open(cache_dir / f"report-r{acc.process_index}.jsonl", "a", encoding="utf-8") as handle:
-            for video, reason in report.skipped:
-                handle.write(json.dumps({"video": video, "reason": reason}) + "\n")
-    return _summarise(acc, report, cache_dir, len(manifest_skipped))
+    return report
 
 
-def _summarise(acc, report: BuildReport, cache_dir: Path, manifest_skipped: int) -> BuildReport:
+def _summarise(acc, report: BuildReport, cache_dir: Path) -> BuildReport:
     every = gather_object([asdict(report)])
     acc.wait_for_everyone()
     total = BuildReport(
@@ -173,12 +220,13 @@ def _summarise(acc, report: BuildReport, cache_dir: Path, manifest_skipped: int)
         windows_encoded=sum(r["windows_encoded"] for r in every),
         texts_encoded=sum(r["texts_encoded"] for r in every),
         skipped=[s for r in every for s in r["skipped"]],
+        manifest_skipped=report.manifest_skipped,
         bytes_written=sum(r["bytes_written"] for r in every),
         seconds=max(r["seconds"] for r in every),
     )
     if acc.is_main_process:
         summary = {**asdict(total), "clips_per_second": round(total.clips_per_second, 2),
-                   "processes": acc.num_processes, "manifest_lines_skipped": manifest_skipped}
+                   "processes": acc.num_processes, "manifest_lines_skipped": len(total.manifest_skipped)}
         (cache_dir / "report.json").write_text(json.dumps(summary, indent=2))
         logger.info(
             "cache %s: %d clips encoded (%d windows), %d already cached, %d captions, %d skipped, "
@@ -186,6 +234,6 @@ def _summarise(acc, report: BuildReport, cache_dir: Path, manifest_skipped: int)
             cache_dir, total.clips_encoded, total.windows_encoded, total.clips_already_cached,
             total.texts_encoded, len(total.skipped), total.bytes_written / 1e6, total.clips_per_second,
             acc.num_processes)
-        for video, reason in total.skipped[:20]:
+        for video, reason in (total.manifest_skipped + total.skipped)[:20]:
             logger.warning("  skipped %s: %s", video, reason)
     return total

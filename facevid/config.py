@@ -22,6 +22,11 @@ from huggingface_hub import try_to_load_from_cache
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from data.cache import cache_state, shard_files
+from data.dataset import usable_frames
+from data.manifest import ClipRecord
+from data.video import VideoDecodeError, probe_video
+
 try:
     from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
 except ImportError:
@@ -523,14 +528,28 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.data.cache != "none" and not cfg.data.cache_dir:
         _fail("data.cache_dir", None, f"data.cache={cfg.data.cache} needs a folder for the cache")
-    if cfg.data.cache == "use" and not (Path(cfg.data.cache_dir) / "fingerprint.json").is_file():
-        _fail("data.cache_dir", cfg.data.cache_dir, "holds no cache; build it with `cache.py --config ...` "
-              "or set data.cache=auto")
+    if cfg.data.cache == "use":
+        state = cache_state(cfg.data.cache_dir)
+        if state == "missing":
+            _fail("data.cache_dir", cfg.data.cache_dir, "holds no cache; build it with `accelerate launch cache.py "
+                  "--config <your config>` or set data.cache=auto")
+        if state == "incomplete":
+            _fail("data.cache_dir", cfg.data.cache_dir, f"holds an incomplete cache: its build stopped before the "
+                  f"end ({len(shard_files(cfg.data.cache_dir))} shard(s) written, no complete.json), so some clips "
+                  f"are missing. Finish it with `accelerate launch cache.py --config <your config>` (it resumes "
+                  f"where it stopped) or train with data.cache=auto")
 
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file() and cfg.data.synth.num_clips == 0:
         _fail("data.manifest", cfg.data.manifest, "file not found (or set data.synth.num_clips > 0 to "
               "generate FaceVid-Synth there)")
+    folder = manifest.parent
+    if (not manifest.is_file() and cfg.data.synth.num_clips and folder.is_dir() and any(folder.iterdir())
+            and not (folder / "synth_info.json").is_file()):
+        # A mistyped path must not fill someone's data folder with FaceVid-Synth.
+        _fail("data.manifest", cfg.data.manifest, f"file not found, and data.synth.num_clips > 0 generates "
+              f"FaceVid-Synth only into a new folder or an earlier FaceVid-Synth folder (with synth_info.json); "
+              f"{folder} is neither. Fix the path, or point data.manifest into a new folder")
     if cfg.data.synth.num_clips and cfg.data.synth.num_frames < cfg.data.num_frames * cfg.data.frame_stride:
         _fail("data.synth.num_frames", cfg.data.synth.num_frames,
               f"must be >= data.num_frames x data.frame_stride = {cfg.data.num_frames * cfg.data.frame_stride}")
@@ -561,6 +580,31 @@ def validate(cfg: RunConfig) -> None:
     _validate_evaluation(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
+
+
+def validate_clips(cfg: RunConfig, records: list[ClipRecord], probe_limit: int = 64) -> None:
+    """Before training: some clip must be long enough for one window of data.num_frames frames at its stride.
+    Reads the headers of up to probe_limit clips spread over the manifest (the frames usable come from its
+    frame_range / time_range when given, clipped to the file's length)."""
+    d = cfg.data
+    step = max(1, len(records) // probe_limit)
+    longest = None  # (usable frames, needed, stride, video)
+    for record in records[::step][:probe_limit]:
+        try:
+            first, end, stride = usable_frames(record, probe_video(record.video), d.frame_stride, d.target_fps)
+        except VideoDecodeError:
+            continue  # unreadable: the dataset skips and reports it
+        needed = (d.num_frames - 1) * stride + 1
+        if end - first >= needed:
+            return
+        if longest is None or end - first > longest[0]:
+            longest = (end - first, needed, stride, record.video)
+    if longest is not None:
+        usable, needed, stride, video = longest
+        timing = f"data.target_fps={d.target_fps} (stride {stride})" if d.target_fps else f"data.frame_stride={stride}"
+        _fail("data.num_frames", d.num_frames, f"no clip is long enough: a window of {d.num_frames} frames at "
+              f"{timing} spans {needed} frames, and the longest of the {len(records[::step][:probe_limit])} clips "
+              f"checked has {usable} usable ({video}). Lower data.num_frames or the stride")
 
 
 def _validate_evaluation(cfg: RunConfig) -> None:

@@ -30,13 +30,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.cache import LatentCache, check_fingerprint, text_key
+from data.cache import LatentCache, text_key
 from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips
-from data.manifest import SkippedItem, read_manifest
+from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.sampler import ShardedEpochSampler
 from evaluation.plots import plot_training_curves
-from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
-from facevid.config import RunConfig, save_config
+from facevid.cache_builder import build_cache, check_cache
+from facevid.config import RunConfig, save_config, validate_clips
 
 logger = logging.getLogger("facevid")
 
@@ -162,10 +162,12 @@ class Trainer:
         self.manifest_skipped = skipped
         if skipped and acc.is_main_process:
             logger.warning("%d manifest entries skipped:\n  %s", len(skipped), "\n  ".join(map(str, skipped[:20])))
+            append_skip_report(self.run_dir / "skipped_clips.jsonl", skipped, stage="manifest")
         if not records:
             raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
         logger.info("dataset: %d clips from %s", len(records), manifest)
         if cfg.data.cache == "none":
+            validate_clips(cfg, records)  # a window longer than every clip would fail at the first batch
             self.dataset = VideoClipDataset(
                 records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
                 resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
@@ -187,7 +189,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if cfg.data.cache == "auto":
             build_cache(cfg, acc)  # encodes only what is missing; every rank takes a share
-        check_fingerprint(cfg.data.cache_dir, expected_fingerprint(cfg), rebuild_hint(cfg))
+        check_cache(cfg)
         encoder, max_length = cfg.text_encoder.pretrained, cfg.text_encoder.max_length
         dataset = CachedClipDataset(records, LatentCache(cfg.data.cache_dir),
                                     partial(text_key, encoder_id=encoder, max_length=max_length),
@@ -196,6 +198,7 @@ class Trainer:
         if dataset.missing and acc.is_main_process:
             logger.warning("%d clip(s) of the manifest are not in the cache and are left out:\n  %s",
                            len(dataset.missing), "\n  ".join(map(str, dataset.missing[:20])))
+            append_skip_report(self.run_dir / "skipped_clips.jsonl", dataset.missing, stage="cache")
         return dataset
 
     # ------------------------------------------------------------ checkpoints

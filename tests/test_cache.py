@@ -12,12 +12,15 @@ import torch
 from safetensors import safe_open
 from tiny import TINY, tiny_config, train_tiny_vae
 
+import cache as cache_script
+import train as train_script
 from data import synth
-from data.cache import CacheMismatchError, LatentCache, text_key
+from data.cache import LatentCache, text_key, write_fingerprint
 from data.dataset import VideoClipDataset
 from data.manifest import read_manifest
 from facevid import cache_builder
 from facevid.cache_builder import build_cache, expected_fingerprint
+from facevid.config import ConfigError, load_config, save_config
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer, build_accelerator
 from models.vae import decode_latents, encode_video_posterior, load_vae
@@ -74,13 +77,52 @@ def test_fp16_is_the_default_and_halves_the_bytes(clips, vae_dir, tmp_path):
     assert small.bytes_written < 0.6 * large.bytes_written
 
 
-def test_fingerprint_mismatch_is_refused_with_the_field(clips, vae_dir, tmp_path):
+def test_fingerprint_mismatch_is_refused_with_the_field(clips, vae_dir, tmp_path, capsys):
+    """Item 4: a stale cache is a clean error naming what differs and what to do, never a traceback."""
     build(cache_config(clips, vae_dir, tmp_path))
     other = cache_config(clips, vae_dir, tmp_path, "data.num_frames=2", "data.cache=use")
-    with pytest.raises(CacheMismatchError, match=r"num_frames: cache has 4, config needs 2(.|\n)*Rebuild"):
+    with pytest.raises(ConfigError, match=r"num_frames: cache has 4, config needs 2(.|\n)*data.cache_dir"):
         Trainer(other, TextToVideoStage(other)).fit()
-    with pytest.raises(CacheMismatchError, match="dtype"):
+    with pytest.raises(ConfigError, match="dtype") as err:
         build(cache_config(clips, vae_dir, tmp_path, "data.cache_dtype=fp32"))
+    assert "data.cache=auto" not in str(err.value)  # the setting that just failed is no fix
+    # The entry points print the error and exit 2.
+    save_config(other, tmp_path / "other.yaml")
+    assert train_script.main(["--config", str(tmp_path / "other.yaml")]) == 2
+    assert cache_script.main(["--config", str(tmp_path / "other.yaml")]) == 2
+    printed = capsys.readouterr().err
+    assert "Traceback" not in printed and printed.count("num_frames: cache has 4, config needs 2") == 2
+
+
+def test_failed_build_leaves_nothing_in_the_way(clips, vae_dir, tmp_path):
+    """Item 3: a build that fails (or is killed) before its first shard must not block a corrected config."""
+    import transformers as tf
+
+    broken = tmp_path / "encoder"  # a text encoder whose weights file is cut short: the build fails loading it
+    tf.BertModel(tf.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                               num_attention_heads=2, max_position_embeddings=64)).save_pretrained(broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ|incomplete"):
+        build(cache_config(clips, vae_dir, tmp_path, f"text_encoder.pretrained={broken}"))
+    assert not (tmp_path / "cache" / "fingerprint.json").exists()
+    assert build(cache_config(clips, vae_dir, tmp_path)).clips_encoded == 8
+    # A build killed before any shard leaves its fingerprint and nothing else: also no obstacle.
+    other = tmp_path / "killed"
+    write_fingerprint(other / "cache", expected_fingerprint(cache_config(clips, vae_dir, other, "data.flip=true")))
+    assert build(cache_config(clips, vae_dir, other)).clips_encoded == 8
+
+
+def test_cache_files_respect_the_umask(clips, vae_dir, tmp_path):
+    """Item 10: a cache shared on a cluster must be readable by the group (safetensors writes 0600)."""
+    old = os.umask(0o022)
+    try:
+        build(cache_config(clips, vae_dir, tmp_path))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
 
 
 def test_interrupted_build_resumes_and_encodes_each_clip_once(clips, vae_dir, tmp_path, monkeypatch):
@@ -100,6 +142,10 @@ def test_interrupted_build_resumes_and_encodes_each_clip_once(clips, vae_dir, tm
     done = LatentCache(tmp_path / "cache")
     assert len(done.windows) == 4  # two complete shards of 2 clips; the half-filled one never appeared
     assert not list((tmp_path / "cache" / "shards").glob(".tmp-*"))
+    # Item 4: data.cache=use refuses the half-built cache, saying so and how to finish it.
+    save_config(cfg, tmp_path / "cfg.yaml")
+    with pytest.raises(ConfigError, match=r"incomplete(.|\n)*cache.py --config(.|\n)*data.cache=auto"):
+        load_config(tmp_path / "cfg.yaml", ["data.cache=use"])
 
     calls.clear()
     monkeypatch.setattr(cache_builder, "read_frames", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
@@ -110,6 +156,7 @@ def test_interrupted_build_resumes_and_encodes_each_clip_once(clips, vae_dir, tm
         with safe_open(str(shard), framework="pt") as handle:
             names += [n for n in handle.keys() if n.startswith("latent/")]
     assert len(names) == len(set(names)) == 8 * 2  # mean + std per clip, each stored exactly once
+    assert load_config(tmp_path / "cfg.yaml", ["data.cache=use"]).data.cache == "use"  # finished: accepted
 
 
 def test_corrupt_clip_is_skipped_and_listed(clips, vae_dir, tmp_path):
@@ -177,3 +224,31 @@ def test_fingerprint_changes_with_what_produced_the_cache(clips, vae_dir, tmp_pa
                             ("data.flip=true", "flip"), ("data.frame_stride=2", "frame_stride")]:
         changed = expected_fingerprint(cache_config(clips, vae_dir, tmp_path, override))
         assert [d.split(":")[0] for d in base.differences(changed)] == [field]
+
+
+def test_manifest_skips_are_in_the_run_and_cache_reports(clips, vae_dir, tmp_path):
+    """Item 10: manifest-level problems went to the log only, never to skipped_clips.jsonl or the cache report."""
+    records, _ = read_manifest(clips)
+    lines = [json.dumps({"id": r.clip_id, "video": r.video, "captions": r.captions}) for r in records[:4]]
+    lines += [json.dumps({"video": str(tmp_path / "gone.mp4"), "caption": "a face"}),  # file missing
+              '{"video": "x.mp4", "caption": ',  # malformed JSON
+              json.dumps({"video": records[4].video, "captions": {"text": "a face"}})]  # not a string
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(manifest, tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}", "data.cache=auto",
+                      "train.max_steps=1", vae=vae_dir)
+    Trainer(cfg, TextToVideoStage(cfg)).fit()
+    expected = {str(tmp_path / "gone.mp4"): "not found", f"{manifest}:6": "JSON", f"{manifest}:7": "string"}
+
+    def check(report: Path):
+        rows = [json.loads(line) for line in report.read_text().splitlines()]
+        assert {row["video"] for row in rows} == set(expected), rows
+        assert all(expected[row["video"]] in row["reason"] for row in rows), rows
+
+    check(tmp_path / "run" / "skipped_clips.jsonl")
+    check(tmp_path / "cache" / "report-r0.jsonl")
+    summary = json.loads((tmp_path / "cache" / "report.json").read_text())
+    assert summary["manifest_lines_skipped"] == 3 and len(summary["manifest_skipped"]) == 3
+    # A resumed run or a re-run build reads the manifest again, but reports each problem once.
+    build(cfg)
+    check(tmp_path / "cache" / "report-r0.jsonl")

@@ -146,3 +146,55 @@ def test_window_starts_are_evenly_spread_over_the_valid_ones():
     assert len(window_starts(record, info, num_frames=4, frame_stride=2)) == 44  # no limit: all of them
     with pytest.raises(VideoDecodeError, match="too short"):
         window_starts(record, info, num_frames=30, frame_stride=2)
+
+
+def test_captions_must_be_strings(tmp_path, make_video):
+    """Item 10: a caption given as an object was accepted, its key becoming the caption."""
+    import json
+
+    from data.manifest import read_manifest
+
+    path, _ = make_video("a.mp4")
+    lines = [{"video": "a.mp4", "caption": "a face"}, {"video": "a.mp4", "captions": {"text": "a face"}},
+             {"video": "a.mp4", "caption": {"en": "a face"}}, {"video": "a.mp4", "captions": ["a face", 3]}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records, skipped = read_manifest(manifest)
+    assert [r.captions for r in records] == [["a face"]]
+    assert [s.source for s in skipped] == [f"{manifest}:{n}" for n in (2, 3, 4)]
+    assert all("caption" in s.reason and "string" in s.reason for s in skipped), skipped
+    assert "dict" in skipped[0].reason and "int" in skipped[2].reason
+
+
+def test_window_longer_than_every_clip_is_a_config_error(tmp_path, make_video):
+    """Item 10: data.num_frames x stride (or target fps) longer than every clip failed at the first batch."""
+    import json
+
+    from data.manifest import read_manifest
+    from facevid.config import ConfigError, load_config, validate_clips
+
+    for name, frames in (("a", 10), ("b", 12)):
+        make_video(f"{name}.mp4", num_frames=frames, fps=FPS)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"video": f"{n}.mp4", "caption": "x"}) + "\n" for n in "ab"))
+    records, _ = read_manifest(manifest)
+
+    def check(*overrides):
+        validate_clips(load_config(None, [f"data.manifest={manifest}", f"output_dir={tmp_path}", "stage=vae",
+                                          *overrides]), records)
+
+    check("data.num_frames=12")  # b fits exactly
+    check("data.num_frames=6", "data.frame_stride=2")
+    with pytest.raises(ConfigError, match=r"data.num_frames' = 13 .*longest of the 2 clips checked has 12 usable"):
+        check("data.num_frames=13")
+    with pytest.raises(ConfigError, match=r"data.num_frames' = 4 .*target_fps=3.0 \(stride 4\) spans 13 frames"):
+        check("data.num_frames=4", "data.target_fps=3")
+    # The trainer checks before its first step (it failed at the first batch: "no usable clip among 17 tried").
+    from facevid.stages import STAGES
+    from facevid.trainer import Trainer
+
+    cfg = load_config(None, [f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "stage=vae",
+                             "data.num_frames=13", "data.num_workers=0", "train.tracker=none"])
+    with pytest.raises(ConfigError, match="data.num_frames' = 13"):
+        Trainer(cfg, STAGES["vae"](cfg)).fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
