@@ -68,9 +68,9 @@ def expected_fingerprint(cfg: RunConfig) -> CacheFingerprint:
     )
 
 
-def check_cache(cfg: RunConfig, building: bool = False) -> None:
+def check_cache(cfg: RunConfig, building: bool = False, expected: CacheFingerprint | None = None) -> None:
     """Refuse a cache built for another setup: a ConfigError naming each differing fingerprint field and what
-    to do."""
+    to do. `expected`: expected_fingerprint(cfg) when already computed (it hashes the model weights)."""
     cache_dir = Path(cfg.data.cache_dir)
     found = read_fingerprint(cache_dir)
     if found is None:
@@ -79,7 +79,7 @@ def check_cache(cfg: RunConfig, building: bool = False) -> None:
         raise ConfigError(f"config key 'data.cache_dir' = {str(cache_dir)!r}: holds no cache (fingerprint.json "
                           f"missing); build it with `accelerate launch cache.py --config <your config>` or set "
                           f"data.cache=auto")
-    differences = expected_fingerprint(cfg).differences(found)
+    differences = (expected or expected_fingerprint(cfg)).differences(found)
     if not differences:
         return
     fixes = [f"set those keys back to what the cache was built with, or build a cache for this config: point "
@@ -117,20 +117,21 @@ def build_cache(cfg: RunConfig, accelerator) -> BuildReport:
     """Encode what is missing from cfg.data.cache_dir. All ranks must call it."""
     acc, d = accelerator, cfg.data
     cache_dir = Path(d.cache_dir)
+    fingerprint = expected_fingerprint(cfg)
     found = read_fingerprint(cache_dir)
-    if found and expected_fingerprint(cfg).differences(found) and _holds_no_clip(cache_dir):
+    if found and fingerprint.differences(found) and _holds_no_clip(cache_dir):
         # What a build that failed or was killed before its first clip left: nothing worth keeping.
         if acc.is_main_process:
             logger.info("%s holds an unfinished cache of another setup without any clip: replacing it", cache_dir)
             discard_cache(cache_dir)
         acc.wait_for_everyone()
-    check_cache(cfg, building=True)
+    check_cache(cfg, building=True, expected=fingerprint)
     started = time.time()
     records, manifest_skipped = read_manifest(d.manifest)
     validate_clips(cfg, records)
     if acc.is_main_process:
         mark_incomplete(cache_dir)  # until every clip below is done
-        write_fingerprint(cache_dir, expected_fingerprint(cfg))
+        write_fingerprint(cache_dir, fingerprint)
     acc.wait_for_everyone()
     try:
         report = _encode_missing(cfg, acc, records)
@@ -139,8 +140,10 @@ def build_cache(cfg: RunConfig, accelerator) -> BuildReport:
             discard_cache(cache_dir)  # nothing worth resuming: leave nothing that could block another config
         raise
     report.seconds = time.time() - started
-    mine = report.skipped + ([[s.source, s.reason] for s in manifest_skipped] if acc.is_main_process else [])
-    append_skip_report(cache_dir / f"report-r{acc.process_index}.jsonl", [SkippedItem(*s) for s in mine])
+    own_report = cache_dir / f"report-r{acc.process_index}.jsonl"
+    append_skip_report(own_report, [SkippedItem(*s) for s in report.skipped], kind="clip")
+    if acc.is_main_process:
+        append_skip_report(own_report, manifest_skipped, kind="manifest")
     report.manifest_skipped = [[s.source, s.reason] for s in manifest_skipped]
     total = _summarise(acc, report, cache_dir)
     if acc.is_main_process:

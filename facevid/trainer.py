@@ -162,7 +162,7 @@ class Trainer:
         self.manifest_skipped = skipped
         if skipped and acc.is_main_process:
             logger.warning("%d manifest entries skipped:\n  %s", len(skipped), "\n  ".join(map(str, skipped[:20])))
-            append_skip_report(self.run_dir / "skipped_clips.jsonl", skipped, stage="manifest")
+            append_skip_report(self.run_dir / "skipped_clips.jsonl", skipped, kind="manifest")
         if not records:
             raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
         logger.info("dataset: %d clips from %s", len(records), manifest)
@@ -198,7 +198,7 @@ class Trainer:
         if dataset.missing and acc.is_main_process:
             logger.warning("%d clip(s) of the manifest are not in the cache and are left out:\n  %s",
                            len(dataset.missing), "\n  ".join(map(str, dataset.missing[:20])))
-            append_skip_report(self.run_dir / "skipped_clips.jsonl", dataset.missing, stage="cache")
+            append_skip_report(self.run_dir / "skipped_clips.jsonl", dataset.missing, kind="cache")
         return dataset
 
     # ------------------------------------------------------------ checkpoints
