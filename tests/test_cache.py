@@ -16,7 +16,7 @@ import cache as cache_script
 import train as train_script
 from data import synth
 from data.cache import LatentCache, text_key, write_fingerprint
-from data.dataset import VideoClipDataset
+from data.dataset import CachedClipDataset, VideoClipDataset
 from data.manifest import read_manifest
 from facevid import cache_builder
 from facevid.cache_builder import build_cache, expected_fingerprint
@@ -172,6 +172,12 @@ def test_corrupt_clip_is_skipped_and_listed(clips, vae_dir, tmp_path):
     report = build(cfg)
     assert report.clips_encoded == 3 and report.skipped[0][0] == str(broken)
     assert "broken.mp4" in (tmp_path / "cache" / "report-r0.jsonl").read_text()
+    # Training from it leaves the clip out, giving the reason it was skipped (item 4).
+    all_records, _ = read_manifest(manifest)
+    dataset = CachedClipDataset(all_records, LatentCache(tmp_path / "cache"), lambda p: p)
+    assert [(m.source, m.reason.split(" (")[0]) for m in dataset.missing] == [
+        (str(broken), "not in the latent cache: skipped when it was built")]
+    assert report.skipped[0][1] in dataset.missing[0].reason
 
 
 def test_two_rank_build_equals_one_rank(clips, vae_dir, tmp_path):
