@@ -425,8 +425,9 @@ def _check_hub_models(cfg: RunConfig) -> None:
     if not missing:
         return
     key, name, _ = missing[0]
-    fix = (f"download it on a connected machine (`huggingface-cli download {name}`, then copy the Hugging Face "
-           f"cache, {hub_constants.HF_HUB_CACHE}) or set {key} to a local folder holding the model")
+    fix = (f"download it on a connected machine (`hf download {name}`, then copy the Hugging Face cache, "
+           f"{hub_constants.HF_HUB_CACHE}) or set {key} to a local folder holding the model")
+    fix += "".join(f"; also not cached: {k} = {n!r}" for k, n, _ in missing[1:])
     if _offline():
         _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub is off "
               f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set): {fix}")
