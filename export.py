@@ -4,7 +4,8 @@
 
 A backbone expressible as UNet3DConditionModel (e.g. one started from ModelScope / zeroscope) becomes a standard
 TextToVideoSDPipeline folder; any other (FaceVid's own layout, image-to-video) a FaceVidDiffusersPipeline folder
-(load with trust_remote_code=True where facevid is installed). See facevid/export.py and the folder's README.md.
+(load with trust_remote_code=True, the FaceVid checkout on PYTHONPATH).
+See facevid/export.py and the folder's README.md.
 """
 
 import argparse

@@ -3,10 +3,10 @@ model_index.json) that loads with `DiffusionPipeline.from_pretrained` elsewhere.
 
 - A backbone expressible as diffusers' UNet3DConditionModel (built with models.pretrained.UNET3D_LAYOUT, e.g.
   initialised from ModelScope / zeroscope, task t2v or uncond) becomes a standard TextToVideoSDPipeline
-  folder: tools that consume that format use it unchanged, without FaceVid installed.
+  folder: tools that consume that format use it unchanged, without FaceVid.
 - Anything else (FaceVid's own layout, image-to-video) keeps the FaceVidUNet3D weights and is driven by
-  FaceVidDiffusersPipeline below. The folder's pipeline.py only re-exports that class, so with facevid
-  installed `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it.
+  FaceVidDiffusersPipeline below. The folder's pipeline.py only re-exports that class, so with the FaceVid
+  checkout on PYTHONPATH `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it.
 
 Both kinds reproduce sample.py: the scheduler is the sampler sample.py builds (DPM-Solver++ 2M or DDIM on the
 run's training schedule), the tokenizer keeps the run's max_length and the text encoder's config says
@@ -32,7 +32,8 @@ from models.vae import downscale_factor
 
 EXPORT_FORMATS = ("auto", "unet3d", "facevid")
 
-_PIPELINE_SHIM = '''"""Loads this folder with DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True); needs `pip install facevid`.
+_PIPELINE_SHIM = '''"""Loads this folder with DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True); needs the FaceVid
+checkout on PYTHONPATH (PYTHONPATH=/path/to/FaceVid).
 The pipeline code is facevid.export.FaceVidDiffusersPipeline; this file only re-exports it."""
 
 from facevid.export import FaceVidDiffusersPipeline  # noqa: F401
@@ -177,7 +178,7 @@ def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str) -> str:
     else:
         call = {"t2v": '"a person talking"', "i2v": '"a person talking", image="face.png"',
                 "uncond": "num_videos=4"}[task]
-        load = ("from diffusers import DiffusionPipeline  # needs `pip install facevid`\n\n"
+        load = ("from diffusers import DiffusionPipeline  # needs PYTHONPATH=/path/to/FaceVid (its checkout)\n\n"
                 'pipe = DiffusionPipeline.from_pretrained(".", trust_remote_code=True)  # FaceVidDiffusersPipeline\n'
                 f"frames = pipe({call}, seed=0).frames  # uint8 (N, {frames}, {res}, {res}, 3)")
     return (f"# FaceVid {task} model\n\nExported from `{run_dir}` ({weights} weights) by `export.py`: "

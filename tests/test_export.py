@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from facevid.pipeline import FaceVidPipeline, load_first_frame
 export = task_runs.entry_point("export")
 STEPS, GUIDANCE, SEED = 3, 2.0, 5
 
-# Runs in a fresh interpreter outside the repository: only diffusers and the installed facevid package.
+# Runs in a fresh interpreter outside the repository: only diffusers, plus the FaceVid checkout on PYTHONPATH for
+# the trust_remote_code folder (FaceVid runs from its checkout; `pip install -e .` installs no package).
 LOADER = """
 import sys, numpy as np, torch
 from diffusers import DiffusionPipeline
@@ -26,6 +28,7 @@ t2v = DiffusionPipeline.from_pretrained(out + "/t2v")
 frames = t2v("a person with red hair talking", num_frames=4, height=16, width=16, guidance_scale={g},
              num_inference_steps={s}, generator=torch.Generator().manual_seed({seed}), output_type="np").frames
 np.save(out + "/t2v.npy", frames)
+assert "facevid" not in sys.modules  # a standard diffusers folder: FaceVid's code is not needed
 i2v = DiffusionPipeline.from_pretrained(out + "/i2v", trust_remote_code=True)
 frames = i2v("a person talking", image=torch.load(out + "/image.pt"), num_inference_steps={s},
              guidance_scale={g}, seed={seed}).frames
@@ -37,7 +40,8 @@ print(type(t2v).__name__, type(t2v.unet).__name__, type(i2v).__name__, type(i2v.
 def run_fresh_interpreter(code: str, tmp_path) -> subprocess.CompletedProcess:
     """Run `code` in a new Python process in tmp_path (argv[1] = tmp_path), offline, one thread, with its own
     diffusers modules cache; fails the test with the child's stderr when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
