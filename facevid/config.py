@@ -9,12 +9,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+try:
+    from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
+except ImportError:
+    from omegaconf._utils import get_yaml_loader  # omegaconf 2.3
 
 BUNDLED_TEXT_ENCODERS = {
     # name -> (python package that ships the weights, folder inside it)
@@ -233,12 +244,40 @@ CHOICES = {
 }
 
 
+# Keys whose "off" choice is what `off` / `false` (and a YAML 1.1 `no`) mean.
+OFF_CHOICES = {"train.mixed_precision": "no", "data.cache": "none", "train.tracker": "none"}
+
+
+class _Loader(get_yaml_loader()):
+    """OmegaConf's YAML loader with YAML 1.2 booleans: only true/false are booleans. YAML 1.1 also reads
+    `no`, `off`, `yes`, `on` as booleans, so `train.mixed_precision=no` arrived as 'False'. Boolean keys
+    still accept yes/no/on/off (OmegaConf converts those strings)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+
+
 def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config 'base' chain loops back to {path}")
-    raw = OmegaConf.load(path)
+    content = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(content, (dict, type(None))):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(content).__name__}")
+    raw = OmegaConf.create(content or {})
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -250,10 +289,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
     schema = OmegaConf.structured(RunConfig)
     layers = [_load_yaml_with_bases(Path(path))] if path else []
+    dotlist = OmegaConf.create()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+        key, value = item.split("=", 1)
+        OmegaConf.update(dotlist, key, _parse_yaml(value, f"override {item!r}"))
+    layers.append(dotlist)
     try:
         merged = OmegaConf.merge(schema, *layers)
         # Resolve interpolations and MISSING now so a bad config fails before any work.
@@ -264,6 +306,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         raise ConfigError(f"config key '{err.full_key}' has a value of the wrong type: {err.msg}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {err.msg}") from None
+    for key, off in OFF_CHOICES.items():
+        if str(_get(cfg, key)).lower() in ("off", "false", "no"):
+            parent, _, name = key.rpartition(".")
+            setattr(_get(cfg, parent), name, off)
     validate(cfg)
     return cfg
 
@@ -308,6 +354,80 @@ def resolve_pretrained(name: str) -> str:
 def _looks_local(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else that names a path is a local folder.
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _model_file(name: str, subfolder: Optional[str], filename: str) -> Path | None:
+    """A model's file when it is on this machine: in a local folder, or in the local Hugging Face cache."""
+    relative = f"{subfolder}/{filename}" if subfolder else filename
+    if _looks_local(name):
+        path = Path(name).expanduser() / relative
+        return path if path.is_file() else None
+    found = try_to_load_from_cache(name, relative)
+    return Path(found) if isinstance(found, str) else None
+
+
+def text_encoder_positions(cfg: RunConfig) -> int | None:
+    """How many token positions the text encoder has (None: no fixed limit, or its config is not at hand)."""
+    config_file = _model_file(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.subfolder,
+                              "config.json")
+    if config_file is None:
+        return None
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") in ("t5", "mt5", "umt5"):
+        return None  # relative position buckets: any length works
+    config = config.get("text_config") or config  # a full CLIPModel folder keeps the text tower's config here
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _offline() -> bool:
+    # Read at call time (huggingface_hub reads it once, at import).
+    return any(os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE")
+               for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_ids(cfg: RunConfig) -> list[tuple[str, str, Optional[str]]]:
+    """(config key, hub id, subfolder) of every model the run would fetch from the Hugging Face Hub."""
+    named = [("text_encoder.pretrained", resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.subfolder),
+             ("unet.pretrained", cfg.unet.pretrained, cfg.unet.subfolder)]
+    if cfg.stage == "t2v":
+        named.append(("vae.pretrained", cfg.vae.pretrained, cfg.vae.subfolder))
+    if cfg.eval.every and "clip" in cfg.eval.metrics:
+        named.append(("eval.clip", cfg.eval.clip, None))
+    return [(key, name, sub) for key, name, sub in named if name and not _looks_local(name)]
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One request with a short timeout. huggingface_hub retries a failed request 5 times with backoff, each
+    try waiting up to HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT (10 s): minutes before an unreachable hub
+    gives up."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_hub_models(cfg: RunConfig) -> None:
+    """A hub id must be in the local cache when offline, and the hub reachable when it is not cached."""
+    models = _hub_ids(cfg)
+    missing = [(key, name, sub) for key, name, sub in models
+               if not any(_model_file(name, sub, f) for f in ("config.json", "model_index.json"))]
+    if not missing:
+        return
+    key, name, _ = missing[0]
+    fix = (f"download it on a connected machine (`huggingface-cli download {name}`, then copy the Hugging Face "
+           f"cache, {hub_constants.HF_HUB_CACHE}) or set {key} to a local folder holding the model")
+    if _offline():
+        _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub is off "
+              f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set): {fix}")
+    if not _hub_reachable():
+        _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub "
+              f"({hub_constants.ENDPOINT}) cannot be reached from this machine: {fix}")
 
 
 def vae_downscale_factor(cfg: RunConfig) -> int | None:
@@ -433,6 +553,11 @@ def validate(cfg: RunConfig) -> None:
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     if _looks_local(encoder) and not Path(encoder).exists():
         _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
+    _check_hub_models(cfg)
+    positions = text_encoder_positions(cfg)
+    if positions is not None and cfg.text_encoder.max_length > positions:
+        _fail("text_encoder.max_length", cfg.text_encoder.max_length, f"must be at most {positions}: the text "
+              f"encoder {cfg.text_encoder.pretrained} has {positions} token positions")
     _validate_evaluation(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
