@@ -9,6 +9,10 @@ import dataclasses
 import errno
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +30,8 @@ from facevid.trainer import (
     list_checkpoints,
     weights_checksum,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +308,24 @@ def test_validation_videos_play_at_the_training_fps(manifest, vae, tmp_path):
     assert entry_point("sample").main(["--run", str(run), "--prompt", "a person talking", "--steps", "1",
                                        "--out", str(out)]) == 0
     assert probe_video(next(out.glob("*.mp4"))).fps == pytest.approx(4.0)
+
+
+# ------------------------------------------------------------------ failures on one rank of two
+@pytest.mark.slow  # ~20 s each: two processes start and train
+@pytest.mark.parametrize(("mode", "error"), [("nan", "NonFiniteLossError: step 3:"),
+                                                     ("disk", "CheckpointWriteError: checkpoint at step 4")])
+def test_a_failure_on_one_rank_stops_every_rank(manifest, vae, tmp_path, mode, error):
+    """Rank 1 alone sees the NaN / the full disk; both ranks must stop with the error instead of one waiting
+    forever in a collective for the other."""
+    run = tmp_path / mode
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "two_rank_failures.py"), mode, str(manifest), str(vae), str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"rank 0 stopped: {error}" in log and f"rank 1 stopped: {error}" in log, log[-4000:]
+    assert "step-00000002 is intact" in log if mode == "disk" else "resume=latest" in log
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert all_finite(checkpoint_weights(list_checkpoints(run)[0]))
