@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from task_runs import entry_point, random_vae, synth_manifest
-from tiny import tiny_config
+from tiny import TINY, tiny_config
 
 from data.video import probe_video
 from facevid.stages import TextToVideoStage, frozen_weight_dtype, training_fps
@@ -110,6 +110,22 @@ def test_huge_learning_rate_fails_loudly_with_only_finite_checkpoints(manifest, 
     kept = list_checkpoints(run)
     assert all(all_finite(checkpoint_weights(c)) for c in kept)
     assert not (run / "unet").exists()
+
+
+def test_train_cli_exits_non_zero_with_the_message(manifest, vae, tmp_path, capsys):
+    run = tmp_path / "cli"
+    overrides = [f"output_dir={run}", f"data.manifest={manifest}", f"vae.pretrained={vae}", "train.max_steps=20",
+                 "train.learning_rate=1e6", "train.lr_warmup_steps=0", "train.validate_every=0",
+                 "train.validation_prompts=[a person talking]",
+                 *[o for o in TINY if not o.startswith(("train.validation_prompts", "train.learning_rate"))]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = entry_point("train").main(["--config", str(REPO / "configs" / "demo.yaml"), *overrides])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 1 and "error: step" in err and "not finite" in err and "Traceback" not in err
 
 
 def test_nonfinite_steps_within_the_budget_are_skipped(manifest, vae, tmp_path):
