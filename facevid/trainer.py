@@ -157,6 +157,7 @@ class Trainer:
         self.state = TrainerState()
         self._stop_requested = False
         self._nonfinite_in_a_row = self._nonfinite_in_window = 0  # skipped optimizer steps (not checkpointed)
+        self._previous_handlers: dict = {}  # SIGTERM / SIGINT handlers to put back when fit() returns
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -493,6 +494,14 @@ class Trainer:
                        self.state.epoch, len(unique), lines, "\n  ..." if len(unique) > 20 else "")
 
     def fit(self) -> Path:
+        """Train to train.max_steps (or until stopped); returns the run directory."""
+        try:
+            return self._fit()
+        finally:  # also after an error (NaN loss, full disk): Ctrl-C must work again in the caller
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _fit(self) -> Path:
         self._setup()
         acc, cfg = self.accelerator, self.cfg
         resume_from = self._resolve_resume()
@@ -500,7 +509,7 @@ class Trainer:
             self._load_checkpoint(resume_from)
         self.state.world_size = acc.num_processes
         self._init_trackers()
-        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         max_steps = cfg.train.max_steps
         progress = tqdm(total=max_steps, initial=self.state.global_step, desc=f"train {cfg.stage}",
@@ -594,8 +603,6 @@ class Trainer:
                 self.stage.save_final(model, self.ema, self.run_dir)
         acc.wait_for_everyone()
         acc.end_training()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
         return self.run_dir
 
 

@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +91,10 @@ class _InjectedStage(TextToVideoStage):
 def test_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(manifest, vae, tmp_path):
     run = tmp_path / "nan"
     cfg = run_config(manifest, vae, run, "train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=1")
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(NonFiniteLossError) as caught:
         fit(cfg, _InjectedStage(cfg, nan_at={5}))
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again after the failed run
     message = str(caught.value)
     assert "step 5" in message and "step-00000004" in message and "resume=latest" in message
     assert "train.learning_rate" in message
