@@ -19,6 +19,7 @@ import torch
 
 from data.video import VideoDecodeError
 from facevid.pipeline import FaceVidPipeline, load_first_frame, write_samples
+from facevid.stages import training_fps
 from facevid.tasks import check_request
 
 
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
                         help="every prompt gets the same seed, so prompts that differ in one word differ only by it")
     parser.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     parser.add_argument("--resolution", type=int, default=None, help="default: the training resolution")
-    parser.add_argument("--fps", type=float, default=None)
+    parser.add_argument("--fps", type=float, default=None,
+                        help="default: the run's sample.fps, i.e. the fps its model was trained at")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/cli)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         progress=True,
     )
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "cli"
-    paths = write_samples(videos, labels, out, fps=pick(args.fps, cfg.sample.fps))
+    paths = write_samples(videos, labels, out, fps=pick(args.fps, training_fps(cfg)))  # training_fps: sample.fps if set
     print(f"{len(labels)} video(s) from {pipe.weights} weights written to {out}:")
     for path in paths:
         print(f"  {path}")

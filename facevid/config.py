@@ -165,7 +165,10 @@ class SampleConfig:
     guidance_scale: float = 5.0
     negative_prompt: str = ""
     seed: int = 0
-    fps: float = 8.0
+    # Frame rate of written videos. null = the fps the model was trained at, so motion plays at its real
+    # speed: data.target_fps when set, else the clips' fps / data.frame_stride, else 8 (facevid/stages.py:
+    # training_fps). A run's config.yaml records the value it resolved to.
+    fps: Optional[float] = None
 
 
 @dataclass
@@ -189,6 +192,10 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     replica_check_every: int = 0  # >0: every N steps, fail loudly if data-parallel ranks' weights differ
+    # Optimizer steps whose loss or gradients are NaN/inf are never applied. Up to this many in a row are
+    # skipped (a rare bad batch); one more stops the run with an error naming the step and the last good
+    # checkpoint (a diverged run: every later step is bad too). 0 = stop at the first one.
+    max_nonfinite_steps: int = 0
     wandb_project: str = "facevid"
 
 
@@ -459,16 +466,18 @@ def validate(cfg: RunConfig) -> None:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
-                "train.replica_check_every", "eval.every", "vae.layers_per_block",
+                "train.replica_check_every", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
                 "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight", "unet.text_motion_frames"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
     if cfg.unet.text_motion_frames and not cfg.unet.text_layout and not cfg.unet.pretrained:
         _fail("unet.text_motion_frames", cfg.unet.text_motion_frames,
               "is a part of the text layout: set unet.text_layout=true, or 0")
-    for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
+    for key in ["train.learning_rate", "train.max_grad_norm"]:
         if not _get(cfg, key) > 0:
             _fail(key, _get(cfg, key), "must be > 0")
+    if cfg.sample.fps is not None and not cfg.sample.fps > 0:
+        _fail("sample.fps", cfg.sample.fps, "must be > 0, or null for the fps the model is trained at")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         _fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
