@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                         help="videos per prompt (seeds seed, seed+1, ...); uncond runs: the number of videos")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--guidance-rescale", type=float, default=None,
+                        help="CFG rescale phi in [0, 1] (Lin et al. 2023; default: the run's sample.guidance_rescale)")
     parser.add_argument("--steps", type=int, default=None, help="number of denoising steps")
     parser.add_argument("--scheduler", choices=["dpm++", "ddim"], default=None)
     parser.add_argument("--seed", type=int, default=None, help="prompt i gets seed + i (default: the run's sample.seed)")
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if args.num_videos < 1:
         parser.error("--num-videos must be >= 1")
+    if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
+        parser.error("--guidance-rescale must be in [0, 1] (0 = off)")
     if args.image_frame is not None and not args.image:
         parser.error("--image-frame needs --image")
     if args.same_seed and not prompts:
@@ -84,6 +88,7 @@ def main(argv=None) -> int:
         resolution=resolution,
         num_inference_steps=pick(args.steps, cfg.sample.num_inference_steps),
         guidance_scale=pick(args.guidance_scale, cfg.sample.guidance_scale),
+        guidance_rescale=args.guidance_rescale,
         scheduler=pick(args.scheduler, cfg.sample.scheduler),
         seed=seed,
         progress=True,

@@ -119,7 +119,7 @@ class UNetConfig:
     temporal_feed_forward: bool = False
     attention_head_dim: int = 32
     norm_num_groups: int = 32
-    pooled_text_conditioning: bool = True  # mean text state added to the timestep embedding (see FaceVidUNet3D)
+    pooled_text_conditioning: bool = False  # mean text state added to the timestep embedding (see FaceVidUNet3D)
     # Pooled text -> coarse clean-latent prior added to the output (see FaceVidUNet3D). Off by default: measured
     # only on the demo, where it needs low guidance (1.5; at 4 guidance overshoots the prior's colours).
     text_layout: bool = False
@@ -128,6 +128,10 @@ class UNetConfig:
     # action's timing only where every clip of it moves in step (FaceVid-Synth: data.synth.aligned_motion).
     text_motion_frames: int = 0
     attention_backend: str = "auto"  # auto | sdpa | math | xformers
+    # facevid = FaceVid's own layers; modelscope = the options that make the UNet exactly diffusers'
+    # UNet3DConditionModel (models/pretrained.py: UNET3D_LAYOUT), so export.py writes a standard
+    # TextToVideoSDPipeline. Ignored with unet.pretrained (the pretrained config fixes the layers).
+    layout: str = "facevid"  # facevid | modelscope
     gradient_checkpointing: bool = False
 
 
@@ -163,6 +167,9 @@ class SampleConfig:
     scheduler: str = "dpm++"  # dpm++ | ddim
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
+    # Rescale the guided prediction's std to the conditional one's (Lin et al. 2023, "Common Diffusion Noise
+    # Schedules and Sample Steps are Flawed"): 0 = off; 0.7 recommended with zero-terminal SNR at guidance 7.5.
+    guidance_rescale: float = 0.0
     negative_prompt: str = ""
     seed: int = 0
     # Frame rate of written videos. null = the fps the model was trained at, so motion plays at its real
@@ -242,6 +249,7 @@ CHOICES = {
     "data.cache": ("none", "use", "auto"),
     "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
+    "unet.layout": ("facevid", "modelscope"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "sample.scheduler": ("dpm++", "ddim"),
@@ -506,6 +514,11 @@ def validate(cfg: RunConfig) -> None:
               "(epsilon cannot be predicted at the pure-noise step)")
     if cfg.sample.guidance_scale < 1.0:
         _fail("sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 1 (1 = no guidance)")
+    if not 0.0 <= cfg.sample.guidance_rescale <= 1.0:
+        _fail("sample.guidance_rescale", cfg.sample.guidance_rescale, "must be in [0, 1] (0 = off, e.g. 0.7)")
+    if cfg.unet.layout == "modelscope" and cfg.unet.pooled_text_conditioning and not cfg.unet.pretrained:
+        _fail("unet.pooled_text_conditioning", True, "UNet3DConditionModel (unet.layout=modelscope) has no "
+              "pooled-text path: set it to false, or unet.layout=facevid")
 
     levels = len(cfg.unet.block_out_channels)
     if levels < 1 or len(cfg.unet.attention_levels) != levels:

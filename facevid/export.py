@@ -72,19 +72,21 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
                  num_frames: int = 8, chunk_frames: int = 16, frame_noise_correlation: float = 0.0,
-                 motion_scale: float = 1.0, motion_std: float | None = None):
+                 motion_scale: float = 1.0, motion_std: float | None = None, guidance_rescale: float = 0.0):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames,
                                 frame_noise_correlation=frame_noise_correlation, motion_scale=motion_scale,
                                 motion_std=motion_std)
+        self.register_to_config(guidance_rescale=guidance_rescale)  # the run's sample.guidance_rescale
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, num_videos: int = 1,
                  negative_prompt: str = "", num_frames: int | None = None, resolution: int | None = None,
-                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0) -> FaceVidPipelineOutput:
+                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
+                 guidance_rescale: float | None = None) -> FaceVidPipelineOutput:
         """`image` (i2v): a file path (image or video frame 0), or (3, H, W) / (N, 3, H, W) in [-1, 1]. Video i is
-        seeded by seed + i, as in sample.py."""
+        seeded by seed + i, as in sample.py. guidance_rescale: None = the run's sample.guidance_rescale."""
         resolution = resolution or self.config.resolution
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if isinstance(image, (str, Path)):
@@ -97,11 +99,12 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
                                    self.scheduler.config, self.config.chunk_frames, task=self.config.task,
                                    frame_noise_correlation=self.config.get("frame_noise_correlation", 0.0),
                                    motion_scale=self.config.get("motion_scale", 1.0),
-                                   motion_std=self.config.get("motion_std"))
+                                   motion_std=self.config.get("motion_std"),
+                                   guidance_rescale=self.config.get("guidance_rescale", 0.0))
         frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
                           num_frames=num_frames or self.config.num_frames, resolution=resolution,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          scheduler=self.scheduler, seed=seed)
+                          scheduler=self.scheduler, seed=seed, guidance_rescale=guidance_rescale)
         return FaceVidPipelineOutput(frames=frames)
 
 
@@ -174,6 +177,10 @@ def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str) -> str:
                 f"frames = pipe({prompt}, num_frames={frames}, height={res}, width={res}{guidance},\n"
                 f"              num_inference_steps={cfg.sample.num_inference_steps}, "
                 "generator=torch.Generator().manual_seed(0)).frames  # = sample.py --seed 0, one prompt per call")
+        if cfg.sample.guidance_rescale:
+            load += (f"\n# TextToVideoSDPipeline has no guidance rescale: these frames are sample.py's with "
+                     f"--guidance-rescale 0\n# (the run samples with sample.guidance_rescale="
+                     f"{cfg.sample.guidance_rescale}).")
     else:
         call = {"t2v": '"a person talking"', "i2v": '"a person talking", image="face.png"',
                 "uncond": "num_videos=4"}[task]

@@ -20,11 +20,16 @@ from torch import nn
 from data.manifest import ClipRecord, read_manifest
 from data.video import VideoDecodeError, probe_video, tensor_to_frames
 from facevid.config import ConfigError, RunConfig, resolve_pretrained
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler, scale_motion
+from facevid.diffusion import (
+    DiffusionObjective,
+    build_noise_scheduler,
+    check_pretrained_schedule,
+    scale_motion,
+)
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
-from models.pretrained import load_pretrained_unet
+from models.pretrained import layout_options, load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import (
@@ -199,7 +204,7 @@ class TextToVideoStage:
                 cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
                 pooled_text_conditioning=u.pooled_text_conditioning, text_layout=u.text_layout,
                 text_layout_size=u.text_layout_size, text_motion_frames=u.text_motion_frames,
-                temporal_conv=u.temporal_conv,
+                **layout_options(u.layout, u.attention_levels, u.temporal_conv),
                 temporal_feed_forward=u.temporal_feed_forward,
             )
         factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -269,6 +274,11 @@ class TextToVideoStage:
                               f"expects {unet.config.cross_attention_dim}-wide text states, the text encoder "
                               f"{self.cfg.text_encoder.pretrained!r} makes {text_width}-wide ones; use the text "
                               "encoder the UNet was trained with")
+        if u.pooled_text_conditioning and not unet.config.get("pooled_text_conditioning"):
+            raise ConfigError(f"config key 'unet.pooled_text_conditioning' = True is invalid with unet.pretrained = "
+                              f"{u.pretrained!r}: that UNet has no pooled-text layers (its config fixes the "
+                              "architecture); set unet.pooled_text_conditioning=false")
+        check_pretrained_schedule(u.pretrained, u.subfolder, self.cfg.diffusion)
         logger.info("UNet initialised from %s (architecture from its config; unet.block_out_channels etc. unused)",
                     u.pretrained)
 
