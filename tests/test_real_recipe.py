@@ -198,3 +198,50 @@ def test_shipped_recipe_end_to_end(family, manifest, stand_ins, tmp_path, capsys
     assert result["metrics"]["clip"]["num_videos"] == 2 and np.isfinite(result["metrics"]["clip"]["clip_score"])
     assert result["metrics"]["alignment"]["num_videos"] == 2
     assert result["generation"]["resolution"] == 64 and result["generation"]["guidance_scale"] == 7.5
+
+
+# ----------------------------------------------------------------------------- bench/gpu_check.py
+
+
+def test_gpu_check_reduced_mode_prints_a_consistent_table():
+    result = run_script(["bench/gpu_check.py", "--reduced", "--threads", "1", "--steps", "2", "--warmup", "1",
+                         "--peak-tflops", "2"], timeout=120)
+    lines = result.stdout.splitlines()
+    assert "REDUCED mode" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("| backend |"))
+    columns = [c.strip() for c in lines[header].strip("|").split("|")]
+    assert columns == ["backend", "s/step", "samples/s", "latent tokens/s", "model TFLOP/s", "MFU",
+                       "peak allocated GiB", "peak reserved GiB"]
+    row = dict(zip(columns, (c.strip() for c in lines[header + 2].strip("|").split("|"))))
+    assert row["backend"] == "sdpa" and row["peak allocated GiB"] == row["peak reserved GiB"] == "n/a"  # no CUDA
+    seconds, samples, tokens, tflops = (float(row[k]) for k in ("s/step", "samples/s", "latent tokens/s",
+                                                                "model TFLOP/s"))
+    flops = float(next(line for line in lines if line.startswith("model FLOPs per step:")).split()[4]) * 1e12
+    assert seconds > 0 and samples == pytest.approx(1 / seconds, rel=1e-2)  # batch 1
+    assert tokens == pytest.approx(samples * 4 * 16 * 16, rel=1e-2)  # latents 4 frames x 16 x 16
+    assert tflops == pytest.approx(flops / seconds / 1e12, rel=1e-2)
+    assert float(row["MFU"].rstrip("%")) == pytest.approx(100 * tflops / 2, rel=1e-2)  # against --peak-tflops 2
+    # The full-width recipe UNet, counted on the meta device: the REFERENCE's 894.9M parameters.
+    assert "894.9M parameters" in result.stdout and "DDP: skipped (reduced mode)" in result.stdout
+
+
+def test_gpu_check_counts_the_flops_a_real_pass_executes():
+    """The meta-device count equals FlopCounterMode over a real forward + backward of the same UNet (math
+    attention, no checkpointing), and it scales with the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(REPO))
+    from bench.gpu_check import NO_DATA, REDUCED, model_flops
+    from facevid.stages import build_unet
+
+    cfg = load_config(RECIPE, NO_DATA + REDUCED)
+    counted, params = model_flops(cfg, 1, 2, 8, 32)
+    torch.manual_seed(0)
+    model = build_unet(cfg.unet, 4, 0, 32)
+    model.set_attention_backend("math")
+    assert params == sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 4, 2, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32),
+              torch.ones(1, 77, dtype=torch.bool)).pow(2).mean().backward()
+    assert counted == counter.get_total_flops() > 0
+    assert model_flops(cfg, 3, 2, 8, 32)[0] == 3 * counted
