@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -68,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reduced", action="store_true", help="the reduced CPU mode, also on a GPU")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-rank train.py run")
     parser.add_argument("--ddp-steps", type=int, default=6)
+    parser.add_argument("--ddp-on-cpu", action="store_true",
+                        help="run the DDP check anyway, on 2 CPU processes (gloo) at the reduced size (tests)")
     parser.add_argument("--vae", help="for the DDP run (default: the recipe's vae.pretrained)")
     parser.add_argument("--text-encoder", help="for the DDP run (default: the recipe's text_encoder.pretrained)")
     parser.add_argument("--threads", type=int, help="CPU threads (reduced mode)")
@@ -207,26 +208,31 @@ def print_table(result: dict, reduced: bool) -> None:
               f"{cfg.data.resolution // 8}x{cfg.data.resolution // 8}")
 
 
-def ddp_check(args) -> bool:
-    """train.py on 2 GPUs (NCCL DDP) with the recipe and a replica check every step; True when it passed."""
+def ddp_check(args, on_cpu: bool = False) -> bool:
+    """train.py on 2 ranks with the recipe and a replica check every step; True when it passed. On 2 GPUs: NCCL
+    DDP at the recipe's size. on_cpu (--ddp-on-cpu, for tests): gloo DDP on 2 CPU processes at the reduced size."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as tmp:
         run = Path(tmp) / "run"
         overrides = [
             f"output_dir={run}", f"data.manifest={Path(tmp) / 'synth' / 'manifest.jsonl'}",
-            # 25 fps FaceVid-Synth at the recipe's size: target_fps 6.25 reads every 4th of 64 frames.
+            # 25 fps FaceVid-Synth: the recipe's target_fps 6.25 reads every 4th frame (16 of 64 at full size).
             "data.synth.num_clips=16", "data.synth.num_frames=64", "data.synth.resolution=256", "data.synth.fps=25",
             f"train.max_steps={args.ddp_steps}", "train.replica_check_every=1", "train.log_every=1",
             "train.checkpoint_every=100000", "train.validate_every=0", "sample.num_inference_steps=2",
             "train.lr_warmup_steps=1",
-            # tracker none: the benchmark needs no dashboard (and train.tracker=wandb fails on wandb 0.31).
+            # tracker none: the check needs no dashboard (and train.tracker=wandb fails on wandb 0.31).
             "train.tracker=none",
         ] + ([f"vae.pretrained={args.vae}"] if args.vae else []) + (
             [f"text_encoder.pretrained={args.text_encoder}"] if args.text_encoder else [])
+        if on_cpu:
+            overrides += REDUCED + ["data.synth.num_clips=4", "data.synth.num_frames=16", "data.synth.resolution=64",
+                                    "data.resolution=64", "data.num_frames=4", "data.num_workers=0",
+                                    "train.batch_size=1"]
+        launch = "cpu_2proc.yaml" if on_cpu else "multi_gpu.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+               str(REPO / "configs" / "accelerate" / launch), "--num_processes", "2",
                str(REPO / "train.py"), "--config", str(RECIPE), *overrides]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0,1")}
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)
         log = result.stdout + result.stderr
         checks = sum(f"step {s}: weights identical on all 2 rank(s)" in log for s in range(1, args.ddp_steps + 1))
         ok = result.returncode == 0 and "on 2 process(es)" in log and checks == args.ddp_steps
@@ -234,16 +240,17 @@ def ddp_check(args) -> bool:
         if (run / "metrics.jsonl").is_file():
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             elapsed = [row["elapsed_s"] for row in rows if "elapsed_s" in row]
-        print(f"\n# DDP: train.py on 2 ranks (NCCL), {args.ddp_steps} steps, replica check every step")
+        backend = "gloo, CPU, reduced size" if on_cpu else "NCCL"
+        print(f"\n# DDP: train.py on 2 ranks ({backend}), {args.ddp_steps} steps, replica check every step")
         print(f"exit code {result.returncode}; 2 processes: {'on 2 process(es)' in log}; "
               f"replicas identical at {checks} of {args.ddp_steps} steps -> {'PASS' if ok else 'FAIL'}")
         if len(elapsed) >= 3:  # the first step holds start-up (cuDNN autotuning, allocator growth)
             per_step = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
-            batch = load_config(RECIPE, NO_DATA).train
-            clips = 2 * batch.batch_size * batch.gradient_accumulation_steps
-            print(f"s/step (optimizer step, after the first): {per_step:.3f}; samples/s over both GPUs: "
-                  f"{clips / per_step:.2f} (2 ranks x batch {batch.batch_size} x accumulation "
-                  f"{batch.gradient_accumulation_steps}; VAE + text encoder in the loop)")
+            train = load_config(RECIPE, NO_DATA + [o for o in overrides if o.startswith("train.")]).train
+            clips = 2 * train.batch_size * train.gradient_accumulation_steps
+            print(f"s/step (optimizer step, after the first): {per_step:.3f}; samples/s over both ranks: "
+                  f"{clips / per_step:.2f} (2 ranks x batch {train.batch_size} x accumulation "
+                  f"{train.gradient_accumulation_steps}; VAE + text encoder in the loop)")
         if not ok:
             print(log[-6000:])
         return ok
@@ -260,6 +267,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     print_table(benchmark(args, device, reduced), reduced)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.ddp_on_cpu:
+        return 0 if ddp_check(args, on_cpu=True) else 1
     if args.no_ddp or reduced:
         print("\nDDP: skipped" + (" (--no-ddp)" if args.no_ddp else " (reduced mode)"))
         return 0

@@ -245,3 +245,14 @@ def test_gpu_check_counts_the_flops_a_real_pass_executes():
               torch.ones(1, 77, dtype=torch.bool)).pow(2).mean().backward()
     assert counted == counter.get_total_flops() > 0
     assert model_flops(cfg, 3, 2, 8, 32)[0] == 3 * counted
+
+
+@pytest.mark.slow
+def test_gpu_check_ddp_run_on_two_cpu_processes(stand_ins):
+    """The DDP part's command (train.py with the recipe, 2 ranks, replica check every step) on gloo at reduced size:
+    what a 2-GPU machine runs with NCCL, minus the sizes."""
+    result = run_script(["bench/gpu_check.py", "--threads", "1", "--steps", "1", "--warmup", "0", "--ddp-on-cpu",
+                         "--ddp-steps", "3", "--vae", str(stand_ins["vae"]), "--text-encoder",
+                         str(stand_ins["clip"])], timeout=300)
+    assert "replicas identical at 3 of 3 steps -> PASS" in result.stdout
+    assert "s/step (optimizer step, after the first):" in result.stdout
