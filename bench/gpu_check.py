@@ -8,7 +8,9 @@ cross-attention 768 = CLIP ViT-L/14's width) from the config with the trainer's 
 steps (the recipe's loss, forward + backward + fused AdamW) in bf16 autocast with gradient checkpointing on latents
 4 x 16 x 32 x 32 (256 px, 16 frames) at the recipe's per-GPU batch, with torch SDPA and, when installed, xformers,
 taking turns step by step. It prints, per attention backend: seconds per step, samples/s, latent tokens/s (frames x
-height x width of the latent per sample), model TFLOP/s, MFU, and the peak allocated and reserved CUDA memory.
+height x width of the latent per sample), model TFLOP/s, MFU, and the peak allocated and reserved CUDA memory over
+one step (weights, AdamW state, gradients and activations; reserved = what the caching allocator holds, the figure
+an out-of-memory is about). Torch settings are the trainer's (no TF32 switch, no cuDNN autotuning).
 
 Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward + backward at
 batch 1 (x batch), attention as explicit matmuls (the "math" backend: the counter does not see every fused
@@ -262,9 +264,6 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if reduced else "cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     print_table(benchmark(args, device, reduced), reduced)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.ddp_on_cpu:
