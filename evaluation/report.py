@@ -71,6 +71,9 @@ def protocol_note(name: str, protocol: dict) -> str:
     line = (f"{name} protocol: {p['num_generated_videos']} generated vs {p['num_real_videos']} real videos, "
             f"{p['frames_per_video']} frames at {p['resolution']} px, {rate} (training: {trained}); real: {where}; "
             f"features: {Path(p['feature_extractor']['file']).name} ({_short_sha(p['feature_extractor']['sha256'])}).")
+    if real.get("same_frame_rate_as_training") is False:
+        line += (f" The real clips are consecutive frames, the model was trained on one frame in "
+                 f"{real['training_frame_stride']}: real and generated videos differ in frame rate.")
     if p.get("comparable_to_published") is False:
         line += (f" Fewer than {p['published_sample_size']:,} videos: small-sample FVD is biased upward, so this "
                  f"figure is comparable only with FVDs of the same protocol, not with published ones.")

@@ -112,6 +112,9 @@ def generate_videos(pipeline, prompts: Sequence[str], config: EvalConfig, run_co
     return np.concatenate(out)
 
 
+RENDERED = "held-out FaceVid-Synth ground truth, rendered"
+
+
 def reference_videos(prompts: Sequence[EvalPrompt], num_frames: int, resolution: int, frame_stride: int,
                      manifest: str | None, target_fps: float | None = None) -> tuple[np.ndarray | None, bool, dict]:
     """(real clips, paired, where they come from). Paired: the held-out ground truth or the prompts' own clips
@@ -121,8 +124,7 @@ def reference_videos(prompts: Sequence[EvalPrompt], num_frames: int, resolution:
     round(fps / target_fps)-th, so real and generated videos have the same frame rate."""
     if all(p.render_seed is not None for p in prompts):
         clips = np.stack([render_reference(p, num_frames, resolution) for p in prompts])
-        return clips, True, {"source": "held-out FaceVid-Synth ground truth, rendered", "manifest": None,
-                             "fps": None}
+        return clips, True, {"source": RENDERED, "manifest": None, "fps": None}
     from data.dataset import window_range
     from data.video import probe_video
 
@@ -150,6 +152,19 @@ def reference_videos(prompts: Sequence[EvalPrompt], num_frames: int, resolution:
     manifests = sorted({p.extra["manifest"] for p in chosen if "manifest" in p.extra})
     return np.stack(clips), paired, {"source": source, "manifest": manifests[0] if len(manifests) == 1 else manifests
                                      or None, "fps": sorted(rates) or None}
+
+
+def _rendered_frame_rate(real_info: dict, training_manifest: Path, data) -> None:
+    """Held-out ground truth is rendered frame after frame on the FaceVid-Synth timeline (the training clips' fps),
+    while training read every frame_stride-th frame (or every round(fps / target_fps)-th): record both rates, and
+    whether they differ, so an FVD that mixes two frame rates says so."""
+    synth_info = training_manifest.parent / "synth_info.json"
+    fps = float(json.loads(synth_info.read_text())["fps"]) if synth_info.is_file() else None
+    stride = data.frame_stride
+    if data.target_fps and fps:
+        stride = max(1, round(fps / data.target_fps))
+    real_info.update(fps=[fps] if fps else None, same_frame_rate_as_training=stride == 1,
+                     training_frame_stride=stride)
 
 
 def frechet_protocol(metric: dict, extractor, real_info: dict, num_frames: int, resolution: int,
@@ -244,9 +259,10 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
     real, paired, real_info = reference_videos(
         prompts, num_frames, resolution, run_config.data.frame_stride,
         config.reference_manifest or (str(training_manifest) if needs_reference else None), run_config.data.target_fps)
-    synth_info = training_manifest.parent / "synth_info.json"
-    if real_info and real_info["fps"] is None and synth_info.is_file():  # rendered: the training clips' timeline
-        real_info["fps"] = [float(json.loads(synth_info.read_text())["fps"])]
+    if real_info:
+        real_info["same_frame_rate_as_training"] = True  # clips read from files use the training windows
+    if real_info.get("source") == RENDERED:
+        _rendered_frame_rate(real_info, training_manifest, run_config.data)
 
     results: dict = {}
     for metric in config.metrics:

@@ -565,3 +565,24 @@ def test_reference_clips_are_read_at_the_training_frame_rate(tmp_path):
         assert np.array_equal(clip, read_frames(prompt.reference, [0, 2, 4, 6], 16))
     _, _, info = reference_videos(prompts, num_frames=4, resolution=16, frame_stride=1, manifest=None)
     assert info["fps"] == [8.0]
+
+
+def test_rendered_ground_truth_says_when_its_frame_rate_differs_from_training(tmp_path):
+    """Held-out FaceVid-Synth ground truth is rendered frame after frame; a run trained at frame_stride 2 (the
+    demo) saw every other frame. The protocol records both and the report says they differ."""
+    from types import SimpleNamespace
+
+    from evaluation.report import protocol_note
+    from evaluation.runner import RENDERED, _rendered_frame_rate
+
+    manifest = synth.generate(tmp_path, num_clips=1, num_frames=4, resolution=16, fps=12.0, seed=2, progress=False)
+    protocol = {"num_generated_videos": 64, "num_real_videos": 64, "frames_per_video": 8, "resolution": 32,
+                "training_fps": None, "feature_extractor": {"file": "/w/i3d_torchscript.pt", "sha256": "ab" * 32},
+                "published_sample_size": 2048, "comparable_to_published": False}
+    for stride, target_fps, same in ((1, None, True), (2, None, False), (1, 6.0, False), (1, 12.0, True)):
+        info = {"source": RENDERED, "manifest": None, "fps": None}
+        _rendered_frame_rate(info, manifest, SimpleNamespace(frame_stride=stride, target_fps=target_fps))
+        assert info["fps"] == [12.0] and info["same_frame_rate_as_training"] is same
+        note = protocol_note("FVD", {**protocol, "real_fps": info.pop("fps"), "real": info})
+        assert ("differ in frame rate" in note) is not same
+        assert "64 generated vs 64 real videos" in note and "not with published ones" in note
