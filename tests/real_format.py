@@ -8,6 +8,7 @@ with tiny random weights: nothing is downloaded.
 - `t5_text_encoder`: a transformers T5EncoderModel folder (T5 v1.1 layout: gated GELU, no tied head) with a
   SentencePiece-style Unigram tokenizer trained here on FaceVid-Synth captions, saved as T5's tokenizer.
 - `clip_model`: a full CLIPModel + CLIPProcessor folder (the CLIP-score metric's network), same tokenizer.
+- `i3d_torchscript`: a TorchScript file with the FVD I3D's call signature (clearly not I3D: a small 3D conv net).
 
 The tokenizers are real (real vocabularies and algorithms); only the networks are random.
 """
@@ -149,3 +150,26 @@ def t5_text_encoder(folder: Path, d_model: int = 32, captions: list[str] | None 
     T5EncoderModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class StandInI3D(torch.nn.Module):
+    """Test stand-in with the I3D TorchScript call signature; (B, 3, T, 224, 224) in [-1, 1] -> (B, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, stride=(2, 2, 2))
+        self.head = torch.nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        assert not rescale and not resize and return_features
+        assert x.shape[1] == 3 and x.shape[2] >= 16 and x.shape[3] == 224 and x.shape[4] == 224
+        assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+        x = torch.nn.functional.avg_pool3d(x, (1, 8, 8))
+        return self.head(torch.relu(self.conv(x)).mean((2, 3, 4)))
+
+
+def i3d_torchscript(path: Path) -> Path:
+    torch.manual_seed(0)
+    torch.jit.script(StandInI3D()).save(str(path))
+    return path

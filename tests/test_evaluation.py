@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_format
 import scipy.linalg
 import torch
 from scipy.ndimage import gaussian_filter
@@ -207,23 +208,6 @@ def test_frechet_distance_of_samples():
 # ----------------------------------------------------------------------------- stand-in networks
 
 
-class StandInI3D(torch.nn.Module):
-    """Test stand-in with the I3D TorchScript call signature; (B, 3, T, 224, 224) in [-1, 1] -> (B, 8)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(3, 4, 3, stride=(2, 2, 2))
-        self.head = torch.nn.Linear(4, 8)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        assert not rescale and not resize and return_features
-        assert x.shape[1] == 3 and x.shape[2] >= 16 and x.shape[3] == 224 and x.shape[4] == 224
-        assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
-        x = torch.nn.functional.avg_pool3d(x, (1, 8, 8))
-        return self.head(torch.relu(self.conv(x)).mean((2, 3, 4)))
-
-
 class StandInInception(torch.nn.Module):
     """Test stand-in with the FID-Inception TorchScript call signature; uint8 (N, 3, H, W) -> (N, 16)."""
 
@@ -270,7 +254,7 @@ def save_tiny_clip(folder: Path) -> Path:
 def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stand_in_weights")
     torch.manual_seed(0)
-    torch.jit.script(StandInI3D()).save(str(folder / "i3d_torchscript.pt"))
+    real_format.i3d_torchscript(folder / "i3d_torchscript.pt")
     torch.jit.script(StandInInception()).save(str(folder / "inception-2015-12-05.pt"))
     return {"i3d": str(folder / "i3d_torchscript.pt"), "inception": str(folder / "inception-2015-12-05.pt"),
             "clip": str(save_tiny_clip(folder / "clip"))}

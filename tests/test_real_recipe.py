@@ -3,7 +3,8 @@ an SD-style VAE folder, a CLIP or T5 text-encoder folder with its real tokenizer
 25 fps (so the recipe's target_fps 6.25 takes every 4th frame). Only sizes are overridden (resolution, widths, steps,
 batch), plus the local paths and data.cache=use (after cache.py). The chain: cache.py -> train.py in bf16 autocast
 -> SIGTERM -> resume -> sample.py with a negative prompt and guidance -> export.py -> the export loaded with
-diffusers in a fresh process -> evaluate.py with the CLIP score (a tiny random CLIPModel) and attribute alignment.
+diffusers in a fresh process -> evaluate.py with FVD (a stand-in I3D file, the protocol recorded), the CLIP score (a
+tiny random CLIPModel) and attribute alignment.
 
 CLIP runs in the default suite, T5 is marked slow (the same path with another encoder family).
 """
@@ -98,7 +99,8 @@ def manifest(tmp_path_factory):
 def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_format")
     return {"vae": real_format.sd_vae(root / "sd-vae-ft-mse"), "clip": real_format.clip_text_encoder(root / "clip-l"),
-            "t5": real_format.t5_text_encoder(root / "t5-v1_1"), "clip_model": real_format.clip_model(root / "clip-b")}
+            "t5": real_format.t5_text_encoder(root / "t5-v1_1"), "clip_model": real_format.clip_model(root / "clip-b"),
+            "i3d": real_format.i3d_torchscript(root / "i3d_torchscript.pt")}
 
 
 def test_clip_tokenizer_reproduces_openai_ids():
@@ -188,16 +190,22 @@ def test_shipped_recipe_end_to_end(family, manifest, stand_ins, tmp_path, capsys
     # One grey level for float sums on another thread count.
     assert theirs.shape == ours.shape == (1, 4, 64, 64, 3) and np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
 
-    # 6. evaluate.py: CLIP score with a (random) CLIPModel folder, and FaceVid-Synth attribute alignment.
+    # 6. evaluate.py on two dataset clips: FVD (a stand-in I3D file), CLIP score (a random CLIPModel folder) and
+    # FaceVid-Synth attribute alignment. The real clips are read as training reads them: every 4th frame at 25 fps.
     evaluate = task_runs.entry_point("evaluate")
     capsys.readouterr()
-    assert evaluate.main(["--run", str(run), "--synth-heldout", "2", "--metrics", "clip,alignment", "--clip",
-                          str(stand_ins["clip_model"]), "--steps", str(STEPS), "--out", str(tmp_path / "eval"),
-                          "--device", "cpu"]) == 0
+    assert evaluate.main(["--run", str(run), "--dataset", str(manifest), "--limit", "2", "--metrics",
+                          "fvd,clip,alignment", "--i3d", str(stand_ins["i3d"]), "--clip", str(stand_ins["clip_model"]),
+                          "--steps", str(STEPS), "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert result["metrics"]["clip"]["num_videos"] == 2 and np.isfinite(result["metrics"]["clip"]["clip_score"])
-    assert result["metrics"]["alignment"]["num_videos"] == 2
+    m = result["metrics"]
+    assert m["clip"]["num_videos"] == 2 and np.isfinite(m["clip"]["clip_score"])
+    assert m["alignment"]["num_videos"] == 2 and "reference_real" in m["alignment"]
     assert result["generation"]["resolution"] == 64 and result["generation"]["guidance_scale"] == 7.5
+    assert np.isfinite(m["fvd"]["value"]) and m["fvd"]["label"] == "FVD (n=2, not comparable to published)"
+    protocol = m["fvd"]["protocol"]
+    assert (protocol["real_fps"], protocol["training_fps"], protocol["frames_per_video"]) == ([6.25], 6.25, 4)
+    assert protocol["real"]["manifest"] == str(manifest) and protocol["real"]["same_frame_rate_as_training"]
 
 
 # ----------------------------------------------------------------------------- bench/gpu_check.py
