@@ -110,6 +110,12 @@ class UNetConfig:
     pretrained: Optional[str] = None
     pretrained_format: str = "auto"  # auto | facevid | unet3d | unet2d
     subfolder: Optional[str] = None
+    # An AnimateDiff motion module (diffusers MotionAdapter folder, or an original mm_*.ckpt / .safetensors file)
+    # that becomes the temporal layers of the image UNet in `pretrained` (models/animatediff.py).
+    motion_module: Optional[str] = None
+    # frame: GroupNorm per frame, as the original AnimateDiff code trained them; video: pooled over the frames,
+    # as diffusers' AnimateDiffPipeline runs them.
+    motion_module_norm: str = "frame"
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, True])
@@ -246,6 +252,7 @@ CHOICES = {
     "stage": ("vae", "t2v"),
     "task": ("t2v", "i2v", "uncond"),
     "unet.pretrained_format": ("auto", "facevid", "unet3d", "unet2d"),
+    "unet.motion_module_norm": ("frame", "video"),
     "data.cache": ("none", "use", "auto"),
     "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
@@ -572,6 +579,12 @@ def validate(cfg: RunConfig) -> None:
                   "or give a hub id)")
         if cfg.unet.pretrained and _looks_local(cfg.unet.pretrained) and not Path(cfg.unet.pretrained).exists():
             _fail("unet.pretrained", cfg.unet.pretrained, "local folder not found")
+        if cfg.unet.motion_module and not cfg.unet.pretrained:
+            _fail("unet.motion_module", cfg.unet.motion_module, "needs unet.pretrained: the image UNet (e.g. Stable "
+                  "Diffusion 1.5) whose temporal layers it becomes")
+        if cfg.unet.motion_module and not Path(cfg.unet.motion_module).exists():
+            _fail("unet.motion_module", cfg.unet.motion_module, "not found (a diffusers MotionAdapter folder or "
+                  "an AnimateDiff .ckpt / .safetensors file)")
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     if _looks_local(encoder) and not Path(encoder).exists():
         _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
@@ -611,7 +624,8 @@ def _validate_evaluation(cfg: RunConfig) -> None:
 # Keys that may name local files or folders. A run's saved config names them by absolute path: sample.py and
 # evaluate.py read it from any working directory, where a relative "runs/demo-vae/vae" would silently load
 # whichever VAE sits there (or none).
-LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "text_encoder.pretrained",
+LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "unet.motion_module",
+                   "text_encoder.pretrained",
                    "eval.prompts_file", "eval.reference_manifest", "eval.i3d", "eval.inception", "eval.clip")
 
 

@@ -208,7 +208,8 @@ class TextToVideoStage:
         latent_channels = self.vae.config.latent_channels
         extra_channels = condition_channels(cfg.task, latent_channels)
         if u.pretrained:
-            unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels)
+            unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels,
+                                        u.motion_module, u.motion_module_norm)
             self._check_pretrained(unet, latent_channels)
         else:
             unet = build_unet(u, latent_channels, extra_channels, self.text_encoder.hidden_size)

@@ -8,6 +8,8 @@
   mirrors its structure with the UNET3D_LAYOUT options, so the mapping is exact (same outputs, tests/test_pretrained).
 - `from_unet2d`: the image UNet's weights go into the spatial layers of a UNET3D_LAYOUT model whose temporal
   layers start as the identity, so the video model starts as the image model applied to every frame.
+- `load_pretrained_unet(path, motion_module=...)`: an image UNet plus an AnimateDiff motion module as its temporal
+  layers (models/animatediff.py).
 - `unet3d_incompatibilities(config)`: why a FaceVidUNet3D cannot be exported as UNet3DConditionModel (empty if
   it can).
 - `layout_options(layout, ...)`: the FaceVidUNet3D options of a named layout (config `unet.layout`); "modelscope"
@@ -417,13 +419,28 @@ def pretrained_scheduler_config(path: str, subfolder: str | None = None) -> tupl
 
 
 def load_pretrained_unet(path: str, format: str = "auto", subfolder: str | None = None,
-                         condition_channels: int = 0) -> FaceVidUNet3D:
-    """A FaceVidUNet3D initialised from `path` (hub id or folder) in `format` (see FORMATS)."""
+                         condition_channels: int = 0, motion_module: str | None = None,
+                         motion_module_norm: str = "frame") -> FaceVidUNet3D:
+    """A FaceVidUNet3D initialised from `path` (hub id or folder) in `format` (see FORMATS). With
+    `motion_module` (an AnimateDiff motion module: MotionAdapter folder or weight file, models/animatediff.py)
+    `path` must be an image UNet, and the motion module becomes its temporal layers."""
     if format not in FORMATS:
         raise ValueError(f"unknown pretrained format {format!r}; valid: {', '.join(FORMATS)}")
     if format == "auto":
         format, subfolder = detect_format(path, subfolder)
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    if motion_module is not None:
+        from diffusers import UNet2DConditionModel
+
+        from models.animatediff import from_unet2d_and_motion, load_motion_module
+
+        if format != "unet2d":
+            raise UnsupportedBackboneError(
+                f"an AnimateDiff motion module goes into an image UNet (format unet2d, e.g. Stable Diffusion 1.5), "
+                f"but {path} is format {format!r}")
+        motion = load_motion_module(motion_module)  # first: a bad file fails before the UNet loads
+        return from_unet2d_and_motion(UNet2DConditionModel.from_pretrained(path, **kwargs), motion,
+                                      condition_channels, motion_module_norm)
     if format == "facevid":
         return with_condition_channels(FaceVidUNet3D.from_pretrained(path, **kwargs), condition_channels)
     from diffusers import UNet2DConditionModel, UNet3DConditionModel
