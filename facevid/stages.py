@@ -21,6 +21,8 @@ from facevid.config import ConfigError, RunConfig, resolve_pretrained
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler, scale_motion
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
+from facevid.trainable import trainable_parameters
+from models.lora import has_lora, save_lora, without_lora
 from models.pretrained import load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
@@ -109,7 +111,7 @@ class VAEStage:
     def save_final(self, model: _VAEWithLoss, ema, run_dir: Path) -> None:
         vae = model.vae
         if ema is not None:
-            ema.copy_to(vae.parameters())
+            ema.copy_to(trainable_parameters(model))  # the EMA holds exactly these (train.trainable)
         # Scale latents to unit variance for the diffusion model (what SD's 0.18215 does for its VAE).
         clips = torch.stack([self.dataset[i]["pixel_values"] for i in range(min(32, len(self.dataset)))])
         mean, _ = encode_video_posterior(vae, clips.to(self.device), self.cfg.vae.chunk_frames)
@@ -287,13 +289,23 @@ class TextToVideoStage:
         return {"samples": paths}, {}
 
     def save_final(self, model, ema, run_dir: Path) -> None:
-        model.save_pretrained(run_dir / "unet")
+        """unet/ (+ unet_ema/); a LoRA run (train.trainable=lora) instead writes its frozen base UNet to unet/ and
+        the adapters to lora/ (+ lora_ema/) as pytorch_lora_weights.safetensors (models/lora.py)."""
+        lora = has_lora(model)
+        with without_lora(model):
+            model.save_pretrained(run_dir / "unet")
+        if lora:
+            save_lora(model, run_dir / "lora")
         if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.save_pretrained(run_dir / "unet_ema")
-            ema.restore(model.parameters())
-        logger.info("UNet saved to %s", run_dir / ("unet_ema" if ema is not None else "unet"))
+            ema.store(trainable_parameters(model))
+            ema.copy_to(trainable_parameters(model))
+            if lora:
+                save_lora(model, run_dir / "lora_ema")
+            else:
+                model.save_pretrained(run_dir / "unet_ema")
+            ema.restore(trainable_parameters(model))
+        saved = ("lora" if lora else "unet") + ("_ema" if ema is not None else "")
+        logger.info("UNet saved to %s%s", run_dir / saved, " (base weights in unet/)" if lora else "")
 
 
 STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}

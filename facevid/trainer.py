@@ -37,6 +37,7 @@ from data.sampler import ShardedEpochSampler
 from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
+from facevid.trainable import select_trainable, trainable_parameters
 
 logger = logging.getLogger("facevid")
 
@@ -133,8 +134,8 @@ class Trainer:
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        logger.info("trainable parameters: %.2fM", sum(p.numel() for p in trainable) / 1e6)
+        select_trainable(self.model, cfg)  # train.trainable: freezes the rest (or adds LoRA adapters), logs counts
+        trainable = trainable_parameters(self.model)  # the only parameters the optimizer and the EMA see
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
             weight_decay=cfg.train.weight_decay,
@@ -301,8 +302,8 @@ class Trainer:
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             if self.ema is not None:  # sample with the EMA weights, then put the training weights back
-                self.ema.store(model.parameters())
-                self.ema.copy_to(model.parameters())
+                self.ema.store(trainable_parameters(model))
+                self.ema.copy_to(trainable_parameters(model))
             model.eval()
             step = self.state.global_step
             out_dir = self.run_dir / "samples" / f"step-{step:08d}"
@@ -311,7 +312,7 @@ class Trainer:
                 metrics = {**metrics, **self.stage.evaluate(model, step)}
             model.train()
             if self.ema is not None:
-                self.ema.restore(model.parameters())
+                self.ema.restore(trainable_parameters(model))
             if metrics:
                 acc.log(metrics, step=step)
                 self._write_metrics({"step": step, **metrics})
@@ -392,7 +393,7 @@ class Trainer:
                 self.state.global_step += 1
                 step = self.state.global_step
                 if self.ema is not None:
-                    self.ema.step([p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad])
+                    self.ema.step(trainable_parameters(acc.unwrap_model(self.model)))
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == max_steps:
                     mean_loss = acc.reduce(torch.tensor(running_loss / running_count, device=acc.device),
