@@ -210,6 +210,25 @@ class TrainConfig:
     # checkpoint (a diverged run: every later step is bad too). 0 = stop at the first one.
     max_nonfinite_steps: int = 0
     wandb_project: str = "facevid"
+    # What is trained (facevid/trainable.py): all | temporal (only the temporal layers: AnimateDiff's recipe on an
+    # image UNet inflated with unet.pretrained_format=unet2d) | patterns (only trainable_include) | lora (adapters
+    # only, see `lora`). Patterns are shell-style (fnmatch) over parameter names, e.g. "*.temporal.*", "conv_in.*";
+    # include adds to the mode's selection, exclude removes from it. A pattern that matches nothing is an error.
+    trainable: str = "all"
+    trainable_include: list[str] = field(default_factory=list)
+    trainable_exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (models/lora.py, through PEFT) when train.trainable=lora; the base UNet stays frozen."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0
+    # fnmatch patterns over module names; each must match at least one Linear / Conv layer. The default: every
+    # attention projection (spatial, cross and temporal). Add e.g. "*.ff.*" (feed-forwards) or "*.resnet.conv*".
+    target_modules: list[str] = field(default_factory=lambda: ["*.to_q", "*.to_k", "*.to_v", "*.to_out"])
 
 
 @dataclass
@@ -242,6 +261,7 @@ class RunConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -263,6 +283,7 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.tracker": ("tensorboard", "wandb", "none"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"),
+    "train.trainable": ("all", "temporal", "patterns", "lora"),
 }
 
 
@@ -594,8 +615,33 @@ def validate(cfg: RunConfig) -> None:
         _fail("text_encoder.max_length", cfg.text_encoder.max_length, f"must be at most {positions}: the text "
               f"encoder {cfg.text_encoder.pretrained} has {positions} token positions")
     _validate_evaluation(cfg)
+    _validate_trainable(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
+
+
+def _validate_trainable(cfg: RunConfig) -> None:
+    """What can be checked without the model; facevid/trainable.py checks the patterns against its names."""
+    t = cfg.train
+    if t.trainable == "patterns" and not t.trainable_include:
+        _fail("train.trainable_include", [], "train.trainable=patterns trains only what it names: give at least "
+              "one pattern, e.g. ['*.temporal.*']")
+    if t.trainable != "lora":
+        return
+    if cfg.stage != "t2v":
+        _fail("train.trainable", "lora", "LoRA adapters are for the UNet of stage t2v")
+    if t.trainable_include or t.trainable_exclude:
+        _fail("train.trainable_include" if t.trainable_include else "train.trainable_exclude",
+              list(t.trainable_include or t.trainable_exclude),
+              "is not used with train.trainable=lora (choose the adapted layers with lora.target_modules)")
+    if cfg.lora.rank < 1:
+        _fail("lora.rank", cfg.lora.rank, "must be an integer >= 1")
+    if not cfg.lora.alpha > 0:
+        _fail("lora.alpha", cfg.lora.alpha, "must be > 0 (the adapter's scale is alpha / rank)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    if not cfg.lora.target_modules:
+        _fail("lora.target_modules", [], "needs at least one pattern, e.g. ['*.to_q', '*.to_v']")
 
 
 def _validate_evaluation(cfg: RunConfig) -> None:

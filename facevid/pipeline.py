@@ -19,6 +19,7 @@ from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor
 from facevid.config import RunConfig, load_config, resolve_pretrained
 from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion, video_noise
 from facevid.tasks import check_request, condition_channels, first_frame_condition
+from models.lora import load_lora, lora_folder, merge_lora
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import decode_latents, downscale_factor, encode_video_posterior, load_vae
@@ -92,8 +93,10 @@ class FaceVidPipeline:
                              f"{unet.config.condition_channels}")
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
-        """Load a finished (or checkpointed) run: its config, UNet (EMA weights when present), VAE, encoder."""
+    def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                 apply_lora: bool = True):
+        """Load a finished (or checkpointed) run: its config, UNet (EMA weights when present), VAE, encoder.
+        A LoRA run's adapters (lora_ema/ or lora/) are merged into its base UNet unless apply_lora is False."""
         run_dir = Path(run_dir)
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
@@ -106,6 +109,12 @@ class FaceVidPipeline:
             raise FileNotFoundError(f"no trained UNet in {run_dir} (expected unet_ema/ or unet/); "
                                     "has the run finished? sample from it once training ends")
         unet = FaceVidUNet3D.from_pretrained(folder).to(device).eval()
+        weights = folder.name
+        adapter = lora_folder(run_dir, use_ema)
+        if adapter is not None and apply_lora:
+            load_lora(unet, adapter)
+            merge_lora(unet)
+            weights = f"{folder.name} + {adapter.name}"
         vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(device).eval()
         encoder = FrozenTextEncoder(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length,
                                     cfg.text_encoder.subfolder).to(device)
@@ -113,7 +122,7 @@ class FaceVidPipeline:
         pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task,
                    **sampling_options(cfg))
         pipe.run_config = cfg
-        pipe.weights = folder.name
+        pipe.weights = weights
         return pipe
 
     @property

@@ -29,6 +29,7 @@ from facevid.diffusion import (
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
+from models.lora import has_lora, save_lora, without_lora
 from models.pretrained import layout_options, load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
@@ -349,11 +350,21 @@ class TextToVideoStage:
         return {"samples": paths}, {}
 
     def save_final(self, model, ema, run_dir: Path) -> None:
-        model.save_pretrained(run_dir / "unet")
+        """unet/ (+ unet_ema/); a LoRA run (train.trainable=lora) instead writes its frozen base UNet to unet/ and
+        the adapters to lora/ (+ lora_ema/) as pytorch_lora_weights.safetensors (models/lora.py)."""
+        lora = has_lora(model)
+        with without_lora(model):
+            model.save_pretrained(run_dir / "unet")
+        if lora:
+            save_lora(model, run_dir / "lora")
         if ema is not None:
             with ema_weights(ema, model):
-                model.save_pretrained(run_dir / "unet_ema")
-        logger.info("UNet saved to %s", run_dir / ("unet_ema" if ema is not None else "unet"))
+                if lora:
+                    save_lora(model, run_dir / "lora_ema")
+                else:
+                    model.save_pretrained(run_dir / "unet_ema")
+        saved = ("lora" if lora else "unet") + ("_ema" if ema is not None else "")
+        logger.info("UNet saved to %s%s", run_dir / saved, " (base weights in unet/)" if lora else "")
 
 
 STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}

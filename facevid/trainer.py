@@ -39,6 +39,7 @@ from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hin
 from facevid.config import RunConfig, save_config
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.stages import training_fps
+from facevid.trainable import select_trainable
 
 logger = logging.getLogger("facevid")
 
@@ -174,8 +175,8 @@ class Trainer:
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
-        trainable = trainable_parameters(self.model)
-        logger.info("trainable parameters: %.2fM", sum(p.numel() for p in trainable) / 1e6)
+        select_trainable(self.model, cfg)  # train.trainable: freezes the rest (or adds LoRA adapters), logs counts
+        trainable = trainable_parameters(self.model)  # the only parameters the optimizer and the EMA see
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
             weight_decay=cfg.train.weight_decay,

@@ -246,7 +246,8 @@ _TEMPORAL = {
     "norm_attn2": _BLOCK + "norm2", "attn2.to_out": _BLOCK + "attn2.to_out.0", "attn2": _BLOCK + "attn2",
     "norm_ff": _BLOCK + "norm3", **_FEED_FORWARD,
 }
-_TEMPORAL_MODULES = (".temporal.", ".temporal_conv.", "input_layer.")
+# Module-name parts of the layers an image UNet lacks (also what train.trainable=temporal trains).
+TEMPORAL_MODULES = (".temporal.", ".temporal_conv.", "input_layer.")
 
 
 def _module_pairs(config, temporal: bool) -> list[tuple[str, str, dict]]:
@@ -319,7 +320,7 @@ def _load_mapped(model: FaceVidUNet3D, source: dict, mapping: dict[str, str], te
     absent = sorted(v for v in mapping.values() if v not in source)
     # Without temporal source weights (2D), the temporal layers keep their identity initialisation.
     unmapped = sorted(k for k in model.state_dict() if k not in mapping
-                      and (temporal or not any(m in "." + k for m in _TEMPORAL_MODULES)))
+                      and (temporal or not any(m in "." + k for m in TEMPORAL_MODULES)))
     if unused or absent or unmapped:
         raise UnsupportedBackboneError(
             f"weight mapping mismatch: source keys not mapped {unused[:5]}, mapped keys missing in the source "
