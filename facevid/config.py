@@ -178,6 +178,8 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     replica_check_every: int = 0  # >0: every N steps, fail loudly if data-parallel ranks' weights differ
+    # How long a collective (barrier, all-gather) may wait for the slowest rank before the run fails.
+    process_group_timeout_s: int = 1800
     wandb_project: str = "facevid"
 
 
@@ -333,7 +335,7 @@ def validate(cfg: RunConfig) -> None:
         "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-        "eval.synth_heldout", "eval.batch_size",
+        "eval.synth_heldout", "eval.batch_size", "train.process_group_timeout_s",
     ]
     for key in positive_ints:
         if _get(cfg, key) < 1:

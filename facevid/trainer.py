@@ -37,6 +37,7 @@ from data.sampler import ShardedEpochSampler
 from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
+from facevid.engine import build_engine, process_group_kwargs
 
 logger = logging.getLogger("facevid")
 
@@ -68,6 +69,7 @@ def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s)],
     )
 
 
@@ -124,12 +126,13 @@ class Trainer:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         setup_logging(acc)
+        self.engine = build_engine(acc)  # DDP or FSDP2, from the launch config (facevid/engine.py)
         set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        logger.info("stage %s on %d process(es), device %s, mixed precision %s",
-                    cfg.stage, acc.num_processes, acc.device, acc.mixed_precision)
+        logger.info("stage %s on %d process(es), engine %s, device %s, mixed precision %s",
+                    cfg.stage, acc.num_processes, self.engine.name, acc.device, acc.mixed_precision)
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
@@ -151,7 +154,8 @@ class Trainer:
             self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        self.model, self.optimizer, self.lr_scheduler = self.engine.prepare(
+            self.model, self.optimizer, self.lr_scheduler, self.ema)
         # All training noise (timesteps, Gaussian noise, caption dropout, posterior samples) comes from here.
         self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
 
@@ -208,7 +212,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        self.engine.save_state(tmp, self.ema)
         torch.save(self.generator.get_state(), tmp / f"noise_generator_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -235,7 +239,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
         logger.info("resuming from %s", path)
-        acc.load_state(str(path))
+        self.engine.load_state(path, self.ema)
         saved = json.loads((path / "trainer_state.json").read_text())
         self.state = TrainerState(**saved)
         generator_file = path / f"noise_generator_{acc.process_index}.pt"
@@ -298,11 +302,11 @@ class Trainer:
     def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
         """With the EMA weights: validation samples (stage.validate) and/or evaluation (stage.evaluate)."""
         acc = self.accelerator
+        model, ema = self.engine.consolidated(self.model, self.ema)  # every rank takes part; rank 0 gets them
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            if self.ema is not None:  # sample with the EMA weights, then put the training weights back
-                self.ema.store(model.parameters())
-                self.ema.copy_to(model.parameters())
+            if ema is not None:  # sample with the EMA weights, then put the training weights back
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
             model.eval()
             step = self.state.global_step
             out_dir = self.run_dir / "samples" / f"step-{step:08d}"
@@ -310,8 +314,8 @@ class Trainer:
             if evaluate:
                 metrics = {**metrics, **self.stage.evaluate(model, step)}
             model.train()
-            if self.ema is not None:
-                self.ema.restore(model.parameters())
+            if ema is not None:
+                ema.restore(model.parameters())
             if metrics:
                 acc.log(metrics, step=step)
                 self._write_metrics({"step": step, **metrics})
@@ -325,6 +329,10 @@ class Trainer:
     def _check_replicas_agree(self) -> None:
         """Data-parallel ranks must hold identical weights after every optimizer step."""
         acc = self.accelerator
+        if not self.engine.replicated:
+            logger.info("step %d: replica check skipped: %s shards the weights (ranks differ by design)",
+                        self.state.global_step, self.engine.name)
+            return
         params = [p.detach().double().flatten() for p in acc.unwrap_model(self.model).parameters()]
         checksum = torch.stack([torch.cat(params).sum(), (torch.cat(params) ** 2).sum()]).to(acc.device)
         every_rank = acc.gather(checksum[None]).cpu()
@@ -433,9 +441,9 @@ class Trainer:
 
         if not stopped_early:
             self._validate(samples=True, evaluate=bool(cfg.eval.every))
+            model, ema = self.engine.consolidated(self.model, self.ema)
             if acc.is_main_process:
-                model = acc.unwrap_model(self.model)
-                self.stage.save_final(model, self.ema, self.run_dir)
+                self.stage.save_final(model, ema, self.run_dir)
         acc.wait_for_everyone()
         acc.end_training()
         for sig, handler in previous_handlers.items():
