@@ -209,6 +209,8 @@ class TrainConfig:
     # skipped (a rare bad batch); one more stops the run with an error naming the step and the last good
     # checkpoint (a diverged run: every later step is bad too). 0 = stop at the first one.
     max_nonfinite_steps: int = 0
+    # How long a collective (barrier, all-gather) may wait for the slowest rank before the run fails.
+    process_group_timeout_s: int = 1800
     wandb_project: str = "facevid"
     # What is trained (facevid/trainable.py): all | temporal (only the temporal layers: AnimateDiff's recipe on an
     # image UNet inflated with unet.pretrained_format=unet2d) | patterns (only trainable_include) | lora (adapters
@@ -496,7 +498,7 @@ def validate(cfg: RunConfig) -> None:
         "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-        "eval.synth_heldout", "eval.batch_size",
+        "eval.synth_heldout", "eval.batch_size", "train.process_group_timeout_s",
     ]
     for key in positive_ints:
         if _get(cfg, key) < 1:

@@ -38,6 +38,7 @@ from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
 from facevid.ema import ema_weights, trainable_parameters
+from facevid.engine import build_engine, process_group_kwargs
 from facevid.stages import training_fps
 from facevid.trainable import select_trainable
 
@@ -80,6 +81,7 @@ def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s)],
     )
 
 
@@ -165,13 +167,14 @@ class Trainer:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         setup_logging(acc)
+        self.engine = build_engine(acc)  # DDP or FSDP2, from the launch config (facevid/engine.py)
         set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             self._remove_partial_checkpoints()
-        logger.info("stage %s on %d process(es), device %s, mixed precision %s",
-                    cfg.stage, acc.num_processes, acc.device, acc.mixed_precision)
+        logger.info("stage %s on %d process(es), engine %s, device %s, mixed precision %s",
+                    cfg.stage, acc.num_processes, self.engine.name, acc.device, acc.mixed_precision)
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
@@ -193,7 +196,8 @@ class Trainer:
             self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        self.model, self.optimizer, self.lr_scheduler = self.engine.prepare(
+            self.model, self.optimizer, self.lr_scheduler, self.ema)
         # All training noise (timesteps, Gaussian noise, caption dropout, posterior samples) comes from here.
         self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
 
@@ -266,7 +270,7 @@ class Trainer:
         acc.wait_for_everyone()
         error = None
         try:
-            acc.save_state(str(tmp))
+            self.engine.save_state(tmp, self.ema)
             torch.save(self.generator.get_state(), tmp / f"noise_generator_{acc.process_index}.pt")
             if acc.is_main_process:
                 (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state), indent=2))
@@ -314,7 +318,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
         logger.info("resuming from %s", path)
-        acc.load_state(str(path))
+        self.engine.load_state(path, self.ema)
         saved = json.loads((path / "trainer_state.json").read_text())
         self.state = TrainerState(**saved)
         if acc.is_main_process:
@@ -446,11 +450,11 @@ class Trainer:
     def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
         """With the EMA weights: validation samples (stage.validate) and/or evaluation (stage.evaluate)."""
         acc = self.accelerator
+        model, ema = self.engine.consolidated(self.model, self.ema)  # every rank takes part; rank 0 gets them
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
             step = self.state.global_step
             out_dir = self.run_dir / "samples" / f"step-{step:08d}"
-            with ema_weights(self.ema, model):  # sample with the EMA weights, then put the training weights back
+            with ema_weights(ema, model):  # sample with the EMA weights, then put the training weights back
                 model.eval()
                 media, metrics = self.stage.validate(model, out_dir, step) if samples else ({}, {})
                 if evaluate:
@@ -469,6 +473,10 @@ class Trainer:
     def _check_replicas_agree(self) -> None:
         """Data-parallel ranks must hold identical weights after every optimizer step."""
         acc = self.accelerator
+        if not self.engine.replicated:
+            logger.info("step %d: replica check skipped: %s shards the weights (ranks differ by design)",
+                        self.state.global_step, self.engine.name)
+            return
         checksum = weights_checksum(acc.unwrap_model(self.model).parameters()).to(acc.device)
         every_rank = acc.gather(checksum[None]).cpu()
         if not torch.equal(every_rank, every_rank[:1].expand_as(every_rank)):
@@ -599,9 +607,9 @@ class Trainer:
 
         if not stopped_early:
             self._validate(samples=True, evaluate=bool(cfg.eval.every))
+            model, ema = self.engine.consolidated(self.model, self.ema)
             if acc.is_main_process:
-                model = acc.unwrap_model(self.model)
-                self.stage.save_final(model, self.ema, self.run_dir)
+                self.stage.save_final(model, ema, self.run_dir)
         acc.wait_for_everyone()
         acc.end_training()
         return self.run_dir
