@@ -543,7 +543,9 @@ class Trainer:
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
                         step_finite = self._step_finite(grad_norm, window_finite)
-                    if step_finite:  # a non-finite step is never applied: the weights stay as they were
+                    # A non-finite step is never applied. Under fp16 the GradScaler skips it by itself, and must
+                    # see it (to lower its scale and reset its per-step state).
+                    if step_finite or acc.scaler is not None:
                         self.optimizer.step()
                     if acc.sync_gradients:
                         self.lr_scheduler.step()
