@@ -156,8 +156,9 @@ def benchmark(args, device: torch.device, reduced: bool) -> dict:
     for backend, s in zip(backends, seconds):
         tflops = flops / s / 1e12
         allocated, reserved = memory[backend]
-        rows.append([backend, f"{s:.4f}", f"{batch / s:.3f}", f"{batch * tokens / s:.1f}", f"{tflops:.4g}",
-                     f"{100 * tflops / peak:.2f}%" if peak else "n/a", allocated, reserved])
+        # Four significant digits whatever the scale (a loaded CPU or an H200).
+        rows.append([backend, f"{s:.4g}", f"{batch / s:.4g}", f"{batch * tokens / s:.4g}", f"{tflops:.4g}",
+                     f"{100 * tflops / peak:.4g}%" if peak else "n/a", allocated, reserved])
     return {"rows": rows, "device": device_name(device), "params": params, "flops": flops, "peak": peak_text,
             "batch": batch, "steps": steps, "shape": f"4x{frames}x{latent_size}x{latent_size}", "tokens": tokens,
             "widths": list(cfg.unet.block_out_channels), "head_dim": cfg.unet.attention_head_dim,
