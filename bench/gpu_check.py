@@ -12,10 +12,11 @@ height x width of the latent per sample), model TFLOP/s, MFU, and the peak alloc
 one step (weights, AdamW state, gradients and activations; reserved = what the caching allocator holds, the figure
 an out-of-memory is about). Torch settings are the trainer's (no TF32 switch, no cuDNN autotuning).
 
-Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward + backward at
-batch 1 (x batch), attention as explicit matmuls (the "math" backend: the counter does not see every fused
-kernel), WITHOUT the forward recomputed by gradient checkpointing: MFU = model FLOPs / step time / peak. The peak
-is 989 TFLOP/s dense bf16 on H100 / H200 (312 on A100); other GPUs need --peak-tflops.
+Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward + backward of the
+same UNet on the meta device (no memory, no time) at batch 1, times the batch; attention as explicit matmuls (the
+"math" backend: the counter does not see every fused kernel), WITHOUT the forward recomputed by gradient
+checkpointing: MFU = model FLOPs / step time / peak. Full width, batch 4: 34.27 TFLOP per step (894.9M parameters).
+The peak is 989 TFLOP/s dense bf16 on H100 / H200 (312 on A100); other GPUs need --peak-tflops.
 
 With 2 or more GPUs it also runs train.py itself on 2 ranks (accelerate launch, NCCL DDP) with the recipe and
 train.replica_check_every=1, on FaceVid-Synth clips it generates, and reports the step time and whether every
@@ -23,7 +24,8 @@ step's weights were identical on both ranks. That run loads the recipe's VAE and
 folders with --vae / --text-encoder).
 
 Without CUDA it runs a reduced mode (narrow widths, 4 x 4 x 16 x 16 latents, few steps, on the CPU) that prints the
-same table, so the script itself is tested on every machine (tests/test_real_recipe.py).
+same table, so the script itself is tested on every machine (tests/test_real_recipe.py); --ddp-on-cpu runs the DDP
+part's command on 2 gloo CPU processes at that size.
 """
 
 from __future__ import annotations
@@ -156,8 +158,9 @@ def benchmark(args, device: torch.device, reduced: bool) -> dict:
     for backend, s in zip(backends, seconds):
         tflops = flops / s / 1e12
         allocated, reserved = memory[backend]
-        rows.append([backend, f"{s:.4f}", f"{batch / s:.3f}", f"{batch * tokens / s:.1f}", f"{tflops:.4g}",
-                     f"{100 * tflops / peak:.2f}%" if peak else "n/a", allocated, reserved])
+        # Four significant digits whatever the scale (a loaded CPU or an H200).
+        rows.append([backend, f"{s:.4g}", f"{batch / s:.4g}", f"{batch * tokens / s:.4g}", f"{tflops:.4g}",
+                     f"{100 * tflops / peak:.4g}%" if peak else "n/a", allocated, reserved])
     return {"rows": rows, "device": device_name(device), "params": params, "flops": flops, "peak": peak_text,
             "batch": batch, "steps": steps, "shape": f"4x{frames}x{latent_size}x{latent_size}", "tokens": tokens,
             "widths": list(cfg.unet.block_out_channels), "head_dim": cfg.unet.attention_head_dim,

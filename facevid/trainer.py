@@ -7,6 +7,11 @@ Exact resume: the data order depends only on (seed, epoch) (data/sampler.py), ea
 choices only on (seed, epoch, index) (data/dataset.py), and all training noise comes from one
 torch.Generator per rank whose state is checkpointed. A resumed run therefore repeats the same
 batches and the same noise as an uninterrupted one.
+
+Failures: an optimizer step whose loss or gradients are NaN/inf is never applied, and more than
+train.max_nonfinite_steps of them in a row stop the run (NonFiniteLossError); weights are checked finite
+before every checkpoint, so rotation never trades the last good checkpoint for a NaN one. A checkpoint that
+cannot be written (full disk) raises CheckpointWriteError and leaves the previous one as the latest.
 """
 
 from __future__ import annotations
@@ -547,7 +552,9 @@ class Trainer:
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
                         step_finite = self._step_finite(grad_norm, window_finite)
-                    if step_finite:  # a non-finite step is never applied: the weights stay as they were
+                    # A non-finite step is never applied. Under fp16 the GradScaler skips it by itself, and must
+                    # see it (to lower its scale and reset its per-step state).
+                    if step_finite or acc.scaler is not None:
                         self.optimizer.step()
                     if acc.sync_gradients:
                         self.lr_scheduler.step()

@@ -155,6 +155,7 @@ def test_shipped_recipe_end_to_end(family, manifest, stand_ins, tmp_path, capsys
     train = ["train.py", "--config", str(RECIPE), *overrides, "data.cache=use"]
     output = train_until_sigterm(train, run)
     assert "mixed precision bf16" in output and "received SIGTERM" in output
+    assert f"training from the latent cache in {cache}" in output
     stopped = [int(p.name.split("-")[1]) for p in list_checkpoints(run)]
     assert stopped and stopped[-1] < cfg.train.max_steps and not (run / "unet").exists()
 
