@@ -330,8 +330,10 @@ def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig
     return OmegaConf.merge(parent, raw)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), validate_files: bool = True) -> RunConfig:
+    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated. validate_files=False is for
+    tools that only read a recipe's settings (bench/gpu_check.py builds its UNet): types and keys are still
+    checked, but nothing the config names (manifest, weights, hub ids) needs to exist."""
     schema = OmegaConf.structured(RunConfig)
     layers = [_load_yaml_with_bases(Path(path))] if path else []
     dotlist = OmegaConf.create()
@@ -355,7 +357,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         if str(_get(cfg, key)).lower() in ("off", "false", "no"):
             parent, _, name = key.rpartition(".")
             setattr(_get(cfg, parent), name, off)
-    validate(cfg)
+    if validate_files:
+        validate(cfg)
     return cfg
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -418,7 +419,8 @@ class Trainer:
             if not os.environ.get("WANDB_API_KEY") and not wandb.api.api_key:
                 os.environ.setdefault("WANDB_MODE", "offline")
             if self.state.tracker_run_id is None:
-                self.state.tracker_run_id = wandb.util.generate_id()
+                # wandb's own id helper moved between releases; any 8 lowercase hex characters are a valid run id.
+                self.state.tracker_run_id = secrets.token_hex(4)
             init_kwargs["wandb"] = {"id": self.state.tracker_run_id, "resume": "allow",
                                     "name": self.run_dir.name, "dir": str(self.run_dir.resolve())}
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
