@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
-from models.attention import Attention, validate_attention_backend
+from models.attention import Attention, usable_attention_backend
 
 TEMPORAL_POSITION_ENCODINGS = ("sinusoidal", "none")
 FF_ACTIVATIONS = ("gelu", "geglu")
@@ -356,7 +356,9 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         temporal_feed_forward: add a feed-forward after each temporal attention (block "attention"; the
             "transformer" block always has one). Off by default: it costs ~25% of a CPU training step at demo
             size for little gain there; worth turning on for larger runs.
-        attention_backend: "auto", "sdpa", "math" or "xformers" (see models.attention).
+        attention_backend: "auto", "sdpa", "math" or "xformers" (see models.attention). A run-time choice, not
+            saved in the config (a model trained with xformers must load on a CPU machine); "xformers" where it
+            cannot run falls back to "auto" with a warning.
         dropout: dropout in resnets, attention outputs and feed-forwards.
         norm_eps: epsilon of the ResnetBlock and output GroupNorms.
         ff_activation: "gelu" (Linear, GELU, Linear) or "geglu" (Stable Diffusion's gated GELU) feed-forwards.
@@ -395,6 +397,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Not saved, and dropped from configs saved before it was ignored: the kernel is chosen where the model runs.
+    ignore_for_config = ["attention_backend"]
 
     @register_to_config
     def __init__(
@@ -459,7 +463,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
                              '"animatediff"); the "attention" block has none.')
         if text_motion_frames < 0 or (text_motion_frames and not text_layout):
             raise ValueError(f"text_motion_frames={text_motion_frames} needs text_layout=True and must be >= 0.")
-        validate_attention_backend(attention_backend)
+        attention_backend = usable_attention_backend(attention_backend)
 
         def num_heads(channels: int, head_dim: int) -> int:
             heads = max(1, channels // head_dim)
@@ -587,12 +591,12 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers")."""
-        validate_attention_backend(backend)
+        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers"); not saved with the
+        model."""
+        backend = usable_attention_backend(backend)
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
-        self.register_to_config(attention_backend=backend)
 
     # ModelMixin's versions of these only know diffusers' own attention classes and would silently do nothing.
     def reset_attention_backend(self) -> None:
