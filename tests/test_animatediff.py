@@ -233,13 +233,18 @@ def test_shipped_config_validates_its_motion_module(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "animatediff_motion_256.yaml"
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("")
+    for folder in ("sd", "vae"):
+        (tmp_path / folder).mkdir()
+    # Local stand-ins for the recipe's hub models (offline tests cannot reach the hub).
+    local = [f"data.manifest={manifest}", f"unet.pretrained={tmp_path / 'sd'}", f"vae.pretrained={tmp_path / 'vae'}",
+             "text_encoder.pretrained=bundled:all-MiniLM-L6-v2"]
     with pytest.raises(ConfigError, match="unet.motion_module.*mm_sd_v15_v2.ckpt.*not found"):
-        load_config(config, [f"data.manifest={manifest}"])
+        load_config(config, local)
     (tmp_path / "mm.ckpt").write_bytes(b"")
-    cfg = load_config(config, [f"data.manifest={manifest}", f"unet.motion_module={tmp_path / 'mm.ckpt'}"])
+    local.append(f"unet.motion_module={tmp_path / 'mm.ckpt'}")
+    cfg = load_config(config, local)
     assert (cfg.unet.pretrained_format, cfg.unet.subfolder, cfg.unet.motion_module_norm) == ("unet2d", "unet", "frame")
     with pytest.raises(ConfigError, match="unet.motion_module.*needs unet.pretrained"):
-        load_config(config, [f"data.manifest={manifest}", f"unet.motion_module={tmp_path / 'mm.ckpt'}",
-                             "unet.pretrained=null"])
+        load_config(config, [*local, "unet.pretrained=null"])
     with pytest.raises(ConfigError, match="unet.motion_module_norm"):
-        load_config(config, [f"data.manifest={manifest}", "unet.motion_module_norm=pooled"])
+        load_config(config, [*local, "unet.motion_module_norm=pooled"])
