@@ -205,6 +205,19 @@ class BucketedClipDataset(_ClipDataset):
         return {"pixel_values": frames_to_tensor(frames), "caption": caption}
 
 
+def bucketed_training_data(records: list[ClipRecord], specs: list[str], batch_size: int, num_replicas: int,
+                           rank: int, seed: int, frame_stride: int = 1, target_fps: float | None = None,
+                           max_crop: float = 0.25, flip: bool = False):
+    """(dataset, batch sampler, report) for a training run; every rank plans alike (the plan is deterministic)."""
+    from data.sampler import BucketBatchSampler
+
+    plan = plan_buckets(records, parse_buckets(specs), frame_stride, target_fps, max_crop)
+    sampler = BucketBatchSampler(plan.bucket_of, batch_size, num_replicas, rank, seed)
+    dataset = BucketedClipDataset(records, plan, frame_stride, target_fps, seed, flip=flip)
+    report = {**plan.report(batch_size * num_replicas), "steps_per_epoch": sampler.batches_per_epoch}
+    return dataset, sampler, report
+
+
 def collate_bucketed(items: list[dict]) -> dict:
     """collate_clips plus the batch's bucket name ("FxHxW"); refuses a batch that mixes buckets."""
     names = {item["bucket"] for item in items}

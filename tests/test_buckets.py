@@ -1,9 +1,13 @@
 """Frame / resolution buckets on real tiny videos: every clip goes to the largest bucket it fills or is listed
 with the reason, every batch has one bucket's shape, ranks stay on one bucket per step, and resume is exact."""
 
+import json
+
 import numpy as np
 import pytest
+import task_runs
 import torch
+from tiny import tiny_config
 from torch.utils.data import DataLoader
 
 from data.buckets import (
@@ -14,8 +18,11 @@ from data.buckets import (
     parse_buckets,
     plan_buckets,
 )
-from data.manifest import ClipRecord
+from data.manifest import ClipRecord, write_manifest
 from data.sampler import BucketBatchSampler
+from facevid.config import ConfigError, load_config
+from facevid.stages import TextToVideoStage
+from facevid.trainer import Trainer
 
 BUCKETS = parse_buckets(["8x32x32", "16x32x32", "8x32x48", "16x16x24"])
 SQUARE_LONG, SQUARE, LANDSCAPE, PORTRAIT_SMALL = BUCKETS
@@ -134,3 +141,44 @@ def test_a_batch_mixing_buckets_is_refused():
               "bucket": name} for name in ("1x2x2", "1x4x4")]
     with pytest.raises(ValueError, match="mixes buckets"):
         collate_bucketed(items)
+
+
+def test_training_run_trains_every_bucket_shape(make_video, tmp_path, tmp_path_factory):
+    """data.buckets through the production Trainer: batches of both shapes reach the model; buckets.json says
+    where every clip went."""
+    records = []
+    for name, frames, height, width in ([(f"sq{i}", 10, 16, 16) for i in range(4)]
+                                        + [(f"wide{i}", 6, 16, 24) for i in range(2)] + [("short", 3, 16, 16)]):
+        path, _ = make_video(f"clips/{name}.mp4", num_frames=frames, height=height, width=width)
+        records.append(ClipRecord(clip_id=name, video=str(path), captions=[f"a person {name}"]))
+    manifest = write_manifest(tmp_path / "manifest.jsonl", records)
+    cfg = tiny_config(manifest, tmp_path / "run", "data.buckets=[4x16x16,4x16x24,8x16x16]", "train.max_steps=3",
+                      "sample.num_inference_steps=2", vae=task_runs.random_vae(tmp_path_factory))
+    shapes = []
+
+    class Recording(TextToVideoStage):
+        def compute_loss(self, model, batch, generator):
+            shapes.append(tuple(batch["pixel_values"].shape))
+            return super().compute_loss(model, batch, generator)
+
+    Trainer(cfg, Recording(cfg)).fit()
+    assert sorted(shapes) == [(2, 3, 4, 16, 24), (2, 3, 8, 16, 16), (2, 3, 8, 16, 16)]
+    report = json.loads((tmp_path / "run" / "buckets.json").read_text())
+    assert report["clips_per_bucket"] == {"4x16x16": 0, "4x16x24": 2, "8x16x16": 4}
+    assert report["steps_per_epoch"] == 3 and report["unfit"] == 1 and "'short'" in report["unfit_clips"][0]["reason"]
+
+
+def test_bucket_config_is_validated(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("")
+    base = [f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "stage=t2v", f"vae.pretrained={tmp_path}"]
+    cfg = load_config(None, [*base, "data.buckets=[8x64x64,8x64x96]"])
+    assert list(cfg.data.buckets) == ["8x64x64", "8x64x96"]
+    for override, message in (("data.buckets=[8x64x63]", "multiples of 2"), ("data.buckets=[8x64]", "FRAMES"),
+                              ("data.buckets=[8x64x64,8x64x64]", "twice")):
+        with pytest.raises(ConfigError, match=f"data.buckets.*{message}"):
+            load_config(None, [*base, override])
+    with pytest.raises(ConfigError, match="data.buckets.*task t2v or uncond"):
+        load_config(None, [*base, "data.buckets=[8x64x64]", "task=i2v"])
+    with pytest.raises(ConfigError, match="data.bucket_max_crop"):
+        load_config(None, [*base, "data.buckets=[8x64x64]", "data.bucket_max_crop=1.5"])
