@@ -21,6 +21,7 @@ from models.animatediff import (
     motion_key_map,
     motion_module_from_state,
     original_to_diffusers,
+    to_motion_adapter,
 )
 from models.pretrained import UnsupportedBackboneError, from_unet2d, key_map, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D
@@ -255,3 +256,21 @@ def test_shipped_config_validates_its_motion_module(tmp_path):
         load_config(config, [*local, "unet.pretrained=null"])
     with pytest.raises(ConfigError, match="unet.motion_module_norm"):
         load_config(config, [*local, "unet.motion_module_norm=pooled"])
+
+
+def test_fine_tuned_motion_modules_export_to_diffusers_and_original_keys(tmp_path):
+    unet, adapter = tiny()
+    model = from_unet2d_and_motion(unet, motion_module_from_state(adapter.state_dict(), "adapter"),
+                                   temporal_norm="video")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # stands in for fine-tuning: new motion weights, image weights unchanged
+        for name, param in model.named_parameters():
+            if ".temporal." in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    exported = to_motion_adapter(model)
+    torch.testing.assert_close(reference_output(unet, exported), output(model), **TOLERANCE)
+    torch.save(diffusers_to_original(exported.state_dict(), max_frames=32), tmp_path / "mm_faces.ckpt")
+    again = from_unet2d_and_motion(unet, load_motion_module(tmp_path / "mm_faces.ckpt"), temporal_norm="video")
+    torch.testing.assert_close(output(again), output(model), **TOLERANCE)
+    with pytest.raises(UnsupportedBackboneError, match="temporal_block='attention'"):
+        to_motion_adapter(FaceVidUNet3D(block_out_channels=(32, 32), attention_levels=(False, True)))
