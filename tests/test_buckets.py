@@ -2,6 +2,8 @@
 with the reason, every batch has one bucket's shape, ranks stay on one bucket per step, and resume is exact."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -143,29 +145,68 @@ def test_a_batch_mixing_buckets_is_refused():
         collate_bucketed(items)
 
 
-def test_training_run_trains_every_bucket_shape(make_video, tmp_path, tmp_path_factory):
-    """data.buckets through the production Trainer: batches of both shapes reach the model; buckets.json says
-    where every clip went."""
+@pytest.fixture
+def bucket_manifest(make_video, tmp_path):
+    """4 square 10-frame clips (-> 8x16x16), 2 wide 6-frame ones (-> 4x16x24), 1 too short for any bucket."""
     records = []
     for name, frames, height, width in ([(f"sq{i}", 10, 16, 16) for i in range(4)]
                                         + [(f"wide{i}", 6, 16, 24) for i in range(2)] + [("short", 3, 16, 16)]):
         path, _ = make_video(f"clips/{name}.mp4", num_frames=frames, height=height, width=width)
         records.append(ClipRecord(clip_id=name, video=str(path), captions=[f"a person {name}"]))
-    manifest = write_manifest(tmp_path / "manifest.jsonl", records)
-    cfg = tiny_config(manifest, tmp_path / "run", "data.buckets=[4x16x16,4x16x24,8x16x16]", "train.max_steps=3",
-                      "sample.num_inference_steps=2", vae=task_runs.random_vae(tmp_path_factory))
-    shapes = []
+    return write_manifest(tmp_path / "manifest.jsonl", records)
 
-    class Recording(TextToVideoStage):
-        def compute_loss(self, model, batch, generator):
-            shapes.append(tuple(batch["pixel_values"].shape))
-            return super().compute_loss(model, batch, generator)
 
-    Trainer(cfg, Recording(cfg)).fit()
-    assert sorted(shapes) == [(2, 3, 4, 16, 24), (2, 3, 8, 16, 16), (2, 3, 8, 16, 16)]
+class Recording(TextToVideoStage):
+    """Records each micro-batch's shape; sends its own process SIGTERM at micro-batch `stop_at` (preemption)."""
+
+    def __init__(self, cfg, stop_at: int = 0):
+        super().__init__(cfg)
+        self.shapes, self.stop_at = [], stop_at
+
+    def compute_loss(self, model, batch, generator):
+        self.shapes.append(tuple(batch["pixel_values"].shape))
+        if len(self.shapes) == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().compute_loss(model, batch, generator)
+
+
+def bucket_run(manifest, run, tmp_path_factory, *overrides):
+    return tiny_config(manifest, run, "data.buckets=[4x16x16,4x16x24,8x16x16]", "sample.num_inference_steps=2",
+                       *overrides, vae=task_runs.random_vae(tmp_path_factory))
+
+
+def test_training_run_trains_every_bucket_shape(bucket_manifest, tmp_path, tmp_path_factory):
+    """data.buckets through the production Trainer: batches of both shapes reach the model; buckets.json says
+    where every clip went."""
+    cfg = bucket_run(bucket_manifest, tmp_path / "run", tmp_path_factory, "train.max_steps=3")
+    stage = Recording(cfg)
+    Trainer(cfg, stage).fit()
+    assert sorted(stage.shapes) == [(2, 3, 4, 16, 24), (2, 3, 8, 16, 16), (2, 3, 8, 16, 16)]
     report = json.loads((tmp_path / "run" / "buckets.json").read_text())
     assert report["clips_per_bucket"] == {"4x16x16": 0, "4x16x24": 2, "8x16x16": 4}
     assert report["steps_per_epoch"] == 3 and report["unfit"] == 1 and "'short'" in report["unfit_clips"][0]["reason"]
+
+
+def test_bucketed_run_resumes_exactly(bucket_manifest, tmp_path, tmp_path_factory):
+    """5 steps == 2 steps, SIGTERM, resume, 3 more (crossing the 3-step epoch): same shapes, same losses."""
+    common = ["train.max_steps=5", "data.num_workers=1"]
+    straight_cfg = bucket_run(bucket_manifest, tmp_path / "straight", tmp_path_factory, *common)
+    straight = Recording(straight_cfg)
+    Trainer(straight_cfg, straight).fit()
+    first_cfg = bucket_run(bucket_manifest, tmp_path / "resumed", tmp_path_factory, *common)
+    first = Recording(first_cfg, stop_at=2)
+    Trainer(first_cfg, first).fit()
+    second_cfg = bucket_run(bucket_manifest, tmp_path / "resumed", tmp_path_factory, *common, "resume=latest")
+    second = Recording(second_cfg)
+    Trainer(second_cfg, second).fit()
+    assert first.shapes + second.shapes == straight.shapes
+    assert len(set(straight.shapes)) == 2
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and len(losses(tmp_path / "straight")) == 5
 
 
 def test_bucket_config_is_validated(tmp_path):
