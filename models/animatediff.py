@@ -32,6 +32,7 @@ identity (zero proj_out), so the model still computes what AnimateDiff v1 comput
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ from models.pretrained import (
     key_map,
 )
 from models.unet3d import ANIMATEDIFF_HEADS, TEMPORAL_NORMS, FaceVidUNet3D, interleaved_sinusoids
+
+logger = logging.getLogger("facevid")
 
 # The FaceVidUNet3D options that make every temporal slot an AnimateDiff motion module.
 ANIMATEDIFF_LAYOUT = {
@@ -142,8 +145,9 @@ def _check_supported(state: dict[str, torch.Tensor], source: str) -> None:
     for key in state:
         if ".motion_modules." not in key:
             raise UnsupportedBackboneError(
-                f"{source}: key {key!r} is not a motion-module weight (PIA / SparseCtrl / LoRA extras are not "
-                "supported; expected only {down_blocks|up_blocks|mid_block}.*.motion_modules.* keys)")
+                f"{source}: key {key!r} is not a motion-module weight (a whole-UNet checkpoint, or PIA / "
+                "SparseCtrl / LoRA extras, which are not supported; expected only "
+                "{down_blocks|up_blocks|mid_block}.*.motion_modules.* keys)")
         if ".transformer_blocks." in key and ".transformer_blocks.0." not in key:
             raise UnsupportedBackboneError(
                 f"{source}: key {key!r}: motion modules with more than one transformer block are not supported")
@@ -223,7 +227,10 @@ def load_motion_module(path: str | Path) -> MotionModule:
         return module
     if not path.is_file():
         raise UnsupportedBackboneError(f"motion module {path} not found (a MotionAdapter folder or a weight file)")
-    return motion_module_from_state(_load_file(path), str(path))
+    module = motion_module_from_state(_load_file(path), str(path))
+    logger.info("motion module %s: %s, position tables of %s frames (the longest clips it was trained on)", path,
+                "with a mid-block module" if module.has_mid_block else "no mid-block module (v1)", module.max_frames)
+    return module
 
 
 # ------------------------------------------------------------------------------------------ model

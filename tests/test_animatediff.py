@@ -206,6 +206,9 @@ def test_mismatched_or_unsupported_modules_are_refused(tmp_path):
         load_motion_module(tmp_path / "four_heads")
     with pytest.raises(UnsupportedBackboneError, match="not found"):
         load_motion_module(tmp_path / "missing.ckpt")
+    whole_unet = {**diffusers_to_original(two_layers.state_dict()), **unet.state_dict()}
+    with pytest.raises(UnsupportedBackboneError, match="'conv_in.weight' is not a motion-module weight.*whole-UNet"):
+        motion_module_from_state(whole_unet, "full.ckpt")
 
 
 def test_training_run_starts_from_sd_unet_and_original_motion_checkpoint(tmp_path_factory, tmp_path):
