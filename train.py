@@ -8,7 +8,7 @@ import sys
 
 from facevid.config import ConfigError, load_config
 from facevid.stages import STAGES
-from facevid.trainer import Trainer
+from facevid.trainer import CheckpointWriteError, NonFiniteLossError, Trainer
 
 
 def main(argv=None) -> int:
@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     except ConfigError as err:  # found once the data is read (e.g. a cache built for another setup)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CheckpointWriteError) as err:  # their message says what to do: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

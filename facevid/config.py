@@ -22,11 +22,6 @@ from huggingface_hub import try_to_load_from_cache
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from data.cache import cache_state, shard_files
-from data.dataset import usable_frames
-from data.manifest import ClipRecord
-from data.video import VideoDecodeError, probe_video
-
 try:
     from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
 except ImportError:
@@ -73,6 +68,12 @@ class DataConfig:
     cache_dtype: str = "fp16"  # fp16 | bf16 | fp32
     cache_windows_per_clip: int = 4  # frame windows stored per clip (evenly spaced over the clip)
     cache_shard_clips: int = 128  # clips per shard file; an interrupted build re-encodes at most one shard
+    # Frame / resolution buckets (data/buckets.py), "FRAMESxHEIGHTxWIDTH" in pixels, e.g. [16x256x256, 16x256x448,
+    # 24x256x256]: each clip trains at the largest bucket it fills, each batch from one bucket; the run writes
+    # buckets.json (clips per bucket, clips that fit none and why, buckets smaller than the global batch).
+    # Empty = every clip at data.num_frames x data.resolution^2. Stage t2v, task t2v / uncond, data.cache=none.
+    buckets: list[str] = field(default_factory=list)
+    bucket_max_crop: float = 0.25  # a clip fills a bucket only if cropping it to the bucket's aspect keeps >= 75%
     synth: SynthDataConfig = field(default_factory=SynthDataConfig)
 
 
@@ -115,6 +116,12 @@ class UNetConfig:
     pretrained: Optional[str] = None
     pretrained_format: str = "auto"  # auto | facevid | unet3d | unet2d
     subfolder: Optional[str] = None
+    # An AnimateDiff motion module (diffusers MotionAdapter folder, or an original mm_*.ckpt / .safetensors file)
+    # that becomes the temporal layers of the image UNet in `pretrained` (models/animatediff.py).
+    motion_module: Optional[str] = None
+    # frame: GroupNorm per frame, as the original AnimateDiff code trained them; video: pooled over the frames,
+    # as diffusers' AnimateDiffPipeline runs them.
+    motion_module_norm: str = "frame"
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, True])
@@ -124,7 +131,7 @@ class UNetConfig:
     temporal_feed_forward: bool = False
     attention_head_dim: int = 32
     norm_num_groups: int = 32
-    pooled_text_conditioning: bool = True  # mean text state added to the timestep embedding (see FaceVidUNet3D)
+    pooled_text_conditioning: bool = False  # mean text state added to the timestep embedding (see FaceVidUNet3D)
     # Pooled text -> coarse clean-latent prior added to the output (see FaceVidUNet3D). Off by default: measured
     # only on the demo, where it needs low guidance (1.5; at 4 guidance overshoots the prior's colours).
     text_layout: bool = False
@@ -133,6 +140,10 @@ class UNetConfig:
     # action's timing only where every clip of it moves in step (FaceVid-Synth: data.synth.aligned_motion).
     text_motion_frames: int = 0
     attention_backend: str = "auto"  # auto | sdpa | math | xformers
+    # facevid = FaceVid's own layers; modelscope = the options that make the UNet exactly diffusers'
+    # UNet3DConditionModel (models/pretrained.py: UNET3D_LAYOUT), so export.py writes a standard
+    # TextToVideoSDPipeline. Ignored with unet.pretrained (the pretrained config fixes the layers).
+    layout: str = "facevid"  # facevid | modelscope
     gradient_checkpointing: bool = False
 
 
@@ -168,9 +179,15 @@ class SampleConfig:
     scheduler: str = "dpm++"  # dpm++ | ddim
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
+    # Rescale the guided prediction's std to the conditional one's (Lin et al. 2023, "Common Diffusion Noise
+    # Schedules and Sample Steps are Flawed"): 0 = off; 0.7 recommended with zero-terminal SNR at guidance 7.5.
+    guidance_rescale: float = 0.0
     negative_prompt: str = ""
     seed: int = 0
-    fps: float = 8.0
+    # Frame rate of written videos. null = the fps the model was trained at, so motion plays at its real
+    # speed: data.target_fps when set, else the clips' fps / data.frame_stride, else 8 (facevid/stages.py:
+    # training_fps). A run's config.yaml records the value it resolved to.
+    fps: Optional[float] = None
 
 
 @dataclass
@@ -194,7 +211,32 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     replica_check_every: int = 0  # >0: every N steps, fail loudly if data-parallel ranks' weights differ
+    # Optimizer steps whose loss or gradients are NaN/inf are never applied. Up to this many in a row are
+    # skipped (a rare bad batch); one more stops the run with an error naming the step and the last good
+    # checkpoint (a diverged run: every later step is bad too). 0 = stop at the first one.
+    max_nonfinite_steps: int = 0
+    # How long a collective (barrier, all-gather) may wait for the slowest rank before the run fails.
+    process_group_timeout_s: int = 1800
     wandb_project: str = "facevid"
+    # What is trained (facevid/trainable.py): all | temporal (only the temporal layers: AnimateDiff's recipe on an
+    # image UNet inflated with unet.pretrained_format=unet2d) | patterns (only trainable_include) | lora (adapters
+    # only, see `lora`). Patterns are shell-style (fnmatch) over parameter names, e.g. "*.temporal.*", "conv_in.*";
+    # include adds to the mode's selection, exclude removes from it. A pattern that matches nothing is an error.
+    trainable: str = "all"
+    trainable_include: list[str] = field(default_factory=list)
+    trainable_exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (models/lora.py, through PEFT) when train.trainable=lora; the base UNet stays frozen."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0
+    # fnmatch patterns over module names; each must match at least one Linear / Conv layer. The default: every
+    # attention projection (spatial, cross and temporal). Add e.g. "*.ff.*" (feed-forwards) or "*.resnet.conv*".
+    target_modules: list[str] = field(default_factory=lambda: ["*.to_q", "*.to_k", "*.to_v", "*.to_out"])
 
 
 @dataclass
@@ -227,6 +269,7 @@ class RunConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -237,15 +280,18 @@ CHOICES = {
     "stage": ("vae", "t2v"),
     "task": ("t2v", "i2v", "uncond"),
     "unet.pretrained_format": ("auto", "facevid", "unet3d", "unet2d"),
+    "unet.motion_module_norm": ("frame", "video"),
     "data.cache": ("none", "use", "auto"),
     "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
+    "unet.layout": ("facevid", "modelscope"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "sample.scheduler": ("dpm++", "ddim"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.tracker": ("tensorboard", "wandb", "none"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"),
+    "train.trainable": ("all", "temporal", "patterns", "lora"),
 }
 
 
@@ -290,8 +336,10 @@ def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig
     return OmegaConf.merge(parent, raw)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), validate_files: bool = True) -> RunConfig:
+    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated. validate_files=False is for
+    tools that only read a recipe's settings (bench/gpu_check.py builds its UNet): types and keys are still
+    checked, but nothing the config names (manifest, weights, hub ids) needs to exist."""
     schema = OmegaConf.structured(RunConfig)
     layers = [_load_yaml_with_bases(Path(path))] if path else []
     dotlist = OmegaConf.create()
@@ -315,7 +363,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         if str(_get(cfg, key)).lower() in ("off", "false", "no"):
             parent, _, name = key.rpartition(".")
             setattr(_get(cfg, parent), name, off)
-    validate(cfg)
+    if validate_files:
+        validate(cfg)
     return cfg
 
 
@@ -459,22 +508,24 @@ def validate(cfg: RunConfig) -> None:
         "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-        "eval.synth_heldout", "eval.batch_size",
+        "eval.synth_heldout", "eval.batch_size", "train.process_group_timeout_s",
     ]
     for key in positive_ints:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
-                "train.replica_check_every", "eval.every", "vae.layers_per_block",
+                "train.replica_check_every", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
                 "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight", "unet.text_motion_frames"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
     if cfg.unet.text_motion_frames and not cfg.unet.text_layout and not cfg.unet.pretrained:
         _fail("unet.text_motion_frames", cfg.unet.text_motion_frames,
               "is a part of the text layout: set unet.text_layout=true, or 0")
-    for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
+    for key in ["train.learning_rate", "train.max_grad_norm"]:
         if not _get(cfg, key) > 0:
             _fail(key, _get(cfg, key), "must be > 0")
+    if cfg.sample.fps is not None and not cfg.sample.fps > 0:
+        _fail("sample.fps", cfg.sample.fps, "must be > 0, or null for the fps the model is trained at")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         _fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
@@ -503,6 +554,11 @@ def validate(cfg: RunConfig) -> None:
               "(epsilon cannot be predicted at the pure-noise step)")
     if cfg.sample.guidance_scale < 1.0:
         _fail("sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 1 (1 = no guidance)")
+    if not 0.0 <= cfg.sample.guidance_rescale <= 1.0:
+        _fail("sample.guidance_rescale", cfg.sample.guidance_rescale, "must be in [0, 1] (0 = off, e.g. 0.7)")
+    if cfg.unet.layout == "modelscope" and cfg.unet.pooled_text_conditioning and not cfg.unet.pretrained:
+        _fail("unet.pooled_text_conditioning", True, "UNet3DConditionModel (unet.layout=modelscope) has no "
+              "pooled-text path: set it to false, or unet.layout=facevid")
 
     levels = len(cfg.unet.block_out_channels)
     if levels < 1 or len(cfg.unet.attention_levels) != levels:
@@ -527,9 +583,14 @@ def validate(cfg: RunConfig) -> None:
               f"must be a multiple of {multiple} (VAE factor {vae_factor} x UNet factor {unet_factor}); "
               f"e.g. {max(multiple, cfg.data.resolution // multiple * multiple)}")
 
+    if cfg.data.buckets:
+        _validate_buckets(cfg, (vae_factor or 1) * unet_factor)
+
     if cfg.data.cache != "none" and not cfg.data.cache_dir:
         _fail("data.cache_dir", None, f"data.cache={cfg.data.cache} needs a folder for the cache")
     if cfg.data.cache == "use":
+        from data.cache import cache_state, shard_files  # imports torch: only when a cache is used
+
         state = cache_state(cfg.data.cache_dir)
         if state == "missing":
             _fail("data.cache_dir", cfg.data.cache_dir, "holds no cache; build it with `accelerate launch cache.py "
@@ -570,6 +631,12 @@ def validate(cfg: RunConfig) -> None:
                   "or give a hub id)")
         if cfg.unet.pretrained and _looks_local(cfg.unet.pretrained) and not Path(cfg.unet.pretrained).exists():
             _fail("unet.pretrained", cfg.unet.pretrained, "local folder not found")
+        if cfg.unet.motion_module and not cfg.unet.pretrained:
+            _fail("unet.motion_module", cfg.unet.motion_module, "needs unet.pretrained: the image UNet (e.g. Stable "
+                  "Diffusion 1.5) whose temporal layers it becomes")
+        if cfg.unet.motion_module and not Path(cfg.unet.motion_module).exists():
+            _fail("unet.motion_module", cfg.unet.motion_module, "not found (a diffusers MotionAdapter folder or "
+                  "an AnimateDiff .ckpt / .safetensors file)")
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     if _looks_local(encoder) and not Path(encoder).exists():
         _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
@@ -579,15 +646,57 @@ def validate(cfg: RunConfig) -> None:
         _fail("text_encoder.max_length", cfg.text_encoder.max_length, f"must be at most {positions}: the text "
               f"encoder {cfg.text_encoder.pretrained} has {positions} token positions")
     _validate_evaluation(cfg)
+    _validate_trainable(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
 
 
-def validate_clips(cfg: RunConfig, records: list[ClipRecord], probe_limit: int = 64) -> None:
+def _validate_trainable(cfg: RunConfig) -> None:
+    """What can be checked without the model; facevid/trainable.py checks the patterns against its names."""
+    t = cfg.train
+    if t.trainable == "patterns" and not t.trainable_include:
+        _fail("train.trainable_include", [], "train.trainable=patterns trains only what it names: give at least "
+              "one pattern, e.g. ['*.temporal.*']")
+    if t.trainable != "lora":
+        return
+    if cfg.stage != "t2v":
+        _fail("train.trainable", "lora", "LoRA adapters are for the UNet of stage t2v")
+    if t.trainable_include or t.trainable_exclude:
+        _fail("train.trainable_include" if t.trainable_include else "train.trainable_exclude",
+              list(t.trainable_include or t.trainable_exclude),
+              "is not used with train.trainable=lora (choose the adapted layers with lora.target_modules)")
+    if cfg.lora.rank < 1:
+        _fail("lora.rank", cfg.lora.rank, "must be an integer >= 1")
+    if not cfg.lora.alpha > 0:
+        _fail("lora.alpha", cfg.lora.alpha, "must be > 0 (the adapter's scale is alpha / rank)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    if not cfg.lora.target_modules:
+        _fail("lora.target_modules", [], "needs at least one pattern, e.g. ['*.to_q', '*.to_v']")
+
+
+def _validate_buckets(cfg: RunConfig, multiple: int) -> None:
+    from data.buckets import parse_buckets  # imports torch: only when buckets are used
+
+    try:
+        parse_buckets(list(cfg.data.buckets), multiple_of=multiple)
+    except ValueError as err:
+        _fail("data.buckets", list(cfg.data.buckets), f"{err} (VAE factor x UNet factor = {multiple})")
+    if cfg.stage != "t2v" or cfg.task == "i2v" or cfg.data.cache != "none":
+        _fail("data.buckets", list(cfg.data.buckets), "buckets are for stage t2v, task t2v or uncond, with "
+              f"data.cache=none (got stage={cfg.stage}, task={cfg.task}, data.cache={cfg.data.cache})")
+    if not 0 <= cfg.data.bucket_max_crop < 1:
+        _fail("data.bucket_max_crop", cfg.data.bucket_max_crop, "must be in [0, 1)")
+
+
+def validate_clips(cfg: RunConfig, records: list, probe_limit: int = 64) -> None:
     """Before training: some clip must be long enough for one window of data.num_frames frames at its stride.
     Reads the headers of up to probe_limit clips spread evenly over the manifest (the frames usable come from
     its frame_range / time_range when given, clipped to the file's length): when none of those fits, nearly
     every item would need a substitute, and training would fail at its first batch."""
+    from data.dataset import usable_frames  # imports torch: the trainer has it already
+    from data.video import VideoDecodeError, probe_video
+
     d = cfg.data
     step = max(1, len(records) // probe_limit)
     longest = None  # (usable frames, needed, stride, video)
@@ -635,7 +744,8 @@ def _validate_evaluation(cfg: RunConfig) -> None:
 # Keys that may name local files or folders. A run's saved config names them by absolute path: sample.py and
 # evaluate.py read it from any working directory, where a relative "runs/demo-vae/vae" would silently load
 # whichever VAE sits there (or none).
-LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "text_encoder.pretrained",
+LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "unet.motion_module",
+                   "text_encoder.pretrained",
                    "eval.prompts_file", "eval.reference_manifest", "eval.i3d", "eval.inception", "eval.clip")
 
 
