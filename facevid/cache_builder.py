@@ -34,6 +34,7 @@ from data.dataset import window_starts
 from data.manifest import read_manifest
 from data.video import VideoDecodeError, frames_to_tensor, probe_video, read_frames
 from facevid.config import RunConfig, resolve_pretrained
+from facevid.engine import patient_barrier
 from models.text_encoder import FrozenTextEncoder
 from models.vae import encode_video_posterior, load_vae
 
@@ -164,6 +165,7 @@ def build_cache(cfg: RunConfig, accelerator) -> BuildReport:
 
 
 def _summarise(acc, report: BuildReport, cache_dir: Path, manifest_skipped: int) -> BuildReport:
+    patient_barrier(acc)  # ranks' shares take different times, possibly longer than the process-group timeout
     every = gather_object([asdict(report)])
     acc.wait_for_everyone()
     total = BuildReport(

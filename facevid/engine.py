@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +40,22 @@ def process_group_kwargs(timeout_s: int) -> InitProcessGroupKwargs:
     return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
 
 
+# Waits of unknown length (one rank generating data or evaluating, uneven cache-build shares) go through a
+# separate gloo group with this timeout, so train.process_group_timeout_s can stay short for training collectives.
+PATIENT_TIMEOUT = timedelta(days=2)
+_patient_group = None
+
+
+def patient_barrier(accelerator: Accelerator) -> None:
+    """accelerator.wait_for_everyone() for waits that may outlast the process-group timeout."""
+    global _patient_group
+    if accelerator.num_processes == 1:
+        return
+    if _patient_group is None:  # every rank gets here (it is a barrier), so creating the group is collective
+        _patient_group = torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    torch.distributed.barrier(group=_patient_group)
+
+
 def requested_engine() -> str:
     """The engine the launcher asked for: `accelerate launch` exports its config as environment variables."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -56,6 +73,7 @@ def requested_engine() -> str:
 def build_engine(accelerator: Accelerator) -> DataParallelEngine:
     """The engine for this launch; raises when Accelerate did not set up what the launcher asked for."""
     wanted = requested_engine()
+    patient_barrier(accelerator)  # creates its group now, while every rank is at the same point
     if wanted == "ddp":
         return DataParallelEngine(accelerator)
     if accelerator.distributed_type != DistributedType.FSDP and accelerator.device.type == "cpu":
@@ -89,6 +107,27 @@ def _switch_cpu_group_to_fsdp(accelerator: Accelerator) -> None:
     logger.warning("CPU process group: FSDP2 enabled on gloo (Accelerate would have fallen back to DDP)")
 
 
+def rank_share(count: int, accelerator: Accelerator) -> tuple[list[int], int]:
+    """This rank's share of `count` work items (validation videos, held-out batches): (indices, how many are
+    real). Every rank gets the same number of indices, padded with repeats of the last item, because under
+    FSDP every forward is a collective that all ranks must join; the padding's results are dropped."""
+    per_rank = -(-count // accelerator.num_processes)
+    start = accelerator.process_index * per_rank
+    indices = list(range(start, min(start + per_rank, count)))
+    return indices + [count - 1] * (per_rank - len(indices)), len(indices)
+
+
+def gather_on_main(results: list, indices: list[int], real: int, count: int, accelerator: Accelerator):
+    """Every rank's real results, in item order, on the main process (None elsewhere). Collective."""
+    from accelerate.utils import gather_object
+
+    everything = dict(gather_object(list(zip(indices[:real], results[:real]))))
+    if not accelerator.is_main_process:
+        return None
+    assert sorted(everything) == list(range(count)), sorted(everything)
+    return [everything[i] for i in range(count)]
+
+
 class DataParallelEngine:
     """Whole model on every rank (DDP, or a single process)."""
 
@@ -106,6 +145,22 @@ class DataParallelEngine:
 
     def load_state(self, folder: Path, ema=None) -> None:
         self.accelerator.load_state(str(folder))
+
+    @staticmethod
+    @contextmanager
+    def ema_weights(model: nn.Module, ema=None):
+        """`model` in eval mode with the EMA weights (when there is an EMA); the training weights come back after."""
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        model.eval()
+        try:
+            yield model
+        finally:
+            _reshard(model)
+            model.train()
+            if ema is not None:
+                ema.restore(model.parameters())
 
     def consolidated(self, model: nn.Module, ema=None):
         """(full model, its EMA) on the main process, (None, None) elsewhere. Every rank must call it.
@@ -211,6 +266,16 @@ class FSDP2Engine(DataParallelEngine):
             plain_ema.shadow_params = [s.to(acc.device) for s in shadows]
             plain_ema.temp_stored_params = None
         return plain, plain_ema
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root unit's weights gathered after a forward that no backward follows (inference):
+    shard them again, so that every parameter is a DTensor shard for the EMA swap and the next step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
