@@ -28,6 +28,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from facevid.ema import ema_weights, trainable_parameters
+
 logger = logging.getLogger("facevid")
 
 # The FSDP wrap unit: one resnet + transformers block of FaceVidUNet3D (models/unet3d.py).
@@ -150,17 +152,13 @@ class DataParallelEngine:
     @contextmanager
     def ema_weights(model: nn.Module, ema=None):
         """`model` in eval mode with the EMA weights (when there is an EMA); the training weights come back after."""
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        model.eval()
-        try:
-            yield model
-        finally:
-            _reshard(model)
-            model.train()
-            if ema is not None:
-                ema.restore(model.parameters())
+        with ema_weights(ema, model):
+            model.eval()
+            try:
+                yield model
+            finally:
+                _reshard(model)  # before the training weights go back into the shards
+                model.train()
 
     def consolidated(self, model: nn.Module, ema=None):
         """(full model, its EMA) on the main process, (None, None) elsewhere. Every rank must call it.
@@ -191,12 +189,12 @@ class FSDP2Engine(DataParallelEngine):
         # weights are loaded into for validation and the final save, without a second replica during training.
         self._skeleton = _meta_copy(model) if acc.is_main_process else None
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-        self._trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]  # the EMA's order
         if not any(_is_dtensor(p) for p in model.parameters()):
             raise RuntimeError("FSDP2 prepare left no DTensor parameter: the model is not sharded")
         if ema is not None:
             # Same values as at construction (nothing has trained yet), now as local shards.
-            ema.shadow_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+            ema.shadow_params = [p.detach().clone() for p in trainable_parameters(model)]
             ema.__class__ = _ShardedEMA
         from torch.distributed.fsdp import FSDPModule
 

@@ -19,6 +19,7 @@ from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor
 from facevid.config import RunConfig, load_config, resolve_pretrained
 from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion, video_noise
 from facevid.tasks import check_request, condition_channels, first_frame_condition
+from models.lora import load_lora, lora_folder, merge_lora
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import decode_latents, downscale_factor, encode_video_posterior, load_vae
@@ -44,13 +45,33 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
 def sampling_options(cfg: RunConfig) -> dict:
     """The training choices that sampling must repeat, as FaceVidPipeline keyword arguments."""
     return {"frame_noise_correlation": cfg.diffusion.frame_noise_correlation,
-            "motion_scale": cfg.diffusion.motion_scale, "motion_std": cfg.diffusion.motion_std}
+            "motion_scale": cfg.diffusion.motion_scale, "motion_std": cfg.diffusion.motion_std,
+            "guidance_rescale": cfg.sample.guidance_rescale}
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Classifier-free guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4): the guided prediction scaled to the conditional prediction's std (per video, over all
+    its elements), mixed with the plain guided one by `rescale` (phi). Strong guidance inflates the prediction's
+    std, which with zero-terminal SNR over-exposes the video; phi = 0.7 at guidance 7.5 is the paper's choice.
+    rescale = 0 returns `guided` unchanged."""
+    if rescale == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _checked_rescale(guidance_rescale: float) -> float:
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0 = off, e.g. 0.7)")
+    return guidance_rescale
 
 
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
                  task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0,
-                 motion_std: float | None = None):
+                 motion_std: float | None = None, guidance_rescale: float = 0.0):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -60,6 +81,7 @@ class FaceVidPipeline:
         self.frame_noise_correlation = frame_noise_correlation
         self.motion_scale = motion_scale
         self.motion_std = motion_std
+        self.guidance_rescale = _checked_rescale(guidance_rescale)  # the default of __call__'s guidance_rescale (sample.guidance_rescale)
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
         if self.task == "i2v" and motion_scale != 1.0:
@@ -71,8 +93,10 @@ class FaceVidPipeline:
                              f"{unet.config.condition_channels}")
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
-        """Load a finished (or checkpointed) run: its config, UNet (EMA weights when present), VAE, encoder."""
+    def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                 apply_lora: bool = True):
+        """Load a finished (or checkpointed) run: its config, UNet (EMA weights when present), VAE, encoder.
+        A LoRA run's adapters (lora_ema/ or lora/) are merged into its base UNet unless apply_lora is False."""
         run_dir = Path(run_dir)
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
@@ -85,6 +109,12 @@ class FaceVidPipeline:
             raise FileNotFoundError(f"no trained UNet in {run_dir} (expected unet_ema/ or unet/); "
                                     "has the run finished? sample from it once training ends")
         unet = FaceVidUNet3D.from_pretrained(folder).to(device).eval()
+        weights = folder.name
+        adapter = lora_folder(run_dir, use_ema)
+        if adapter is not None and apply_lora:
+            load_lora(unet, adapter)
+            merge_lora(unet)
+            weights = f"{folder.name} + {adapter.name}"
         vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(device).eval()
         encoder = FrozenTextEncoder(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length,
                                     cfg.text_encoder.subfolder).to(device)
@@ -92,7 +122,7 @@ class FaceVidPipeline:
         pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task,
                    **sampling_options(cfg))
         pipe.run_config = cfg
-        pipe.weights = folder.name
+        pipe.weights = weights
         return pipe
 
     @property
@@ -119,6 +149,7 @@ class FaceVidPipeline:
         scheduler="dpm++",
         seed: int | Sequence[int] = 0,
         progress: bool = False,
+        guidance_rescale: float | None = None,
     ) -> np.ndarray:
         """Returns uint8 videos (N, F, H, W, 3).
 
@@ -127,7 +158,9 @@ class FaceVidPipeline:
         videos, no prompts. `scheduler` is "dpm++", "ddim" or a ready diffusers scheduler. Video i's noise is
         seeded by seed + i, so a video does not depend on which others share the batch; a list of seeds gives
         each video its own (the same seed for two prompts that differ in one word shows that word's effect).
+        `guidance_rescale` (see rescale_guidance; None = the pipeline's, i.e. the run's sample.guidance_rescale).
         """
+        guidance_rescale = self.guidance_rescale if guidance_rescale is None else _checked_rescale(guidance_rescale)
         check_request(self.task, bool(prompts), images is not None)
         factor = downscale_factor(self.vae)
         if resolution % factor:
@@ -177,7 +210,7 @@ class FaceVidPipeline:
             prediction = self.unet(model_in, timesteps, text.to(self.unet.dtype), mask, condition=condition)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
-                prediction = uncond + guidance_scale * (cond - uncond)
+                prediction = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
             if self.motion_std is not None:
                 prediction = motion_preconditioned_velocity(prediction, latents, alphas_cumprod[int(t)],
                                                             self.motion_std)
