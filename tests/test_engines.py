@@ -32,6 +32,7 @@ from models.unet3d import FaceVidUNet3D
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_CPU = REPO / "configs/accelerate/fsdp2_2proc_cpu.yaml"
 DDP_CPU = REPO / "configs/accelerate/cpu_2proc.yaml"
+MULTI_NODE = REPO / "configs/accelerate/multi_node.yaml"
 # What `accelerate launch --config_file configs/accelerate/fsdp2*.yaml` exports to the training processes.
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
              "FSDP_TRANSFORMER_CLS_TO_WRAP": "UNetLayer", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
@@ -227,15 +228,22 @@ RUN = ["train.validate_every=2", "train.val_loss_clips=2", "train.lr_scheduler=c
        f"train.validation_prompts=[{','.join(PROMPTS)}]"]
 
 
+def train_command(accelerate_config: Path, run: Path, manifest: Path, vae: Path, *overrides: str,
+                  port: int | None = None, launcher_flags: tuple[str, ...] = ()) -> list[str]:
+    return ["timeout", "-k", "10", "170", sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(accelerate_config), "--main_process_port", str(port or free_port()), *launcher_flags,
+            str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"), f"output_dir={run}",
+            f"data.manifest={manifest}", f"vae.pretrained={vae}",
+            *[o for o in TINY if not o.startswith("train.validation_prompts")], *RUN, *overrides]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def launch(accelerate_config: Path, run: Path, manifest: Path, vae: Path, *overrides: str) -> str:
     """`accelerate launch train.py` on two CPU ranks, as a user would; returns the log."""
-    cmd = ["timeout", "-k", "10", "170", sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(accelerate_config), "--main_process_port", str(free_port()), str(REPO / "train.py"),
-           "--config", str(REPO / "configs/demo.yaml"), f"output_dir={run}", f"data.manifest={manifest}",
-           f"vae.pretrained={vae}", *[o for o in TINY if not o.startswith("train.validation_prompts")], *RUN,
-           *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            timeout=200)
+    result = subprocess.run(train_command(accelerate_config, run, manifest, vae, *overrides), capture_output=True,
+                            text=True, cwd=REPO, env=ENV, timeout=200)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return log
@@ -331,3 +339,33 @@ def test_fsdp2_and_ddp_train_the_same_model(fsdp2_run, synth_manifest, tiny_vae,
     launch(DDP_CPU, run, synth_manifest, tiny_vae, "train.max_steps=4")
     fsdp, ddp = losses(straight), losses(run)
     assert fsdp.keys() == ddp.keys() and all(abs(fsdp[s] - ddp[s]) <= 1e-5 * abs(ddp[s]) for s in ddp)
+
+
+@pytest.mark.slow  # two launchers meeting at a rendezvous: 25-40 s on 2 cores
+@pytest.mark.parametrize("accelerate_config", [MULTI_NODE, FSDP2_CPU], ids=["ddp", "fsdp2"])
+def test_two_node_launch_on_loopback(accelerate_config, synth_manifest, tiny_vae, tmp_path):
+    """Two `accelerate launch` commands, machine_rank 0 and 1, as two nodes of one job would run them
+    (configs/slurm/train_multinode.sbatch), meeting on 127.0.0.1: one 2-rank run, one output."""
+    run, port = tmp_path / "two-nodes", free_port()
+    flags = ("--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+             "--mixed_precision", "no")
+    nodes = [subprocess.Popen(train_command(accelerate_config, run, synth_manifest, tiny_vae, "train.max_steps=3",
+                                            "train.replica_check_every=1", "train.val_loss_clips=0", port=port,
+                                            launcher_flags=(*flags, "--machine_rank", str(rank))),
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=200)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "on 2 process(es)" in logs[0]
+    if accelerate_config == MULTI_NODE:
+        assert all(f"step {s}: weights identical on all 2 rank(s)" in logs[0] for s in (1, 2, 3))
+    else:
+        assert "engine fsdp2" in logs[0] and "FSDP2 on 2 ranks" in logs[0]
+    checkpoint = list_checkpoints(run)[-1]
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+    assert (checkpoint / "noise_generator_1.pt").is_file()  # written by the second node's process
+    assert (run / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
