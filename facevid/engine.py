@@ -178,6 +178,9 @@ class FSDP2Engine(DataParallelEngine):
         acc = self.accelerator
         plugin = acc.state.fsdp_plugin
         self._check_wrap_units(model, plugin)
+        if plugin.cpu_offload and acc.device.type == "cpu":
+            raise RuntimeError("fsdp_offload_params: true needs GPUs (it pins host memory); on a CPU machine the "
+                               "shards already live in host memory: set it to false")
         if acc.mixed_precision in ("bf16", "fp16"):
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
