@@ -5,6 +5,8 @@ config, so one recipe runs unchanged on one GPU, on many with DDP, or sharded wi
 
 - `DataParallelEngine` ("ddp"; also one process): every rank holds the whole model; Accelerate's
   save_state/load_state; rank 0 alone can validate and save (its weights are everyone's).
+- `DeepSpeedZeroEngine` ("zero2", "zero1"): DeepSpeed ZeRO through Accelerate; optimizer state (and
+  gradients) partitioned, parameters whole on every rank, so everything else works as under DDP.
 - `FSDP2Engine` ("fsdp2"): `torch.distributed.fsdp.fully_shard` through Accelerate, one FSDP unit per
   `UNetLayer` plus the root. Each rank holds 1/N of the parameters, gradients, AdamW state and EMA
   shadow (DTensors, same placement). Checkpoints are sharded (torch distributed checkpoint, DCP); a
@@ -61,8 +63,12 @@ def patient_barrier(accelerator: Accelerator) -> None:
 def requested_engine() -> str:
     """The engine the launcher asked for: `accelerate launch` exports its config as environment variables."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise RuntimeError("DeepSpeed launch configs are not supported by facevid's trainer yet; use "
-                           "configs/accelerate/fsdp2.yaml (sharded) or multi_gpu.yaml (DDP)")
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("1", "2"):
+            raise RuntimeError(f"DeepSpeed ZeRO stage {stage} is not supported by facevid's trainer (its EMA, "
+                               "validation and final save need whole parameters); use zero_stage: 2 "
+                               "(configs/accelerate/zero2.yaml), or configs/accelerate/fsdp2.yaml to shard parameters")
+        return f"zero{stage}"
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -72,12 +78,20 @@ def requested_engine() -> str:
     return "ddp"
 
 
-def build_engine(accelerator: Accelerator) -> DataParallelEngine:
-    """The engine for this launch; raises when Accelerate did not set up what the launcher asked for."""
+def build_engine(accelerator: Accelerator, train=None) -> DataParallelEngine:
+    """The engine for this launch; raises when Accelerate did not set up what the launcher asked for.
+    `train`: the run's TrainConfig (DeepSpeed takes batch size and gradient clipping into its own config)."""
     wanted = requested_engine()
     patient_barrier(accelerator)  # creates its group now, while every rank is at the same point
     if wanted == "ddp":
         return DataParallelEngine(accelerator)
+    if wanted.startswith("zero"):
+        if accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.device.type == "cpu":
+            _switch_cpu_group_to_deepspeed(accelerator)
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            raise RuntimeError(f"the launch config asks for DeepSpeed but Accelerate set up "
+                               f"{accelerator.distributed_type} (a silent fallback); refusing to train")
+        return DeepSpeedZeroEngine(accelerator, train)
     if accelerator.distributed_type != DistributedType.FSDP and accelerator.device.type == "cpu":
         if accelerator.num_processes < 2:
             raise RuntimeError("FSDP2 on the CPU needs at least 2 processes (num_processes in the accelerate "
@@ -130,14 +144,35 @@ def gather_on_main(results: list, indices: list[int], real: int, count: int, acc
     return [everything[i] for i in range(count)]
 
 
+def _switch_cpu_group_to_deepspeed(accelerator: Accelerator) -> None:
+    """As _switch_cpu_group_to_fsdp, for a DeepSpeed config: Accelerate (1.16) keeps the plugin out of a CPU
+    process group. DeepSpeed itself runs on the CPU with DS_ACCELERATOR=cpu (gloo)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        raise RuntimeError("DeepSpeed on a CPU machine needs DS_ACCELERATOR=cpu in the environment")
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(f"cannot run DeepSpeed on a {accelerator.distributed_type} CPU setup; launch with a "
+                           "DeepSpeed config and 2+ processes (configs/accelerate/zero2_2proc_cpu.yaml)")
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher exported
+    plugin.set_mixed_precision(accelerator.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    for shared in (AcceleratorState._shared_state, PartialState._shared_state):
+        shared["distributed_type"] = DistributedType.DEEPSPEED
+    AcceleratorState._shared_state["deepspeed_plugins"] = plugin
+    logger.warning("CPU process group: DeepSpeed enabled on gloo (Accelerate would have fallen back to DDP)")
+
+
 class DataParallelEngine:
     """Whole model on every rank (DDP, or a single process)."""
 
     name = "ddp"
     replicated = True  # every rank holds identical weights: the replica check applies
 
-    def __init__(self, accelerator: Accelerator):
+    def __init__(self, accelerator: Accelerator, train=None):
         self.accelerator = accelerator
+        self.train = train
 
     def prepare(self, model: nn.Module, optimizer, scheduler, ema=None):
         return self.accelerator.prepare(model, optimizer, scheduler)
@@ -168,6 +203,33 @@ class DataParallelEngine:
         return self.accelerator.unwrap_model(model), ema
 
 
+class DeepSpeedZeroEngine(DataParallelEngine):
+    """DeepSpeed ZeRO stage 1/2 through Accelerate: AdamW state (and with stage 2 gradients) sharded across
+    ranks, parameters whole on every rank, so EMA, validation and the final save work as under DDP."""
+
+    def __init__(self, accelerator: Accelerator, train=None):
+        super().__init__(accelerator, train)
+        self.stage = accelerator.state.deepspeed_plugin.zero_stage
+        self.name = f"zero{self.stage}"
+
+    def prepare(self, model: nn.Module, optimizer, scheduler, ema=None):
+        import deepspeed
+
+        acc = self.accelerator
+        config = acc.state.deepspeed_plugin.deepspeed_config
+        # DeepSpeed owns the micro-batch size, accumulation and clipping: take them from the training config.
+        config["train_micro_batch_size_per_gpu"] = self.train.batch_size
+        config["gradient_accumulation_steps"] = acc.gradient_accumulation_steps
+        config["gradient_clipping"] = self.train.max_grad_norm
+        config.pop("train_batch_size", None)  # derived by DeepSpeed from the three above and the world size
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        if not isinstance(model, deepspeed.DeepSpeedEngine) or model.zero_optimization_stage() != self.stage:
+            raise RuntimeError(f"DeepSpeed ZeRO-{self.stage} was requested but prepare returned {type(model).__name__}")
+        logger.info("DeepSpeed ZeRO-%d on %d ranks: AdamW state%s partitioned, parameters whole on every rank",
+                    self.stage, acc.num_processes, " and gradients" if self.stage == 2 else "")
+        return model, optimizer, scheduler
+
+
 class FSDP2Engine(DataParallelEngine):
     """Sharded parameters, gradients, optimizer state and EMA (FSDP2 through Accelerate)."""
 
@@ -178,7 +240,10 @@ class FSDP2Engine(DataParallelEngine):
         acc = self.accelerator
         plugin = acc.state.fsdp_plugin
         self._check_wrap_units(model, plugin)
-        if plugin.cpu_offload and acc.device.type == "cpu":
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        # FSDP2 holds an OffloadPolicy either way; only CPUOffloadPolicy offloads.
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and acc.device.type == "cpu":
             raise RuntimeError("fsdp_offload_params: true needs GPUs (it pins host memory); on a CPU machine the "
                                "shards already live in host memory: set it to false")
         if acc.mixed_precision in ("bf16", "fp16"):

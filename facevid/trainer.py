@@ -167,7 +167,7 @@ class Trainer:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         setup_logging(acc)
-        self.engine = build_engine(acc)  # DDP or FSDP2, from the launch config (facevid/engine.py)
+        self.engine = build_engine(acc, cfg.train)  # DDP or FSDP2, from the launch config (facevid/engine.py)
         set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,8 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             fused=True,  # one kernel for all parameters: several times faster than the per-tensor loop
         )
-        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor (also under
+        # DeepSpeed: a plain torch scheduler is not handed to its engine).
         self.lr_scheduler = get_scheduler(
             cfg.train.lr_scheduler, self.optimizer,
             num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
@@ -378,7 +379,7 @@ class Trainer:
         must be made before the optimizer touches the weights."""
         if grad_norm is not None and self.accelerator.scaler is None:
             # The norm of the all-reduced gradients: NaN if any rank's loss was, and the same on every rank.
-            return bool(torch.isfinite(_local(grad_norm)))
+            return bool(torch.isfinite(torch.as_tensor(_local(grad_norm))))  # DeepSpeed returns a float
         # fp16 (its GradScaler skips overflowing steps by itself and lowers the scale: not an error), or an
         # engine that clips internally: judge the loss, agreed across ranks.
         return not self._any_rank(not bool(losses_finite))

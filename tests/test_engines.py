@@ -32,6 +32,7 @@ from models.unet3d import FaceVidUNet3D
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_CPU = REPO / "configs/accelerate/fsdp2_2proc_cpu.yaml"
 DDP_CPU = REPO / "configs/accelerate/cpu_2proc.yaml"
+ZERO2_CPU = REPO / "configs/accelerate/zero2_2proc_cpu.yaml"
 MULTI_NODE = REPO / "configs/accelerate/multi_node.yaml"
 # What `accelerate launch --config_file configs/accelerate/fsdp2*.yaml` exports to the training processes.
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
@@ -208,6 +209,13 @@ def test_unsupported_launch_configs_are_refused(monkeypatch):
         requested_engine()
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert requested_engine() == "fsdp2"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(RuntimeError, match="ZeRO stage 3 is not supported"):
+        requested_engine()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert requested_engine() == "zero2"
 
 
 # ----------------------------------------------------------------------------------- accelerate launch
@@ -229,8 +237,8 @@ RUN = ["train.validate_every=2", "train.val_loss_clips=2", "train.lr_scheduler=c
 
 
 def train_command(accelerate_config: Path, run: Path, manifest: Path, vae: Path, *overrides: str,
-                  port: int | None = None, launcher_flags: tuple[str, ...] = ()) -> list[str]:
-    return ["timeout", "-k", "10", "170", sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  port: int | None = None, launcher_flags: tuple[str, ...] = (), timeout_s: int = 170) -> list[str]:
+    return ["timeout", "-k", "10", str(timeout_s), sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(accelerate_config), "--main_process_port", str(port or free_port()), *launcher_flags,
             str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"), f"output_dir={run}",
             f"data.manifest={manifest}", f"vae.pretrained={vae}",
@@ -240,10 +248,11 @@ def train_command(accelerate_config: Path, run: Path, manifest: Path, vae: Path,
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(accelerate_config: Path, run: Path, manifest: Path, vae: Path, *overrides: str) -> str:
+def launch(accelerate_config: Path, run: Path, manifest: Path, vae: Path, *overrides: str, timeout_s: int = 170) -> str:
     """`accelerate launch train.py` on two CPU ranks, as a user would; returns the log."""
-    result = subprocess.run(train_command(accelerate_config, run, manifest, vae, *overrides), capture_output=True,
-                            text=True, cwd=REPO, env=ENV, timeout=200)
+    cmd = train_command(accelerate_config, run, manifest, vae, *overrides, timeout_s=timeout_s)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**ENV, "DS_ACCELERATOR": "cpu"},
+                            timeout=timeout_s + 30)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return log
@@ -369,3 +378,34 @@ def test_two_node_launch_on_loopback(accelerate_config, synth_manifest, tiny_vae
     assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
     assert (checkpoint / "noise_generator_1.pt").is_file()  # written by the second node's process
     assert (run / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow  # DeepSpeed JIT-builds its CPU ops on first use (~2.5 min on 2 cores), then ~15 s a launch
+def test_zero2_launch_partitions_optimizer_state_and_resumes_bit_identically(synth_manifest, tiny_vae, tmp_path):
+    """ZeRO-2 through `accelerate launch`: a DeepSpeedEngine, each rank's AdamW partition saved by that rank
+    (half the parameters each), 2 + resume 2 == 4 steps exactly, and the same losses as DDP."""
+    pytest.importorskip("deepspeed")
+    straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
+    log = launch(ZERO2_CPU, straight, synth_manifest, tiny_vae, "train.max_steps=4", "train.replica_check_every=1",
+                 timeout_s=400)
+    assert "engine zero2" in log and "DeepSpeed ZeRO-2 on 2 ranks" in log
+    assert "step 4: weights identical on all 2 rank(s)" in log  # parameters stay whole under ZeRO-2
+    partitions = sorted((list_checkpoints(straight)[-1] / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt"))
+    assert [p.name[:14] for p in partitions] == ["zero_pp_rank_0", "zero_pp_rank_1"]
+    sizes = [sum(t.numel() for t in torch.load(p, weights_only=False)["optimizer_state_dict"]
+                 ["single_partition_of_fp32_groups"]) for p in partitions]
+    total = sum(t.numel() for t in load_file(straight / "unet" / "diffusion_pytorch_model.safetensors").values())
+    assert all(abs(size - total / 2) < 0.01 * total for size in sizes), (sizes, total)
+
+    launch(ZERO2_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=2")
+    assert "resuming from" in launch(ZERO2_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=4",
+                                     "resume=latest")
+    assert losses(resumed) == losses(straight)
+    for folder in ("unet", "unet_ema"):
+        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+    launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4")
+    zero, plain = losses(straight), losses(ddp)
+    assert zero.keys() == plain.keys() and all(abs(zero[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
