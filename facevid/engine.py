@@ -12,7 +12,8 @@ config, so one recipe runs unchanged on one GPU, on many with DDP, or sharded wi
   shadow (DTensors, same placement). Checkpoints are sharded (torch distributed checkpoint, DCP); a
   plain full model exists only on rank 0 and only while validating or writing the final weights.
 
-The Trainer calls only `prepare`, `save_state`, `load_state`, `consolidated` and `replicated`.
+The Trainer calls only `prepare`, `save_state`, `load_state`, `ema_weights`, `consolidated` and `replicated`;
+stages and the Trainer split per-rank work with `rank_share` / `gather_on_main`, and wait with `patient_barrier`.
 """
 
 from __future__ import annotations
