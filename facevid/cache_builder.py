@@ -37,6 +37,7 @@ from data.dataset import window_starts
 from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.video import VideoDecodeError, frames_to_tensor, probe_video, read_frames
 from facevid.config import ConfigError, RunConfig, resolve_pretrained, validate_clips
+from facevid.engine import patient_barrier
 from models.text_encoder import FrozenTextEncoder
 from models.vae import encode_video_posterior, load_vae
 
@@ -214,6 +215,7 @@ def _encode_missing(cfg: RunConfig, acc, records) -> BuildReport:
 
 
 def _summarise(acc, report: BuildReport, cache_dir: Path) -> BuildReport:
+    patient_barrier(acc)  # ranks' shares take different times, possibly longer than the process-group timeout
     every = gather_object([asdict(report)])
     acc.wait_for_everyone()
     total = BuildReport(

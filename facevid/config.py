@@ -211,6 +211,9 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     replica_check_every: int = 0  # >0: every N steps, fail loudly if data-parallel ranks' weights differ
+    # > 0: the manifest's last N clips are held out of training; their loss with fixed timesteps and noise is
+    # logged as val/loss at every validation (train.validate_every, and at the end)
+    val_loss_clips: int = 0
     # Optimizer steps whose loss or gradients are NaN/inf are never applied. Up to this many in a row are
     # skipped (a rare bad batch); one more stops the run with an error naming the step and the last good
     # checkpoint (a diverged run: every later step is bad too). 0 = stop at the first one.
@@ -514,7 +517,8 @@ def validate(cfg: RunConfig) -> None:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
-                "train.replica_check_every", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
+                "train.replica_check_every", "train.val_loss_clips", "train.max_nonfinite_steps", "eval.every",
+                "vae.layers_per_block",
                 "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight", "unet.text_motion_frames"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")

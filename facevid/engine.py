@@ -5,12 +5,15 @@ config, so one recipe runs unchanged on one GPU, on many with DDP, or sharded wi
 
 - `DataParallelEngine` ("ddp"; also one process): every rank holds the whole model; Accelerate's
   save_state/load_state; rank 0 alone can validate and save (its weights are everyone's).
+- `DeepSpeedZeroEngine` ("zero2", "zero1"): DeepSpeed ZeRO through Accelerate; optimizer state (and
+  gradients) partitioned, parameters whole on every rank, so everything else works as under DDP.
 - `FSDP2Engine` ("fsdp2"): `torch.distributed.fsdp.fully_shard` through Accelerate, one FSDP unit per
   `UNetLayer` plus the root. Each rank holds 1/N of the parameters, gradients, AdamW state and EMA
   shadow (DTensors, same placement). Checkpoints are sharded (torch distributed checkpoint, DCP); a
   plain full model exists only on rank 0 and only while validating or writing the final weights.
 
-The Trainer calls only `prepare`, `save_state`, `load_state`, `consolidated` and `replicated`.
+The Trainer calls only `prepare`, `save_state`, `load_state`, `ema_weights`, `consolidated` and `replicated`;
+stages and the Trainer split per-rank work with `rank_share` / `gather_on_main`, and wait with `patient_barrier`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from diffusers.training_utils import EMAModel
 from torch import nn
+
+from facevid.ema import ema_weights, trainable_parameters
 
 logger = logging.getLogger("facevid")
 
@@ -39,11 +45,31 @@ def process_group_kwargs(timeout_s: int) -> InitProcessGroupKwargs:
     return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
 
 
+# Waits of unknown length (one rank generating data or evaluating, uneven cache-build shares) go through a
+# separate gloo group with this timeout, so train.process_group_timeout_s can stay short for training collectives.
+PATIENT_TIMEOUT = timedelta(days=2)
+_patient_group = None
+
+
+def patient_barrier(accelerator: Accelerator) -> None:
+    """accelerator.wait_for_everyone() for waits that may outlast the process-group timeout."""
+    global _patient_group
+    if accelerator.num_processes == 1:
+        return
+    if _patient_group is None:  # every rank gets here (it is a barrier), so creating the group is collective
+        _patient_group = torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    torch.distributed.barrier(group=_patient_group)
+
+
 def requested_engine() -> str:
     """The engine the launcher asked for: `accelerate launch` exports its config as environment variables."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise RuntimeError("DeepSpeed launch configs are not supported by facevid's trainer yet; use "
-                           "configs/accelerate/fsdp2.yaml (sharded) or multi_gpu.yaml (DDP)")
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("1", "2"):
+            raise RuntimeError(f"DeepSpeed ZeRO stage {stage} is not supported by facevid's trainer (its EMA, "
+                               "validation and final save need whole parameters); use zero_stage: 2 "
+                               "(configs/accelerate/zero2.yaml), or configs/accelerate/fsdp2.yaml to shard parameters")
+        return f"zero{stage}"
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -53,11 +79,20 @@ def requested_engine() -> str:
     return "ddp"
 
 
-def build_engine(accelerator: Accelerator) -> DataParallelEngine:
-    """The engine for this launch; raises when Accelerate did not set up what the launcher asked for."""
+def build_engine(accelerator: Accelerator, train=None) -> DataParallelEngine:
+    """The engine for this launch; raises when Accelerate did not set up what the launcher asked for.
+    `train`: the run's TrainConfig (DeepSpeed takes batch size and gradient clipping into its own config)."""
     wanted = requested_engine()
+    patient_barrier(accelerator)  # creates its group now, while every rank is at the same point
     if wanted == "ddp":
         return DataParallelEngine(accelerator)
+    if wanted.startswith("zero"):
+        if accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.device.type == "cpu":
+            _switch_cpu_group_to_deepspeed(accelerator)
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            raise RuntimeError(f"the launch config asks for DeepSpeed but Accelerate set up "
+                               f"{accelerator.distributed_type} (a silent fallback); refusing to train")
+        return DeepSpeedZeroEngine(accelerator, train)
     if accelerator.distributed_type != DistributedType.FSDP and accelerator.device.type == "cpu":
         if accelerator.num_processes < 2:
             raise RuntimeError("FSDP2 on the CPU needs at least 2 processes (num_processes in the accelerate "
@@ -89,14 +124,56 @@ def _switch_cpu_group_to_fsdp(accelerator: Accelerator) -> None:
     logger.warning("CPU process group: FSDP2 enabled on gloo (Accelerate would have fallen back to DDP)")
 
 
+def rank_share(count: int, accelerator: Accelerator) -> tuple[list[int], int]:
+    """This rank's share of `count` work items (validation videos, held-out batches): (indices, how many are
+    real). Every rank gets the same number of indices, padded with repeats of the last item, because under
+    FSDP every forward is a collective that all ranks must join; the padding's results are dropped."""
+    per_rank = -(-count // accelerator.num_processes)
+    start = accelerator.process_index * per_rank
+    indices = list(range(start, min(start + per_rank, count)))
+    return indices + [count - 1] * (per_rank - len(indices)), len(indices)
+
+
+def gather_on_main(results: list, indices: list[int], real: int, count: int, accelerator: Accelerator):
+    """Every rank's real results, in item order, on the main process (None elsewhere). Collective."""
+    from accelerate.utils import gather_object
+
+    everything = dict(gather_object(list(zip(indices[:real], results[:real]))))
+    if not accelerator.is_main_process:
+        return None
+    assert sorted(everything) == list(range(count)), sorted(everything)
+    return [everything[i] for i in range(count)]
+
+
+def _switch_cpu_group_to_deepspeed(accelerator: Accelerator) -> None:
+    """As _switch_cpu_group_to_fsdp, for a DeepSpeed config: Accelerate (1.16) keeps the plugin out of a CPU
+    process group. DeepSpeed itself runs on the CPU with DS_ACCELERATOR=cpu (gloo)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        raise RuntimeError("DeepSpeed on a CPU machine needs DS_ACCELERATOR=cpu in the environment")
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(f"cannot run DeepSpeed on a {accelerator.distributed_type} CPU setup; launch with a "
+                           "DeepSpeed config and 2+ processes (configs/accelerate/zero2_2proc_cpu.yaml)")
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher exported
+    plugin.set_mixed_precision(accelerator.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    for shared in (AcceleratorState._shared_state, PartialState._shared_state):
+        shared["distributed_type"] = DistributedType.DEEPSPEED
+    AcceleratorState._shared_state["deepspeed_plugins"] = plugin
+    logger.warning("CPU process group: DeepSpeed enabled on gloo (Accelerate would have fallen back to DDP)")
+
+
 class DataParallelEngine:
     """Whole model on every rank (DDP, or a single process)."""
 
     name = "ddp"
     replicated = True  # every rank holds identical weights: the replica check applies
 
-    def __init__(self, accelerator: Accelerator):
+    def __init__(self, accelerator: Accelerator, train=None):
         self.accelerator = accelerator
+        self.train = train
 
     def prepare(self, model: nn.Module, optimizer, scheduler, ema=None):
         return self.accelerator.prepare(model, optimizer, scheduler)
@@ -107,12 +184,51 @@ class DataParallelEngine:
     def load_state(self, folder: Path, ema=None) -> None:
         self.accelerator.load_state(str(folder))
 
+    @staticmethod
+    @contextmanager
+    def ema_weights(model: nn.Module, ema=None):
+        """`model` in eval mode with the EMA weights (when there is an EMA); the training weights come back after."""
+        with ema_weights(ema, model):
+            model.eval()
+            try:
+                yield model
+            finally:
+                _reshard(model)  # before the training weights go back into the shards
+                model.train()
+
     def consolidated(self, model: nn.Module, ema=None):
         """(full model, its EMA) on the main process, (None, None) elsewhere. Every rank must call it.
         Here the training model itself (no copy)."""
         if not self.accelerator.is_main_process:
             return None, None
         return self.accelerator.unwrap_model(model), ema
+
+
+class DeepSpeedZeroEngine(DataParallelEngine):
+    """DeepSpeed ZeRO stage 1/2 through Accelerate: AdamW state (and with stage 2 gradients) sharded across
+    ranks, parameters whole on every rank, so EMA, validation and the final save work as under DDP."""
+
+    def __init__(self, accelerator: Accelerator, train=None):
+        super().__init__(accelerator, train)
+        self.stage = accelerator.state.deepspeed_plugin.zero_stage
+        self.name = f"zero{self.stage}"
+
+    def prepare(self, model: nn.Module, optimizer, scheduler, ema=None):
+        import deepspeed
+
+        acc = self.accelerator
+        config = acc.state.deepspeed_plugin.deepspeed_config
+        # DeepSpeed owns the micro-batch size, accumulation and clipping: take them from the training config.
+        config["train_micro_batch_size_per_gpu"] = self.train.batch_size
+        config["gradient_accumulation_steps"] = acc.gradient_accumulation_steps
+        config["gradient_clipping"] = self.train.max_grad_norm
+        config.pop("train_batch_size", None)  # derived by DeepSpeed from the three above and the world size
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        if not isinstance(model, deepspeed.DeepSpeedEngine) or model.zero_optimization_stage() != self.stage:
+            raise RuntimeError(f"DeepSpeed ZeRO-{self.stage} was requested but prepare returned {type(model).__name__}")
+        logger.info("DeepSpeed ZeRO-%d on %d ranks: AdamW state%s partitioned, parameters whole on every rank",
+                    self.stage, acc.num_processes, " and gradients" if self.stage == 2 else "")
+        return model, optimizer, scheduler
 
 
 class FSDP2Engine(DataParallelEngine):
@@ -125,6 +241,12 @@ class FSDP2Engine(DataParallelEngine):
         acc = self.accelerator
         plugin = acc.state.fsdp_plugin
         self._check_wrap_units(model, plugin)
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        # FSDP2 holds an OffloadPolicy either way; only CPUOffloadPolicy offloads.
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and acc.device.type == "cpu":
+            raise RuntimeError("fsdp_offload_params: true needs GPUs (it pins host memory); on a CPU machine the "
+                               "shards already live in host memory: set it to false")
         if acc.mixed_precision in ("bf16", "fp16"):
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -136,12 +258,12 @@ class FSDP2Engine(DataParallelEngine):
         # weights are loaded into for validation and the final save, without a second replica during training.
         self._skeleton = _meta_copy(model) if acc.is_main_process else None
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-        self._trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]  # the EMA's order
         if not any(_is_dtensor(p) for p in model.parameters()):
             raise RuntimeError("FSDP2 prepare left no DTensor parameter: the model is not sharded")
         if ema is not None:
             # Same values as at construction (nothing has trained yet), now as local shards.
-            ema.shadow_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+            ema.shadow_params = [p.detach().clone() for p in trainable_parameters(model)]
             ema.__class__ = _ShardedEMA
         from torch.distributed.fsdp import FSDPModule
 
@@ -211,6 +333,16 @@ class FSDP2Engine(DataParallelEngine):
             plain_ema.shadow_params = [s.to(acc.device) for s in shadows]
             plain_ema.temp_stored_params = None
         return plain, plain_ema
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root unit's weights gathered after a forward that no backward follows (inference):
+    shard them again, so that every parameter is a DTensor shard for the EMA swap and the next step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from facevid.diffusion import (
     scale_motion,
 )
 from facevid.ema import ema_weights, trainable_parameters
+from facevid.engine import gather_on_main, rank_share
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
 from models.lora import has_lora, save_lora, without_lora
@@ -186,6 +187,9 @@ def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cro
 
 class TextToVideoStage:
     name = "t2v"
+    # validate() runs on every rank, each rendering its share of the videos (a sharded model needs every rank
+    # in every forward); the Trainer calls the VAE stage's on rank 0 alone, with a full model.
+    distributed_validation = True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -193,6 +197,7 @@ class TextToVideoStage:
     def build(self, accelerator, dataset) -> nn.Module:
         cfg = self.cfg
         self.device = accelerator.device
+        self.accelerator = accelerator
         weight_dtype = frozen_weight_dtype(accelerator.mixed_precision)
         # Frozen, so never in fp32 under mixed precision: a T5-XXL encoder alone is ~19 GB per rank in fp32.
         self.text_encoder = FrozenTextEncoder(
@@ -341,12 +346,18 @@ class TextToVideoStage:
     def validate(self, model, out_dir: Path, step: int):
         s, d = self.cfg.sample, self.cfg.data
         prompts, images, labels = self._validation_inputs()
+        mine, real = rank_share(len(labels), self.accelerator)
         videos = self.pipeline(model)(
-            prompts, images=images, num_videos=len(labels), negative_prompt=s.negative_prompt,
+            [prompts[i] for i in mine] if prompts else [], images=None if images is None else images[mine],
+            num_videos=len(mine), negative_prompt=s.negative_prompt,
             num_frames=d.num_frames, resolution=d.resolution, num_inference_steps=s.num_inference_steps,
-            guidance_scale=s.guidance_scale, scheduler=s.scheduler, seed=s.seed,
+            guidance_scale=s.guidance_scale, scheduler=s.scheduler,
+            seed=[s.seed + i for i in mine],  # video i's noise as if all were rendered in one batch
         )
-        paths = write_samples(videos, labels, out_dir, fps=training_fps(self.cfg), formats=("mp4",))
+        videos = gather_on_main(list(videos), mine, real, len(labels), self.accelerator)
+        if videos is None:  # not the main process: its videos were sent there
+            return {}, {}
+        paths = write_samples(np.stack(videos), labels, out_dir, fps=training_fps(self.cfg), formats=("mp4",))
         return {"samples": paths}, {}
 
     def save_final(self, model, ema, run_dir: Path) -> None:

@@ -43,9 +43,9 @@ from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.sampler import ShardedEpochSampler
 from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, check_cache
-from facevid.config import RunConfig, save_config, validate_clips
-from facevid.ema import ema_weights, trainable_parameters
-from facevid.engine import build_engine, process_group_kwargs
+from facevid.config import ConfigError, RunConfig, save_config, validate_clips
+from facevid.ema import trainable_parameters
+from facevid.engine import DataParallelEngine, build_engine, patient_barrier, process_group_kwargs, rank_share
 from facevid.stages import training_fps
 from facevid.trainable import select_trainable
 
@@ -119,7 +119,7 @@ def ensure_manifest(cfg: RunConfig, accelerator: Accelerator) -> Path:
                         s.num_clips, s.aligned_motion, manifest.parent)
             synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
                            resolution=s.resolution, fps=s.fps, seed=s.seed, aligned_motion=s.aligned_motion)
-        accelerator.wait_for_everyone()
+        patient_barrier(accelerator)  # generating may take longer than the process-group timeout
     return manifest
 
 
@@ -174,7 +174,7 @@ class Trainer:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         setup_logging(acc)
-        self.engine = build_engine(acc)  # DDP or FSDP2, from the launch config (facevid/engine.py)
+        self.engine = build_engine(acc, cfg.train)  # DDP or FSDP2, from the launch config (facevid/engine.py)
         set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,8 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             fused=True,  # one kernel for all parameters: several times faster than the per-tensor loop
         )
-        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor (also under
+        # DeepSpeed: a plain torch scheduler is not handed to its engine).
         self.lr_scheduler = get_scheduler(
             cfg.train.lr_scheduler, self.optimizer,
             num_warmup_steps=cfg.train.lr_warmup_steps * acc.num_processes,
@@ -220,19 +221,20 @@ class Trainer:
         if not records:
             raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
         logger.info("dataset: %d clips from %s", len(records), manifest)
+        self.heldout = None  # clips kept out of training for val/loss (at data.resolution, also with buckets)
+        if cfg.train.val_loss_clips:
+            if cfg.train.val_loss_clips >= len(records):
+                raise ConfigError(f"config key 'train.val_loss_clips' = {cfg.train.val_loss_clips} is invalid: "
+                                  f"{manifest} has only {len(records)} usable clips; hold out fewer")
+            records, heldout = records[: -cfg.train.val_loss_clips], records[-cfg.train.val_loss_clips:]
+            self.heldout = self._dataset(heldout)
+            logger.info("val/loss: the manifest's last %d clips are held out of training", len(heldout))
         batching = dict(batch_size=cfg.train.batch_size, collate_fn=collate_clips, drop_last=True)
         if cfg.data.buckets:
             self.dataset, self.sampler = self._bucketed_data(records)
             batching = dict(batch_sampler=self.sampler, collate_fn=collate_bucketed)
-        elif cfg.data.cache == "none":
-            validate_clips(cfg, records)  # a window longer than every clip would fail at the first batch
-            self.dataset = VideoClipDataset(
-                records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
-                resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
-            )
         else:
-            self.dataset = self._cached_dataset(records)
-        if not cfg.data.buckets:
+            self.dataset = self._dataset(records)
             self.sampler = ShardedEpochSampler(
                 len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
                 rank=acc.process_index, seed=cfg.seed,
@@ -243,6 +245,16 @@ class Trainer:
             num_workers=cfg.data.num_workers, worker_init_fn=_ignore_stop_signals_in_worker,
             # Workers get their seeds from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def _dataset(self, records):
+        cfg = self.cfg
+        if cfg.data.cache != "none":
+            return self._cached_dataset(records)
+        validate_clips(cfg, records)  # a window longer than every clip would fail at the first batch
+        return VideoClipDataset(
+            records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
+            resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
         )
 
     def _bucketed_data(self, records):
@@ -404,7 +416,7 @@ class Trainer:
         must be made before the optimizer touches the weights."""
         if grad_norm is not None and self.accelerator.scaler is None:
             # The norm of the all-reduced gradients: NaN if any rank's loss was, and the same on every rank.
-            return bool(torch.isfinite(_local(grad_norm)))
+            return bool(torch.isfinite(torch.as_tensor(_local(grad_norm))))  # DeepSpeed returns a float
         # fp16 (its GradScaler skips overflowing steps by itself and lowers the scale: not an error), or an
         # engine that clips internally: judge the loss, agreed across ranks.
         return not self._any_rank(not bool(losses_finite))
@@ -486,18 +498,29 @@ class Trainer:
         self._stop_requested = True
 
     def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
-        """With the EMA weights: validation samples (stage.validate) and/or evaluation (stage.evaluate)."""
+        """With the EMA weights: val/loss, validation samples (stage.validate), evaluation (stage.evaluate).
+
+        Every rank takes part where the stage allows it (val/loss always; the t2v stage's samples, split across
+        ranks), each with its own weights or shards; what runs on rank 0 alone gets a full model from the engine.
+        """
         acc = self.accelerator
-        model, ema = self.engine.consolidated(self.model, self.ema)  # every rank takes part; rank 0 gets them
+        step = self.state.global_step
+        out_dir = self.run_dir / "samples" / f"step-{step:08d}"
+        shared_samples = samples and getattr(self.stage, "distributed_validation", False)
+        with self.engine.ema_weights(acc.unwrap_model(self.model), self.ema) as model:
+            metrics = self._validation_loss(model)
+            media, sample_metrics = self.stage.validate(model, out_dir, step) if shared_samples else ({}, {})
+            metrics.update(sample_metrics)
+        if (samples and not shared_samples) or evaluate:
+            full_model, ema = self.engine.consolidated(self.model, self.ema)  # every rank; rank 0 gets it
+            if acc.is_main_process:
+                with DataParallelEngine.ema_weights(full_model, ema) as model:  # a plain model
+                    if samples and not shared_samples:
+                        media, sample_metrics = self.stage.validate(model, out_dir, step)
+                        metrics.update(sample_metrics)
+                    if evaluate:
+                        metrics.update(self.stage.evaluate(model, step))
         if acc.is_main_process:
-            step = self.state.global_step
-            out_dir = self.run_dir / "samples" / f"step-{step:08d}"
-            with ema_weights(ema, model):  # sample with the EMA weights, then put the training weights back
-                model.eval()
-                media, metrics = self.stage.validate(model, out_dir, step) if samples else ({}, {})
-                if evaluate:
-                    metrics = {**metrics, **self.stage.evaluate(model, step)}
-                model.train()
             if metrics:
                 acc.log(metrics, step=step)
                 self._write_metrics({"step": step, **metrics})
@@ -505,7 +528,29 @@ class Trainer:
             if samples:
                 logger.info("validation samples written to %s %s", out_dir, metrics or "")
             plot_training_curves(self.run_dir)  # RUN/plots/training_curves.png: loss, lr, metrics so far
-        acc.wait_for_everyone()
+        patient_barrier(acc)  # rank 0 may have evaluated alone for a long time
+
+    @torch.no_grad()
+    def _validation_loss(self, model) -> dict[str, float]:
+        """Mean loss on the held-out clips with the same timesteps and noise at every validation (each batch
+        seeds its own generator), so its changes are the model's. Batches are split across ranks."""
+        if self.heldout is None:
+            return {}
+        acc, batch_size = self.accelerator, self.cfg.train.batch_size
+        self.heldout.set_epoch(0)  # the same frame windows every time
+        batches = [range(i, min(i + batch_size, len(self.heldout))) for i in range(0, len(self.heldout), batch_size)]
+        mine, real = rank_share(len(batches), acc)
+        totals = torch.zeros(2, device=acc.device, dtype=torch.float64)  # loss * clips, clips
+        for k, b in enumerate(mine):
+            batch = collate_clips([self.heldout[i] for i in batches[b]])
+            generator = torch.Generator(device=acc.device).manual_seed(self.cfg.seed * 7919 + b)
+            with acc.autocast():
+                loss, _ = self.stage.compute_loss(model, batch, generator)
+            if k < real:  # padding batches only keep the ranks' forwards in step
+                totals += torch.tensor([loss.item() * len(batches[b]), len(batches[b])], device=acc.device,
+                                       dtype=torch.float64)
+        totals = acc.reduce(totals, "sum")
+        return {"val/loss": float(totals[0] / totals[1])}
 
     @torch.no_grad()
     def _check_replicas_agree(self) -> None:
