@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.video import tensor_to_frames
-from facevid.config import ConfigError, RunConfig, resolve_pretrained
+from facevid.config import ConfigError, RunConfig, UNetConfig, resolve_pretrained
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler, scale_motion
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
@@ -121,6 +121,20 @@ class VAEStage:
         logger.info("VAE saved to %s (latent scaling factor %.4f)", run_dir / "vae", scaling)
 
 
+def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidUNet3D:
+    """The FaceVidUNet3D the `unet` config keys describe (a UNet trained from scratch)."""
+    return FaceVidUNet3D(
+        in_channels=latent_channels, out_channels=latent_channels, condition_channels=condition_channels,
+        block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
+        attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=u.norm_num_groups,
+        pooled_text_conditioning=u.pooled_text_conditioning, text_layout=u.text_layout,
+        text_layout_size=u.text_layout_size, text_motion_frames=u.text_motion_frames,
+        temporal_conv=u.temporal_conv,
+        temporal_feed_forward=u.temporal_feed_forward,
+    )
+
+
 class TextToVideoStage:
     name = "t2v"
 
@@ -148,16 +162,7 @@ class TextToVideoStage:
             unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels)
             self._check_pretrained(unet, latent_channels)
         else:
-            unet = FaceVidUNet3D(
-                in_channels=latent_channels, out_channels=latent_channels, condition_channels=extra_channels,
-                block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
-                attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
-                cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
-                pooled_text_conditioning=u.pooled_text_conditioning, text_layout=u.text_layout,
-                text_layout_size=u.text_layout_size, text_motion_frames=u.text_motion_frames,
-                temporal_conv=u.temporal_conv,
-                temporal_feed_forward=u.temporal_feed_forward,
-            )
+            unet = build_unet(u, latent_channels, extra_channels, self.text_encoder.hidden_size)
         factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
         if cfg.data.resolution % factor:
             raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "

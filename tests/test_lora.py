@@ -21,7 +21,7 @@ from test_trainable import select, tiny_unet
 from test_training import _PreemptedStage, losses
 from tiny import TINY, tiny_config
 
-from facevid.config import ConfigError
+from facevid.config import ConfigError, load_config
 from facevid.pipeline import FaceVidPipeline
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer, list_checkpoints
@@ -197,3 +197,9 @@ def test_lora_under_two_rank_ddp(tmp_path_factory, tmp_path):
         assert f"step {step}: weights identical on all 2 rank(s)" in log
     assert json.loads((list_checkpoints(run)[-1] / "trainer_state.json").read_text())["world_size"] == 2
     assert read_lora(run / "lora_ema")[0]
+
+
+def test_lora_modelscope_config_is_lora_on_a_pretrained_unet3d():
+    cfg = load_config("configs/lora_modelscope_256.yaml", ["data.synth.num_clips=1"])
+    assert (cfg.train.trainable, cfg.unet.pretrained_format, cfg.lora.rank) == ("lora", "unet3d", 16)
+    assert list(cfg.lora.target_modules) == ATTENTION
