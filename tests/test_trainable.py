@@ -66,6 +66,13 @@ def test_trainable_selection_follows_the_rule(tmp_path, caplog):
     model, names = select(tmp_path, "train.trainable_exclude=['*.spatial.*']")
     assert names and not any(".spatial." in n for n in names) and len(names) < len(list(model.parameters()))
 
+    # Image-to-video adds its condition channels to conv_in at zero: frozen, they would never learn.
+    assert "conv_in frozen" not in caplog.text
+    select(tmp_path, "task=i2v", "train.trainable=temporal", "train.trainable_include=[conv_in.*]")
+    assert "conv_in frozen" not in caplog.text
+    select(tmp_path, "task=i2v", "train.trainable=temporal")
+    assert "task i2v with conv_in frozen" in caplog.text
+
 
 def test_trainable_config_errors_name_the_pattern(tmp_path):
     with pytest.raises(ConfigError, match=r"train.trainable_include.*'\*\.temporl\.\*' matches no parameter"):
