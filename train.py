@@ -8,7 +8,7 @@ import sys
 
 from facevid.config import ConfigError, load_config
 from facevid.stages import STAGES
-from facevid.trainer import Trainer
+from facevid.trainer import CheckpointWriteError, NonFiniteLossError, Trainer
 
 
 def main(argv=None) -> int:
@@ -23,7 +23,11 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    Trainer(cfg, STAGES[cfg.stage](cfg)).fit()
+    try:
+        Trainer(cfg, STAGES[cfg.stage](cfg)).fit()
+    except (NonFiniteLossError, CheckpointWriteError) as err:  # their message says what to do: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,15 +1,16 @@
 """Export a trained run as a diffusers pipeline folder (unet, vae, text_encoder, tokenizer, scheduler,
 model_index.json) that loads with `DiffusionPipeline.from_pretrained` elsewhere.
 
-- A backbone expressible as diffusers' UNet3DConditionModel (built with models.pretrained.UNET3D_LAYOUT, e.g.
-  initialised from ModelScope / zeroscope, task t2v or uncond) becomes a standard TextToVideoSDPipeline
-  folder: tools that consume that format use it unchanged, without FaceVid installed.
+- A backbone expressible as diffusers' UNet3DConditionModel (built with models.pretrained.UNET3D_LAYOUT: trained
+  from scratch with `unet.layout: modelscope`, or initialised from ModelScope / zeroscope; task t2v or uncond)
+  becomes a standard TextToVideoSDPipeline folder: tools that consume that format use it unchanged, without
+  FaceVid installed. That pipeline has no guidance rescale: its model card says so when the run uses one.
 - Anything else (FaceVid's own layout, image-to-video) keeps the FaceVidUNet3D weights and is driven by
   FaceVidDiffusersPipeline below. The folder's pipeline.py only re-exports that class, so with facevid
   installed `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it.
 
 Both kinds reproduce sample.py: the scheduler is the sampler sample.py builds (DPM-Solver++ 2M or DDIM on the
-run's training schedule), the tokenizer keeps the run's max_length and the text encoder's config says
+run's training schedule; the FaceVid kind also keeps sample.guidance_rescale), the tokenizer keeps the run's max_length and the text encoder's config says
 `use_attention_mask: true`, so diffusers' prompt encoding returns exactly the embeddings FaceVid trained with.
 """
 
@@ -74,19 +75,21 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
                  num_frames: int = 8, chunk_frames: int = 16, frame_noise_correlation: float = 0.0,
-                 motion_scale: float = 1.0, motion_std: float | None = None):
+                 motion_scale: float = 1.0, motion_std: float | None = None, guidance_rescale: float = 0.0):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames,
                                 frame_noise_correlation=frame_noise_correlation, motion_scale=motion_scale,
                                 motion_std=motion_std)
+        self.register_to_config(guidance_rescale=guidance_rescale)  # the run's sample.guidance_rescale
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, num_videos: int = 1,
                  negative_prompt: str = "", num_frames: int | None = None, resolution: int | None = None,
-                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0) -> FaceVidPipelineOutput:
+                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
+                 guidance_rescale: float | None = None) -> FaceVidPipelineOutput:
         """`image` (i2v): a file path (image or video frame 0), or (3, H, W) / (N, 3, H, W) in [-1, 1]. Video i is
-        seeded by seed + i, as in sample.py."""
+        seeded by seed + i, as in sample.py. guidance_rescale: None = the run's sample.guidance_rescale."""
         resolution = resolution or self.config.resolution
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if isinstance(image, (str, Path)):
@@ -99,11 +102,12 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
                                    self.scheduler.config, self.config.chunk_frames, task=self.config.task,
                                    frame_noise_correlation=self.config.get("frame_noise_correlation", 0.0),
                                    motion_scale=self.config.get("motion_scale", 1.0),
-                                   motion_std=self.config.get("motion_std"))
+                                   motion_std=self.config.get("motion_std"),
+                                   guidance_rescale=self.config.get("guidance_rescale", 0.0))
         frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
                           num_frames=num_frames or self.config.num_frames, resolution=resolution,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          scheduler=self.scheduler, seed=seed)
+                          scheduler=self.scheduler, seed=seed, guidance_rescale=guidance_rescale)
         return FaceVidPipelineOutput(frames=frames)
 
 
@@ -189,6 +193,10 @@ def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str, lora_file
                 f"frames = pipe({prompt}, num_frames={frames}, height={res}, width={res}{guidance},\n"
                 f"              num_inference_steps={cfg.sample.num_inference_steps}, "
                 "generator=torch.Generator().manual_seed(0)).frames  # = sample.py --seed 0, one prompt per call")
+        if cfg.sample.guidance_rescale:
+            load += (f"\n# TextToVideoSDPipeline has no guidance rescale: these frames are sample.py's with "
+                     f"--guidance-rescale 0\n# (the run samples with sample.guidance_rescale="
+                     f"{cfg.sample.guidance_rescale}).")
     else:
         call = {"t2v": '"a person talking"', "i2v": '"a person talking", image="face.png"',
                 "uncond": "num_videos=4"}[task]

@@ -45,13 +45,33 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
 def sampling_options(cfg: RunConfig) -> dict:
     """The training choices that sampling must repeat, as FaceVidPipeline keyword arguments."""
     return {"frame_noise_correlation": cfg.diffusion.frame_noise_correlation,
-            "motion_scale": cfg.diffusion.motion_scale, "motion_std": cfg.diffusion.motion_std}
+            "motion_scale": cfg.diffusion.motion_scale, "motion_std": cfg.diffusion.motion_std,
+            "guidance_rescale": cfg.sample.guidance_rescale}
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Classifier-free guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4): the guided prediction scaled to the conditional prediction's std (per video, over all
+    its elements), mixed with the plain guided one by `rescale` (phi). Strong guidance inflates the prediction's
+    std, which with zero-terminal SNR over-exposes the video; phi = 0.7 at guidance 7.5 is the paper's choice.
+    rescale = 0 returns `guided` unchanged."""
+    if rescale == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _checked_rescale(guidance_rescale: float) -> float:
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0 = off, e.g. 0.7)")
+    return guidance_rescale
 
 
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
                  task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0,
-                 motion_std: float | None = None):
+                 motion_std: float | None = None, guidance_rescale: float = 0.0):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -61,6 +81,7 @@ class FaceVidPipeline:
         self.frame_noise_correlation = frame_noise_correlation
         self.motion_scale = motion_scale
         self.motion_std = motion_std
+        self.guidance_rescale = _checked_rescale(guidance_rescale)  # the default of __call__'s guidance_rescale (sample.guidance_rescale)
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
         if self.task == "i2v" and motion_scale != 1.0:
@@ -128,6 +149,7 @@ class FaceVidPipeline:
         scheduler="dpm++",
         seed: int | Sequence[int] = 0,
         progress: bool = False,
+        guidance_rescale: float | None = None,
     ) -> np.ndarray:
         """Returns uint8 videos (N, F, H, W, 3).
 
@@ -136,7 +158,9 @@ class FaceVidPipeline:
         videos, no prompts. `scheduler` is "dpm++", "ddim" or a ready diffusers scheduler. Video i's noise is
         seeded by seed + i, so a video does not depend on which others share the batch; a list of seeds gives
         each video its own (the same seed for two prompts that differ in one word shows that word's effect).
+        `guidance_rescale` (see rescale_guidance; None = the pipeline's, i.e. the run's sample.guidance_rescale).
         """
+        guidance_rescale = self.guidance_rescale if guidance_rescale is None else _checked_rescale(guidance_rescale)
         check_request(self.task, bool(prompts), images is not None)
         factor = downscale_factor(self.vae)
         if resolution % factor:
@@ -186,7 +210,7 @@ class FaceVidPipeline:
             prediction = self.unet(model_in, timesteps, text.to(self.unet.dtype), mask, condition=condition)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
-                prediction = uncond + guidance_scale * (cond - uncond)
+                prediction = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
             if self.motion_std is not None:
                 prediction = motion_preconditioned_velocity(prediction, latents, alphas_cumprod[int(t)],
                                                             self.motion_std)

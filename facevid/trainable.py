@@ -13,8 +13,8 @@ Patterns are shell-style (fnmatch, case-sensitive) over full parameter names as 
 them, e.g. "*.temporal.*", "conv_in.*", "*.norm*.weight"; `*` also matches dots. A pattern that matches no
 parameter is a ConfigError naming it, so a typo never silently trains (or freezes) nothing.
 
-Only the trainable parameters go to the optimizer and the EMA; `trainable_parameters(model)` is the one list both
-(and EMA's store / copy_to) use.
+Only the trainable parameters go to the optimizer and the EMA; `facevid.ema.trainable_parameters(model)` is the one
+list both (and EMA's store / copy_to) use.
 """
 
 from __future__ import annotations
@@ -28,12 +28,6 @@ from facevid.config import ConfigError, RunConfig
 from models.pretrained import TEMPORAL_MODULES
 
 logger = logging.getLogger("facevid")
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the optimizer and the EMA hold, in model order: EMA's store / copy_to / step must be given
-    exactly this list (the EMA's shadow weights are matched to it by position)."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def is_temporal(name: str) -> bool:

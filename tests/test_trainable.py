@@ -14,8 +14,9 @@ from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
 from facevid.config import ConfigError, load_config
+from facevid.ema import trainable_parameters
 from facevid.stages import TextToVideoStage
-from facevid.trainable import is_temporal, select_trainable, trainable_parameters
+from facevid.trainable import is_temporal, select_trainable
 from facevid.trainer import Trainer, list_checkpoints
 from models.pretrained import key_map, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D
@@ -87,10 +88,21 @@ def test_trainable_config_errors_name_the_pattern(tmp_path):
         select(tmp_path, "train.trainable=everything")
 
 
-def test_animatediff_config_is_the_inflated_image_unet_with_temporal_training():
-    cfg = load_config("configs/animatediff_256.yaml", ["data.synth.num_clips=1"])
+def load_recipe(config: str, tmp_path):
+    """A shipped recipe with local stand-ins for its hub models (offline tests cannot reach the hub)."""
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.touch()
+    for folder in ("unet", "vae"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    return load_config(config, [f"data.manifest={manifest}", f"unet.pretrained={tmp_path / 'unet'}",
+                                f"vae.pretrained={tmp_path / 'vae'}", "text_encoder.pretrained=bundled:all-MiniLM-L6-v2",
+                                "text_encoder.subfolder=null"])
+
+
+def test_animatediff_config_is_the_inflated_image_unet_with_temporal_training(tmp_path):
+    cfg = load_recipe("configs/animatediff_256.yaml", tmp_path)
     assert (cfg.unet.pretrained_format, cfg.train.trainable) == ("unet2d", "temporal")
-    assert cfg.unet.pretrained and cfg.text_encoder.pretrained and cfg.vae.pretrained
+    assert (cfg.unet.subfolder, cfg.diffusion.prediction_type) == ("unet", "epsilon")  # SD 1.5's unet/, objective
 
 
 @pytest.fixture(scope="module")
