@@ -10,7 +10,9 @@
    parameter, and mixed-precision training an fp32 master copy: 12 bytes per trainable parameter; gradients add 4.
 2. On this machine at reduced width (the config's UNet with every width divided by --width-divisor): one training
    step (forward + backward + fused AdamW over the trainable parameters only, as facevid/trainer.py builds it), the
-   recipes interleaved step by step (bench/timing.py), the same initial weights and inputs.
+   recipes interleaved step by step (bench/timing.py), the same initial weights and inputs. Denormal floats are
+   flushed to zero (--keep-denormals to not): the zero-initialised output layers of fresh temporal blocks fill a CPU
+   step with denormals that made it 2-4x slower here, a CPU artefact GPUs do not have.
 """
 
 from __future__ import annotations
@@ -131,8 +133,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--latent-size", type=int, default=8)
     parser.add_argument("--counts-only", action="store_true", help="part 1 only")
+    parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(not args.keep_denormals)
 
     print("## Full width: trainable parameters and AdamW memory (12 B = 2 fp32 states + fp32 master per trainable "
           "parameter; 16 B with fp32 gradients)\n")
@@ -141,7 +145,8 @@ def main() -> None:
     print("\n".join(count_table(args.config)))
     if args.counts_only:
         return
-    print("\n## Step time on this machine (forward + backward + AdamW)\n")
+    print("\n## Step time on this machine (forward + backward + AdamW; denormals "
+          f"{'kept' if args.keep_denormals else 'flushed to zero'})\n")
     rows = step_times(args.config, args.width_divisor, args.repeats, args.batch, args.frames, args.latent_size)
     print("\n| recipe | trainable | s / step | speed vs full |")
     print("|---|---|---|---|")
