@@ -75,6 +75,11 @@ def select_trainable(model: nn.Module, cfg: RunConfig) -> list[str]:
                           f"trainable_exclude={list(t.trainable_exclude)} leaves no parameter to train")
     for name, param in model.named_parameters():
         param.requires_grad_(name in selected)
+    if cfg.task == "i2v" and not any(n.startswith("conv_in.") for n in selected):
+        # with_condition_channels (models/pretrained.py) adds the first-frame channels to conv_in at zero.
+        logger.warning("task i2v with conv_in frozen: its first-frame condition channels start at zero and stay "
+                       "there, so the model cannot learn to use the image; add 'conv_in.*' to "
+                       "train.trainable_include (or 'conv_in' to lora.target_modules)")
     counts = {True: 0, False: 0}
     for name, param in model.named_parameters():
         counts[name in selected] += param.numel()

@@ -30,6 +30,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"
 _PREFIX = "unet"
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d)  # module types PEFT's LoRA wraps
+# peft is imported inside the functions that use it: sampling a run without adapters never needs it.
 # The LoraConfig fields this module sets; the rest of the saved config is PEFT's defaults.
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "fan_in_fan_out",
                      "init_lora_weights", "rank_pattern", "alpha_pattern", "use_dora")
@@ -45,7 +46,7 @@ def lora_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     targets: list[str] = []
     for pattern in patterns:
         names = [name for name, m in modules if fnmatchcase(name, pattern)]
-        found = [name for name, m in modules if name in names and isinstance(m, ADAPTABLE)]
+        found = [name for name, m in modules if isinstance(m, ADAPTABLE) and fnmatchcase(name, pattern)]
         if not found:
             what = (f"it matches only {names[:3]} (not Linear / Conv layers)" if names
                     else f"e.g. module names: {[n for n, m in modules if isinstance(m, ADAPTABLE)][:4]}")

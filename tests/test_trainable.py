@@ -67,6 +67,13 @@ def test_trainable_selection_follows_the_rule(tmp_path, caplog):
     model, names = select(tmp_path, "train.trainable_exclude=['*.spatial.*']")
     assert names and not any(".spatial." in n for n in names) and len(names) < len(list(model.parameters()))
 
+    # Image-to-video adds its condition channels to conv_in at zero: frozen, they would never learn.
+    assert "conv_in frozen" not in caplog.text
+    select(tmp_path, "task=i2v", "train.trainable=temporal", "train.trainable_include=[conv_in.*]")
+    assert "conv_in frozen" not in caplog.text
+    select(tmp_path, "task=i2v", "train.trainable=temporal")
+    assert "task i2v with conv_in frozen" in caplog.text
+
 
 def test_trainable_config_errors_name_the_pattern(tmp_path):
     with pytest.raises(ConfigError, match=r"train.trainable_include.*'\*\.temporl\.\*' matches no parameter"):
@@ -81,10 +88,21 @@ def test_trainable_config_errors_name_the_pattern(tmp_path):
         select(tmp_path, "train.trainable=everything")
 
 
-def test_animatediff_config_is_the_inflated_image_unet_with_temporal_training():
-    cfg = load_config("configs/animatediff_256.yaml", ["data.synth.num_clips=1"])
+def load_recipe(config: str, tmp_path):
+    """A shipped recipe with local stand-ins for its hub models (offline tests cannot reach the hub)."""
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.touch()
+    for folder in ("unet", "vae"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    return load_config(config, [f"data.manifest={manifest}", f"unet.pretrained={tmp_path / 'unet'}",
+                                f"vae.pretrained={tmp_path / 'vae'}", "text_encoder.pretrained=bundled:all-MiniLM-L6-v2",
+                                "text_encoder.subfolder=null"])
+
+
+def test_animatediff_config_is_the_inflated_image_unet_with_temporal_training(tmp_path):
+    cfg = load_recipe("configs/animatediff_256.yaml", tmp_path)
     assert (cfg.unet.pretrained_format, cfg.train.trainable) == ("unet2d", "temporal")
-    assert cfg.unet.pretrained and cfg.text_encoder.pretrained and cfg.vae.pretrained
+    assert (cfg.unet.subfolder, cfg.diffusion.prediction_type) == ("unet", "epsilon")  # SD 1.5's unet/, objective
 
 
 @pytest.fixture(scope="module")
