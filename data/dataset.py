@@ -15,10 +15,18 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from data.manifest import ClipRecord, SkippedItem
-from data.video import VideoDecodeError, VideoInfo, frames_to_tensor, probe_video, read_frames
+from data.video import (
+    VideoDecodeError,
+    VideoInfo,
+    center_crop_resize,
+    frames_to_tensor,
+    probe_video,
+    read_frames,
+)
 
 
 class _ClipDataset(Dataset):
@@ -40,13 +48,20 @@ class _ClipDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return self._get(int(index), self._load)
+
+    def _get(self, index: int, load, usable=None) -> dict:
+        """load(record, rng) for the index's record, else for the next ones; records `usable` refuses are
+        passed over without being reported (e.g. still images in a video batch)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         skipped: list[SkippedItem] = []
         for attempt in range(self.max_substitutions + 1):
-            used = (int(index) + attempt) % len(self.records)
+            used = (index + attempt) % len(self.records)
             record = self.records[used]
+            if usable is not None and not usable(record):
+                continue
             try:
-                item = self._load(record, rng)
+                item = load(record, rng)
             except (VideoDecodeError, OSError) as err:
                 reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
                 skipped.append(SkippedItem(record.video, reason))
@@ -99,6 +114,44 @@ class VideoClipDataset(_ClipDataset):
         if flip:
             frames = np.ascontiguousarray(frames[:, :, ::-1])
         return {"pixel_values": frames_to_tensor(frames), "caption": caption}
+
+
+class JointImageVideoDataset(VideoClipDataset):
+    """Joint image + video training (data.image_batch_share, VideoLDM / AnimateDiff style): an item is asked for
+    as (record index, image) by JointBatchSampler (data/sampler.py).
+
+    - image=False: a frame window of a video clip, as VideoClipDataset (still images are passed over).
+    - image=True: one frame, (3, 1, H, W): the still image of an image entry, or a random frame of a video clip's
+      usable range (when the manifest has no image entries, image batches are drawn from the clips' frames).
+      Crop, resize, caption and flip as for videos. An unreadable image is replaced by the next record.
+    A plain int index is a video item (validation clips).
+    """
+
+    def __getitem__(self, key) -> dict:
+        index, image = key if isinstance(key, tuple) else (key, False)
+        if image:
+            return {**self._get(int(index), self._load_image), "image": True}
+        return {**self._get(int(index), self._load, usable=lambda r: not r.is_image), "image": False}
+
+    def _load_image(self, record: ClipRecord, rng: np.random.Generator) -> dict:
+        if record.is_image:
+            with Image.open(record.video) as handle:
+                frames = center_crop_resize(np.asarray(handle.convert("RGB"))[None], self.resolution)
+        else:
+            starts, _ = window_range(record, self._probe(record.video), 1)
+            frames = read_frames(record.video, [starts[rng.integers(len(starts))]], self.resolution)
+        caption, flip = self._pick_caption_and_flip(record, rng)
+        if flip:
+            frames = np.ascontiguousarray(frames[:, :, ::-1])
+        return {"pixel_values": frames_to_tensor(frames), "caption": caption}
+
+
+def collate_joint(items: list[dict]) -> dict:
+    """collate_clips, plus `image_batch`: True when the batch is still images (JointBatchSampler never mixes)."""
+    kinds = {item["image"] for item in items}
+    if len(kinds) != 1:
+        raise ValueError("a batch mixes still images and video clips; JointBatchSampler never builds one")
+    return {**collate_clips(items), "image_batch": kinds.pop()}
 
 
 class CachedClipDataset(_ClipDataset):
