@@ -116,16 +116,11 @@ class VideoClipDataset(_ClipDataset):
         return {"pixel_values": frames_to_tensor(frames), "caption": caption}
 
 
-class JointImageVideoDataset(VideoClipDataset):
+class _JointItems:
     """Joint image + video training (data.image_batch_share, VideoLDM / AnimateDiff style): an item is asked for
-    as (record index, image) by JointBatchSampler (data/sampler.py).
-
-    - image=False: a frame window of a video clip, as VideoClipDataset (still images are passed over).
-    - image=True: one frame, (3, 1, H, W): the still image of an image entry, or a random frame of a video clip's
-      usable range (when the manifest has no image entries, image batches are drawn from the clips' frames).
-      Crop, resize, caption and flip as for videos. An unreadable image is replaced by the next record.
-    A plain int index is a video item (validation clips).
-    """
+    as (record index, image) by JointBatchSampler (data/sampler.py); a plain int index is a video item
+    (validation clips). image=False: a video window, still images passed over; image=True: one frame,
+    `_load_image`. Mixed into both datasets below."""
 
     def __getitem__(self, key) -> dict:
         index, image = key if isinstance(key, tuple) else (key, False)
@@ -133,10 +128,21 @@ class JointImageVideoDataset(VideoClipDataset):
             return {**self._get(int(index), self._load_image), "image": True}
         return {**self._get(int(index), self._load, usable=lambda r: not r.is_image), "image": False}
 
+
+def read_still_image(path: str, resolution: int) -> np.ndarray:
+    """A still image as one uint8 frame (1, H, W, 3), cropped and resized as video frames are."""
+    with Image.open(path) as handle:
+        return center_crop_resize(np.asarray(handle.convert("RGB"))[None], resolution)
+
+
+class JointImageVideoDataset(_JointItems, VideoClipDataset):
+    """VideoClipDataset with image items, (3, 1, H, W): the still image of an image entry, or a random frame of a
+    video clip's usable range (image batches use the clips' frames when the manifest has no image entries).
+    Crop, resize, caption and flip as for videos; an unreadable image is replaced by the next record."""
+
     def _load_image(self, record: ClipRecord, rng: np.random.Generator) -> dict:
         if record.is_image:
-            with Image.open(record.video) as handle:
-                frames = center_crop_resize(np.asarray(handle.convert("RGB"))[None], self.resolution)
+            frames = read_still_image(record.video, self.resolution)
         else:
             starts, _ = window_range(record, self._probe(record.video), 1)
             frames = read_frames(record.video, [starts[rng.integers(len(starts))]], self.resolution)
@@ -180,6 +186,18 @@ class CachedClipDataset(_ClipDataset):
         embeds, mask = self.cache.text(self.text_key(caption))
         return {"latent_mean": mean, "latent_std": std, "text_embeds": embeds, "text_mask": mask,
                 "caption": caption}
+
+
+class CachedJointDataset(_JointItems, CachedClipDataset):
+    """CachedClipDataset with image items: an image entry's cached 1-frame latent, or one random frame of a
+    random cached window of a clip (the VAE encodes frames independently, so that slice is exactly the frame's
+    own posterior)."""
+
+    def _load_image(self, record: ClipRecord, rng: np.random.Generator) -> dict:
+        item = self._load(record, rng)
+        frame = int(rng.integers(item["latent_mean"].shape[1]))
+        return {**item, "latent_mean": item["latent_mean"][:, frame:frame + 1],
+                "latent_std": item["latent_std"][:, frame:frame + 1]}
 
 
 def window_range(record: ClipRecord, info: VideoInfo, num_frames: int, frame_stride: int = 1,

@@ -76,8 +76,8 @@ class DataConfig:
     bucket_max_crop: float = 0.25  # a clip fills a bucket only if cropping it to the bucket's aspect keeps >= 75%
     # Joint image + video training (VideoLDM / AnimateDiff style): this share of the steps are image batches (one
     # frame per item: the manifest's still images, or random clip frames when it has none) that train the UNet's
-    # spatial layers with its temporal layers skipped. 0 = video batches only. Stage t2v, task t2v / uncond,
-    # data.cache=none, no data.buckets.
+    # spatial layers with its temporal layers skipped. 0 = video batches only. Stage t2v, task t2v / uncond, no
+    # data.buckets. The latent cache stores still images as 1-frame windows.
     image_batch_share: float = 0.0
     synth: SynthDataConfig = field(default_factory=SynthDataConfig)
 
@@ -673,9 +673,6 @@ def _validate_image_batches(cfg: RunConfig) -> None:
     if cfg.stage != "t2v" or cfg.task == "i2v":
         _fail("data.image_batch_share", share, f"image batches train the UNet of stage t2v for task t2v or uncond "
               f"(got stage={cfg.stage}, task={cfg.task}; an i2v image batch would be given its own frame)")
-    if cfg.data.cache != "none":
-        _fail("data.image_batch_share", share, f"image batches are decoded on the fly: set data.cache=none "
-              f"(got {cfg.data.cache}; the latent cache holds video windows only)")
     if cfg.data.buckets:
         _fail("data.image_batch_share", share, "is not combined with data.buckets yet: set data.buckets=[]")
     if cfg.train.trainable == "temporal":

@@ -40,6 +40,7 @@ from data.buckets import bucketed_training_data, collate_bucketed
 from data.cache import LatentCache, check_fingerprint, text_key
 from data.dataset import (
     CachedClipDataset,
+    CachedJointDataset,
     JointImageVideoDataset,
     VideoClipDataset,
     collate_clips,
@@ -263,10 +264,14 @@ class Trainer:
         """data.image_batch_share: image and video batches (data/sampler.py JointBatchSampler); image batches
         take the still images, or random clip frames when the manifest has none."""
         cfg, acc = self.cfg, self.accelerator
-        dataset = JointImageVideoDataset(
-            records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
-            resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
-        )
+        if cfg.data.cache == "none":
+            dataset = JointImageVideoDataset(
+                records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
+                resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
+            )
+        else:  # still images are cached as 1-frame windows (facevid/cache_builder.py)
+            dataset = self._cached_dataset(records, CachedJointDataset)
+        records = dataset.records
         videos = [i for i, r in enumerate(records) if not r.is_image]
         images = [i for i, r in enumerate(records) if r.is_image] or videos
         share = cfg.data.image_batch_share
@@ -312,13 +317,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
 
-    def _cached_dataset(self, records) -> CachedClipDataset:
+    def _cached_dataset(self, records, dataset_class=CachedClipDataset) -> CachedClipDataset:
         cfg, acc = self.cfg, self.accelerator
         if cfg.data.cache == "auto":
             build_cache(cfg, acc)  # encodes only what is missing; every rank takes a share
         check_fingerprint(cfg.data.cache_dir, expected_fingerprint(cfg), rebuild_hint(cfg))
         encoder, max_length = cfg.text_encoder.pretrained, cfg.text_encoder.max_length
-        dataset = CachedClipDataset(records, LatentCache(cfg.data.cache_dir),
+        dataset = dataset_class(records, LatentCache(cfg.data.cache_dir),
                                     partial(text_key, encoder_id=encoder, max_length=max_length),
                                     seed=cfg.seed, flip=cfg.data.flip)
         logger.info("training from the latent cache in %s (%d clips)", cfg.data.cache_dir, len(dataset))

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from tiny import TINY, tiny_config, train_tiny_vae
 
 from data import synth
-from data.dataset import JointImageVideoDataset, collate_joint
+from data.cache import LatentCache
+from data.dataset import CachedJointDataset, JointImageVideoDataset, collate_joint
 from data.manifest import read_manifest
 from data.sampler import JointBatchSampler
 from data.video import read_frames
@@ -240,17 +241,39 @@ def test_still_images_without_image_batches_are_left_out(joint_manifest, vae, tm
     assert len(trainer.dataset) == 8 and not (tmp_path / "run" / "skipped_clips.jsonl").exists()
 
 
+def test_cached_joint_training_stores_images_as_one_frame_windows(joint_manifest, vae, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cfg = tiny_config(joint_manifest, tmp_path / "run", "train.max_steps=6", "train.validate_every=0",
+                      "data.image_batch_share=0.5", "data.cache=auto", f"data.cache_dir={cache_dir}", vae=vae)
+    trainer = Trainer(cfg, TextToVideoStage(cfg))
+    trainer.fit()
+    assert isinstance(trainer.dataset, CachedJointDataset) and len(trainer.dataset) == 12
+    kinds = [r["image_batch"] for r in rows(tmp_path / "run").values()]
+    assert 0.0 in kinds and 1.0 in kinds
+    cache = LatentCache(cache_dir)
+    assert cache.windows["face_0"] == cache.windows["face_3"] == [(0, 0)]  # one 1-frame window, no flip
+    assert cache.latent("face_0", 0, 0)[0].shape == (4, 1, 8, 8)
+    clips = [r for r in read_manifest(joint_manifest)[0] if not r.is_image]
+    assert all(len(cache.windows[r.clip_id]) == 4 and cache.latent(r.clip_id, 0, 0)[0].shape == (4, 4, 8, 8)
+               for r in clips)
+
+    # No image entries: an image item is one frame of one of the clip's cached windows.
+    dataset = CachedJointDataset(clips, cache, trainer.dataset.text_key, seed=3)
+    item = dataset[(2, True)]
+    assert item["image"] and item["latent_mean"].shape == (4, 1, 8, 8)
+    windows = [cache.latent(clips[2].clip_id, start, 0)[0] for start, _ in cache.windows[clips[2].clip_id]]
+    assert any(torch.equal(item["latent_mean"][:, 0], w[:, f]) for w in windows for f in range(4))
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.image_batch_share=1.5", "must be in [0, 1]"),
-    ("data.cache=auto", "set data.cache=none"),
     ("task=i2v", "stage t2v for task t2v or uncond"),
     ("train.trainable=temporal", "train.trainable=temporal"),
 ])
 def test_config_refuses_unsupported_image_batch_setups(joint_manifest, vae, tmp_path, override, message):
-    extra = [f"data.cache_dir={tmp_path / 'cache'}"] if override == "data.cache=auto" else []
     share = [] if "image_batch_share" in override else ["data.image_batch_share=0.25"]
     with pytest.raises(ConfigError, match="data.image_batch_share") as err:
-        tiny_config(joint_manifest, tmp_path / "run", *share, override, *extra, vae=vae)
+        tiny_config(joint_manifest, tmp_path / "run", *share, override, vae=vae)
     assert message in str(err.value)
 
 
