@@ -10,7 +10,8 @@ A line looks like::
 - ``video`` is relative to the manifest's folder (or absolute).
 - A still image is an entry too (joint image + video training, data.image_batch_share): ``"image":
   "faces/a.png"`` instead of ``video`` (or a ``video`` path with an image extension: .png, .jpg, .jpeg,
-  .webp). It has no fps or ranges; ``ClipRecord.is_image`` tells it apart.
+  .webp); ``ClipRecord.is_image`` tells it apart (by extension). fps and ranges do not apply to it. A 1-frame
+  video clip stays a clip: too short for a video batch (reported as skipped), usable as an image batch's frame.
 - ``captions`` is a list (one is drawn per training step); a single ``caption`` string is
   accepted too. A clip with no caption is kept only when ``require_caption`` is off
   (unconditional training).
