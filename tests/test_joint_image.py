@@ -22,7 +22,7 @@ from data.dataset import CachedJointDataset, JointImageVideoDataset, collate_joi
 from data.manifest import read_manifest
 from data.sampler import JointBatchSampler
 from data.video import read_frames
-from facevid.config import ConfigError
+from facevid.config import ConfigError, load_config
 from facevid.stages import TextToVideoStage
 from facevid.trainable import is_temporal
 from facevid.trainer import Trainer, list_checkpoints
@@ -277,23 +277,52 @@ def test_config_refuses_unsupported_image_batch_setups(joint_manifest, vae, tmp_
     assert message in str(err.value)
 
 
-@pytest.mark.slow
-def test_two_rank_ddp_with_image_batches(joint_manifest, vae, tmp_path):
-    """Real 2-rank gloo DDP: image steps leave the temporal parameters without gradients on both ranks (DDP runs
-    with find_unused_parameters), and the replicas stay identical every step."""
-    run = tmp_path / "ddp"
+def _demo_overrides(manifest: Path, vae: Path, run: Path, *overrides: str) -> list[str]:
+    """configs/demo.yaml made tiny, as the 2-rank runs below use it."""
+    return [f"output_dir={run}", f"data.manifest={manifest}", f"vae.pretrained={vae}", "train.replica_check_every=1",
+            "train.validate_every=0", "train.validation_prompts=[a person talking]",
+            *[o for o in TINY if not o.startswith("train.validation_prompts")], *overrides]
+
+
+def _launch(launch_config: str, manifest: Path, vae: Path, run: Path, *overrides: str) -> str:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), str(REPO / "train.py"), "--config",
-           str(REPO / "configs/demo.yaml"), f"output_dir={run}", f"data.manifest={joint_manifest}",
-           f"vae.pretrained={vae}", "train.max_steps=4", "train.replica_check_every=1", "train.validate_every=0",
-           "data.image_batch_share=0.5", "train.validation_prompts=[a person talking]",
-           *[o for o in TINY if not o.startswith("train.validation_prompts")]]
+           str(REPO / "configs/accelerate" / launch_config), str(REPO / "train.py"), "--config",
+           str(REPO / "configs/demo.yaml"), *_demo_overrides(manifest, vae, run, *overrides)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=400,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert "on 2 process(es)" in log
+    return log
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_mixing_image_and_video_batches(joint_manifest, vae, tmp_path):
+    """Real 2-rank gloo DDP switching between image and video steps: DDP runs with find_unused_parameters (without
+    it the step after an image step fails) and the replicas stay identical every step."""
+    run = tmp_path / "ddp"
+    log = _launch("cpu_2proc.yaml", joint_manifest, vae, run, "train.max_steps=4", "data.image_batch_share=0.5")
+    assert "on 2 process(es), engine ddp" in log
     for step in range(1, 5):
         assert f"step {step}: weights identical on all 2 rank(s)" in log
     kinds = [r["image_batch"] for r in rows(run).values()]
     assert 0.0 in kinds and 1.0 in kinds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, launch_config", [("ddp", "cpu_2proc.yaml"), ("fsdp2", "fsdp2_2proc_cpu.yaml")])
+def test_two_rank_image_steps_leave_temporal_weights_untouched(joint_manifest, vae, tmp_path, engine,
+                                                               launch_config):
+    """2 image-only steps on 2 ranks (DDP, or FSDP2 shards): the temporal weights are still bit-identical to the
+    initial ones (recorded by a one-process run of the same seed), the spatial ones trained."""
+    cfg = load_config(REPO / "configs/demo.yaml", _demo_overrides(joint_manifest, vae, tmp_path / "one",
+                                                                 "train.max_steps=1", "data.image_batch_share=1.0"))
+    stage = _RecordingStage(cfg)
+    Trainer(cfg, stage).fit()
+    run = tmp_path / engine
+    log = _launch(launch_config, joint_manifest, vae, run, "train.max_steps=2", "data.image_batch_share=1.0")
+    assert f"on 2 process(es), engine {engine}" in log
+    after = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+    temporal = [k for k in after if is_temporal(k)]
+    spatial = [k for k in after if not is_temporal(k) and k in stage.initial]
+    assert temporal and all(torch.equal(after[k], stage.initial[k]) for k in temporal)
+    assert sum(not torch.equal(after[k], stage.initial[k]) for k in spatial) > 0.9 * len(spatial)
