@@ -317,8 +317,9 @@ class TextToVideoStage:
         condition = first_frame_condition(latents[:, :, :1], latents.shape[2]) if cfg.task == "i2v" else None
         # Joint image + video training: an image batch (one frame per item) trains the spatial layers only.
         image = bool(batch.get("image_batch", False))
-        loss = self.objective.loss(
-            lambda noisy, t: model(noisy, t, text, mask, condition=condition, temporal=not image), latents, generator)
+        spatial_only = {"temporal": False} if image else {}
+        loss = self.objective.loss(lambda noisy, t: model(noisy, t, text, mask, condition=condition, **spatial_only),
+                                   latents, generator)
         return loss, ({"image_batch": float(image)} if cfg.data.image_batch_share else {})
 
     def pipeline(self, unet) -> FaceVidPipeline:
