@@ -22,7 +22,7 @@ Tensor names inside a shard:
 - ``latent/{clip_id}/{start}/{flip}/mean`` and ``.../std``: the VAE posterior of the frame window
   that starts at frame ``start`` (``flip`` = 0 or 1 for the mirrored copy), shape (C, F, h, w). The
   posterior is stored rather than one sample, so every epoch draws a fresh latent as the uncached
-  path does.
+  path does. A still image (a manifest "image" entry) is stored as the window at start 0 with F = 1.
 - ``text/{key}/embeds`` (L, D) and ``text/{key}/mask`` (L,) uint8, ``key`` = text_key(prompt).
 
 A shard is only ever visible complete (temp name + rename); an interrupted build loses at most

@@ -15,10 +15,18 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from data.manifest import ClipRecord, SkippedItem
-from data.video import VideoDecodeError, VideoInfo, frames_to_tensor, probe_video, read_frames
+from data.video import (
+    VideoDecodeError,
+    VideoInfo,
+    center_crop_resize,
+    frames_to_tensor,
+    probe_video,
+    read_frames,
+)
 
 
 class _ClipDataset(Dataset):
@@ -40,13 +48,20 @@ class _ClipDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return self._get(int(index), self._load)
+
+    def _get(self, index: int, load, usable=None) -> dict:
+        """load(record, rng) for the index's record, else for the next ones; records `usable` refuses are
+        passed over without being reported (e.g. still images in a video batch)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         skipped: list[SkippedItem] = []
         for attempt in range(self.max_substitutions + 1):
-            used = (int(index) + attempt) % len(self.records)
+            used = (index + attempt) % len(self.records)
             record = self.records[used]
+            if usable is not None and not usable(record):
+                continue
             try:
-                item = self._load(record, rng)
+                item = load(record, rng)
             except (VideoDecodeError, OSError) as err:
                 reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
                 skipped.append(SkippedItem(record.video, reason))
@@ -101,6 +116,50 @@ class VideoClipDataset(_ClipDataset):
         return {"pixel_values": frames_to_tensor(frames), "caption": caption}
 
 
+class _JointItems:
+    """Joint image + video training (data.image_batch_share, VideoLDM / AnimateDiff style): an item is asked for
+    as (record index, image) by JointBatchSampler (data/sampler.py); a plain int index is a video item
+    (validation clips). image=False: a video window, still images passed over; image=True: one frame,
+    `_load_image`. Mixed into both datasets below."""
+
+    def __getitem__(self, key) -> dict:
+        index, image = key if isinstance(key, tuple) else (key, False)
+        if image:
+            return {**self._get(int(index), self._load_image), "image": True}
+        return {**self._get(int(index), self._load, usable=lambda r: not r.is_image), "image": False}
+
+
+def read_still_image(path: str, resolution: int) -> np.ndarray:
+    """A still image as one uint8 frame (1, H, W, 3), cropped and resized as video frames are."""
+    with Image.open(path) as handle:
+        return center_crop_resize(np.asarray(handle.convert("RGB"))[None], resolution)
+
+
+class JointImageVideoDataset(_JointItems, VideoClipDataset):
+    """VideoClipDataset with image items, (3, 1, H, W): the still image of an image entry, or a random frame of a
+    video clip's usable range (image batches use the clips' frames when the manifest has no image entries).
+    Crop, resize, caption and flip as for videos; an unreadable image is replaced by the next record."""
+
+    def _load_image(self, record: ClipRecord, rng: np.random.Generator) -> dict:
+        if record.is_image:
+            frames = read_still_image(record.video, self.resolution)
+        else:
+            starts, _ = window_range(record, self._probe(record.video), 1)
+            frames = read_frames(record.video, [starts[rng.integers(len(starts))]], self.resolution)
+        caption, flip = self._pick_caption_and_flip(record, rng)
+        if flip:
+            frames = np.ascontiguousarray(frames[:, :, ::-1])
+        return {"pixel_values": frames_to_tensor(frames), "caption": caption}
+
+
+def collate_joint(items: list[dict]) -> dict:
+    """collate_clips, plus `image_batch`: True when the batch is still images (JointBatchSampler never mixes)."""
+    kinds = {item["image"] for item in items}
+    if len(kinds) != 1:
+        raise ValueError("a batch mixes still images and video clips; JointBatchSampler never builds one")
+    return {**collate_clips(items), "image_batch": kinds.pop()}
+
+
 class CachedClipDataset(_ClipDataset):
     """Reads VAE posteriors and caption embeddings from a LatentCache (data/cache.py) instead of video.
 
@@ -133,6 +192,19 @@ def _why_not_cached(cache, record: ClipRecord) -> str:
         return f"not in the latent cache: skipped when it was built ({cache.skipped[record.video]})"
     return ("not in the latent cache, which was built from an earlier manifest: add it with data.cache=auto "
             "or cache.py")
+
+
+class CachedJointDataset(_JointItems, CachedClipDataset):
+    """CachedClipDataset with image items: an image entry's cached 1-frame latent, or one random frame of a
+    random cached window of a clip (the VAE encodes frames independently, so that slice is exactly the frame's
+    own posterior)."""
+
+    def _load_image(self, record: ClipRecord, rng: np.random.Generator) -> dict:
+        item = self._load(record, rng)
+        frame = int(rng.integers(item["latent_mean"].shape[1]))
+        return {**item, "latent_mean": item["latent_mean"][:, frame:frame + 1],
+                "latent_std": item["latent_std"][:, frame:frame + 1]}
+
 
 
 def usable_frames(record: ClipRecord, info: VideoInfo, frame_stride: int = 1,

@@ -8,6 +8,10 @@ A line looks like::
      "fps": 25.0, "frame_range": [0, 250], "time_range": null}
 
 - ``video`` is relative to the manifest's folder (or absolute).
+- A still image is an entry too (joint image + video training, data.image_batch_share): ``"image":
+  "faces/a.png"`` instead of ``video`` (or a ``video`` path with an image extension: .png, .jpg, .jpeg,
+  .webp); ``ClipRecord.is_image`` tells it apart (by extension). fps and ranges do not apply to it. A 1-frame
+  video clip stays a clip: too short for a video batch (reported as skipped), usable as an image batch's frame.
 - ``captions`` is a list of strings (one is drawn per training step); a single ``caption`` string
   is accepted too; any other type skips the line. A clip with no caption is kept only when ``require_caption`` is off
   (unconditional training).
@@ -26,7 +30,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KNOWN_KEYS = {"id", "video", "caption", "captions", "attributes", "fps", "frame_range", "time_range"}
+KNOWN_KEYS = {"id", "video", "image", "caption", "captions", "attributes", "fps", "frame_range", "time_range"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
@@ -40,6 +45,11 @@ class ClipRecord:
     time_range: tuple[float, float] | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def is_image(self) -> bool:
+        """A still image (trained only in image batches), told apart by its file extension."""
+        return self.video.lower().endswith(IMAGE_EXTENSIONS)
+
     def to_json(self, relative_to: str | os.PathLike | None = None) -> dict:
         video = self.video
         if relative_to is not None:
@@ -47,7 +57,7 @@ class ClipRecord:
                 video = os.path.relpath(self.video, relative_to)
             except ValueError:  # different drive on Windows
                 pass
-        line = {"id": self.clip_id, "video": video, "captions": list(self.captions)}
+        line = {"id": self.clip_id, "image" if self.is_image else "video": video, "captions": list(self.captions)}
         if self.attributes:
             line["attributes"] = self.attributes
         for key in ("fps", "frame_range", "time_range"):
@@ -90,8 +100,13 @@ def parse_line(obj: dict, root: Path, require_caption: bool = True) -> ClipRecor
     """Turn one decoded JSON object into a ClipRecord; raises ValueError naming the bad key."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if not obj.get("video"):
-        raise ValueError("missing 'video' (path of the clip, relative to the manifest)")
+    if obj.get("video") and obj.get("image"):
+        raise ValueError("both 'video' and 'image' given: an entry is one clip or one still image")
+    media = obj.get("video") or obj.get("image")
+    if not media:
+        raise ValueError("missing 'video' (path of the clip, relative to the manifest) or 'image' (a still image)")
+    if obj.get("image") and not str(media).lower().endswith(IMAGE_EXTENSIONS):
+        raise ValueError(f"'image' = {media!r} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
     key = "captions" if "captions" in obj else "caption"
     captions = obj.get(key)
     if isinstance(captions, str):
@@ -109,7 +124,7 @@ def parse_line(obj: dict, root: Path, require_caption: bool = True) -> ClipRecor
     fps = obj.get("fps")
     if fps is not None and not (isinstance(fps, (int, float)) and fps > 0):
         raise ValueError(f"'fps' must be a positive number, got {fps!r}")
-    video = Path(obj["video"])
+    video = Path(media)
     if not video.is_absolute():
         video = root / video
     return ClipRecord(

@@ -110,3 +110,73 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+class JointBatchSampler(Sampler[list[tuple[int, bool]]]):
+    """Joint image + video training: batches of (record index, image) for a DataLoader's `batch_sampler`, each
+    batch all video windows or all still images (JointImageVideoDataset, data/dataset.py).
+
+    Step k of an epoch is an image batch when a uniform draw from (seed, epoch) at position k is below
+    `image_share`: the same on every rank (the ranks run the same kind of forward at the same step) and on
+    a resumed run. Video steps walk one (seed, epoch) permutation of `video_indices`, image steps another of
+    `image_indices`, each cut into global batches (batch_size x num_replicas, rank r takes its r-th share) and
+    repeated when an epoch needs more. An epoch is about one pass over the videos: video batches / (1 - share)
+    steps (image batches only: one pass over the images). `set_epoch(epoch, start_batch)` resumes exactly.
+    """
+
+    def __init__(self, video_indices: list[int], image_indices: list[int], batch_size: int, image_share: float,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if not 0.0 <= image_share <= 1.0:
+            raise ValueError(f"image_share must be in [0, 1], got {image_share}")
+        if image_share < 1.0 and not video_indices:
+            raise ValueError("no video clip to fill the video batches (image share < 1)")
+        if image_share > 0.0 and not image_indices:
+            raise ValueError("no image to fill the image batches (image share > 0)")
+        self.video_indices = np.asarray(video_indices, dtype=np.int64)
+        self.image_indices = np.asarray(image_indices, dtype=np.int64)
+        self.batch_size = batch_size
+        self.image_share = image_share
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        global_batch = self.batch_size * self.num_replicas
+        if self.image_share == 1.0:
+            return max(1, len(self.image_indices) // global_batch)
+        return max(1, round(max(1, len(self.video_indices) // global_batch) / (1.0 - self.image_share)))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def image_steps(self) -> np.ndarray:
+        """Whether each step of the current epoch is an image batch (the same on every rank)."""
+        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(self.batches_per_epoch)
+        return draws < self.image_share
+
+    def _order(self, indices: np.ndarray, salt: int, batches: int) -> np.ndarray:
+        """`batches` global batches of `indices`, shuffled from (seed, epoch, salt); repeated if too few."""
+        order = np.random.default_rng([self.seed, self.epoch, salt]).permutation(indices)
+        return np.resize(order, batches * self.batch_size * self.num_replicas)
+
+    def __iter__(self):
+        image = self.image_steps()
+        videos = self._order(self.video_indices, 2, int((~image).sum())) if len(self.video_indices) else None
+        images = self._order(self.image_indices, 3, int(image.sum())) if len(self.image_indices) else None
+        global_batch = self.batch_size * self.num_replicas
+        # The kth step takes the next global batch of its kind: the number of earlier steps of that kind.
+        nth = np.where(image, np.cumsum(image) - 1, np.cumsum(~image) - 1)
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for k in range(self.start_batch, len(image)):
+            pool = images if image[k] else videos
+            batch = pool[nth[k] * global_batch:(nth[k] + 1) * global_batch][share]
+            yield [(int(i), bool(image[k])) for i in batch]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch

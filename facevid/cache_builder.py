@@ -33,7 +33,7 @@ from data.cache import (
     text_key,
     write_fingerprint,
 )
-from data.dataset import window_starts
+from data.dataset import read_still_image, window_starts
 from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.video import VideoDecodeError, frames_to_tensor, probe_video, read_frames
 from facevid.config import ConfigError, RunConfig, resolve_pretrained, validate_clips
@@ -193,18 +193,22 @@ def _encode_missing(cfg: RunConfig, acc, records) -> BuildReport:
         vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(device).eval()
         for record in tqdm(todo, desc="cache: clips", disable=not acc.is_main_process, dynamic_ncols=True):
             try:
-                info = probe_video(record.video)
-                starts = window_starts(record, info, d.num_frames, d.frame_stride, d.target_fps,
-                                       max_windows=d.cache_windows_per_clip)
-                for start, indices in starts:
-                    frames = read_frames(record.video, indices, resolution=d.resolution)
+                if record.is_image:  # a still image (joint image + video training): one 1-frame window at 0
+                    windows = [(0, read_still_image(record.video, d.resolution))]
+                else:
+                    starts = window_starts(record, probe_video(record.video), d.num_frames, d.frame_stride,
+                                           d.target_fps, max_windows=d.cache_windows_per_clip)
+                    windows = ((start, read_frames(record.video, indices, resolution=d.resolution))
+                               for start, indices in starts)
+                for start, frames in windows:
                     for flip in ((0, 1) if d.flip else (0,)):
                         view = frames[:, :, ::-1] if flip else frames
                         mean, std = _encode_window(vae, np.ascontiguousarray(view), cfg.vae.chunk_frames, device)
                         writer.add_latent(record.clip_id, start, flip, mean, std)
                         report.windows_encoded += 1
-            except VideoDecodeError as err:
-                report.skipped.append([record.video, err.reason])
+            except (VideoDecodeError, OSError) as err:  # OSError: an unreadable image (PIL)
+                reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
+                report.skipped.append([record.video, reason])
                 writer.discard_clip(record.clip_id)
                 continue
             writer.clip_done()

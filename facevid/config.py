@@ -74,6 +74,11 @@ class DataConfig:
     # Empty = every clip at data.num_frames x data.resolution^2. Stage t2v, task t2v / uncond, data.cache=none.
     buckets: list[str] = field(default_factory=list)
     bucket_max_crop: float = 0.25  # a clip fills a bucket only if cropping it to the bucket's aspect keeps >= 75%
+    # Joint image + video training (VideoLDM / AnimateDiff style): this share of the steps are image batches (one
+    # frame per item: the manifest's still images, or random clip frames when it has none) that train the UNet's
+    # spatial layers with its temporal layers skipped. 0 = video batches only. Stage t2v, task t2v / uncond, no
+    # data.buckets. The latent cache stores still images as 1-frame windows.
+    image_batch_share: float = 0.0
     synth: SynthDataConfig = field(default_factory=SynthDataConfig)
 
 
@@ -651,6 +656,7 @@ def validate(cfg: RunConfig) -> None:
               f"encoder {cfg.text_encoder.pretrained} has {positions} token positions")
     _validate_evaluation(cfg)
     _validate_trainable(cfg)
+    _validate_image_batches(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
 
@@ -677,6 +683,22 @@ def _validate_trainable(cfg: RunConfig) -> None:
         _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
     if not cfg.lora.target_modules:
         _fail("lora.target_modules", [], "needs at least one pattern, e.g. ['*.to_q', '*.to_v']")
+
+
+def _validate_image_batches(cfg: RunConfig) -> None:
+    share = cfg.data.image_batch_share
+    if not 0.0 <= share <= 1.0:
+        _fail("data.image_batch_share", share, "must be in [0, 1] (the share of steps that are image batches)")
+    if share == 0.0:
+        return
+    if cfg.stage != "t2v" or cfg.task == "i2v":
+        _fail("data.image_batch_share", share, f"image batches train the UNet of stage t2v for task t2v or uncond "
+              f"(got stage={cfg.stage}, task={cfg.task}; an i2v image batch would be given its own frame)")
+    if cfg.data.buckets:
+        _fail("data.image_batch_share", share, "is not combined with data.buckets yet: set data.buckets=[]")
+    if cfg.train.trainable == "temporal":
+        _fail("data.image_batch_share", share, "image batches skip the temporal layers, the only ones "
+              "train.trainable=temporal trains: set it to 0 or train more than the temporal layers")
 
 
 def _validate_buckets(cfg: RunConfig, multiple: int) -> None:

@@ -67,6 +67,7 @@ def training_fps(cfg: RunConfig, records: list[ClipRecord] | None = None) -> flo
 
 def _clips_fps(records: list[ClipRecord]) -> float | None:
     """The clips' typical frame rate: the manifest's values, else what the first readable videos' containers say."""
+    records = [r for r in records if not r.is_image]  # still images have no frame rate
     known = [r.fps for r in records if r.fps]
     if not known:
         for record in records[:3]:
@@ -319,9 +320,12 @@ class TextToVideoStage:
             mask = torch.where(drop[:, None], self.null_mask.expand_as(mask), mask)
         # i2v: the first frame of the very latents being denoised, so cached and uncached training match.
         condition = first_frame_condition(latents[:, :, :1], latents.shape[2]) if cfg.task == "i2v" else None
-        loss = self.objective.loss(lambda noisy, t: model(noisy, t, text, mask, condition=condition), latents,
-                                   generator)
-        return loss, {}
+        # Joint image + video training: an image batch (one frame per item) trains the spatial layers only.
+        image = bool(batch.get("image_batch", False))
+        spatial_only = {"temporal": False} if image else {}
+        loss = self.objective.loss(lambda noisy, t: model(noisy, t, text, mask, condition=condition, **spatial_only),
+                                   latents, generator)
+        return loss, ({"image_batch": float(image)} if cfg.data.image_batch_share else {})
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,

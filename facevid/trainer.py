@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
@@ -38,9 +38,16 @@ from tqdm.auto import tqdm
 
 from data.buckets import bucketed_training_data, collate_bucketed
 from data.cache import LatentCache, text_key
-from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips
+from data.dataset import (
+    CachedClipDataset,
+    CachedJointDataset,
+    JointImageVideoDataset,
+    VideoClipDataset,
+    collate_clips,
+    collate_joint,
+)
 from data.manifest import SkippedItem, append_skip_report, read_manifest
-from data.sampler import ShardedEpochSampler
+from data.sampler import JointBatchSampler, ShardedEpochSampler
 from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, check_cache
 from facevid.config import ConfigError, RunConfig, save_config, validate_clips
@@ -88,7 +95,9 @@ def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s)],
+        kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s),
+                         # Image batches skip the temporal layers: DDP must expect parameters without a gradient.
+                         DistributedDataParallelKwargs(find_unused_parameters=cfg.data.image_batch_share > 0)],
     )
 
 
@@ -220,6 +229,11 @@ class Trainer:
             append_skip_report(self.run_dir / "skipped_clips.jsonl", skipped, kind="manifest")
         if not records:
             raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
+        images = sum(r.is_image for r in records)
+        if images and not cfg.data.image_batch_share:
+            logger.warning("%d still image(s) in %s are left out: set data.image_batch_share > 0 to train on them "
+                           "in image batches", images, manifest)
+            records = [r for r in records if not r.is_image]
         logger.info("dataset: %d clips from %s", len(records), manifest)
         self.heldout = None  # clips kept out of training for val/loss (at data.resolution, also with buckets)
         if cfg.train.val_loss_clips:
@@ -230,11 +244,15 @@ class Trainer:
             self.heldout = self._dataset(heldout)
             logger.info("val/loss: the manifest's last %d clips are held out of training", len(heldout))
         batching = dict(batch_size=cfg.train.batch_size, collate_fn=collate_clips, drop_last=True)
-        if cfg.data.buckets:
+        if cfg.data.image_batch_share:
+            self.dataset, self.sampler = self._joint_data(records)
+            batching = dict(batch_sampler=self.sampler, collate_fn=collate_joint)
+        elif cfg.data.buckets:
             self.dataset, self.sampler = self._bucketed_data(records)
             batching = dict(batch_sampler=self.sampler, collate_fn=collate_bucketed)
         else:
             self.dataset = self._dataset(records)
+        if "batch_sampler" not in batching:
             self.sampler = ShardedEpochSampler(
                 len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
                 rank=acc.process_index, seed=cfg.seed,
@@ -256,6 +274,32 @@ class Trainer:
             records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
             resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
         )
+
+    def _joint_data(self, records):
+        """data.image_batch_share: image and video batches (data/sampler.py JointBatchSampler); image batches
+        take the still images, or random clip frames when the manifest has none."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.data.cache == "none":
+            dataset = JointImageVideoDataset(
+                records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
+                resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
+            )
+        else:  # still images are cached as 1-frame windows (facevid/cache_builder.py)
+            dataset = self._cached_dataset(records, CachedJointDataset)
+        records = dataset.records
+        videos = [i for i, r in enumerate(records) if not r.is_image]
+        images = [i for i, r in enumerate(records) if r.is_image] or videos
+        share = cfg.data.image_batch_share
+        if share < 1 and not videos:
+            raise ConfigError(f"config key 'data.image_batch_share' = {share} is invalid: {cfg.data.manifest} holds "
+                              "still images only, so there is no video batch to make; set it to 1.0")
+        sampler = JointBatchSampler(videos, images, cfg.train.batch_size, share, num_replicas=acc.num_processes,
+                                    rank=acc.process_index, seed=cfg.seed)
+        logger.info("joint image + video training: %d video clip(s), %d image(s)%s, %.0f%% image batches, %d steps "
+                    "per epoch", len(videos), len(records) - len(videos),
+                    "" if len(records) > len(videos) else " (image batches use clip frames)", 100 * share,
+                    sampler.batches_per_epoch)
+        return dataset, sampler
 
     def _bucketed_data(self, records):
         """data.buckets: each clip at the largest bucket it fills; buckets.json says where every clip went."""
@@ -288,13 +332,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
 
-    def _cached_dataset(self, records) -> CachedClipDataset:
+    def _cached_dataset(self, records, dataset_class=CachedClipDataset) -> CachedClipDataset:
         cfg, acc = self.cfg, self.accelerator
         if cfg.data.cache == "auto":
             build_cache(cfg, acc)  # encodes only what is missing; every rank takes a share
         check_cache(cfg)
         encoder, max_length = cfg.text_encoder.pretrained, cfg.text_encoder.max_length
-        dataset = CachedClipDataset(records, LatentCache(cfg.data.cache_dir),
+        dataset = dataset_class(records, LatentCache(cfg.data.cache_dir),
                                     partial(text_key, encoder_id=encoder, max_length=max_length),
                                     seed=cfg.seed, flip=cfg.data.flip)
         logger.info("training from the latent cache in %s (%d clips)", cfg.data.cache_dir, len(dataset))

@@ -301,17 +301,17 @@ class UNetLayer(nn.Module):
         return block(*args)
 
     def forward(
-        self, x, temb, encoder_hidden_states, encoder_attention_mask, num_frames: int
+        self, x, temb, encoder_hidden_states, encoder_attention_mask, num_frames: int, temporal: bool = True
     ) -> torch.Tensor:
         if self.resnet is not None:
             x = self._maybe_checkpoint(self.resnet, x, temb)
-        if self.temporal_conv is not None:
+        if self.temporal_conv is not None and temporal:
             x = self._maybe_checkpoint(self.temporal_conv, x, num_frames)
         if self.spatial is not None:
             x = self._maybe_checkpoint(
                 self.spatial, x, encoder_hidden_states, encoder_attention_mask, num_frames
             )
-        if self.temporal is not None:
+        if self.temporal is not None and temporal:
             x = self._maybe_checkpoint(self.temporal, x, num_frames)
         return x
 
@@ -659,6 +659,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        temporal: bool = True,
     ) -> torch.Tensor:
         """
         Args:
@@ -668,6 +669,10 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             encoder_attention_mask: optional (B, L), 1/True = real token, 0/False = padding (ignored).
                 Ignored when the model was built with cross_attention_mask=False.
             condition: (B, condition_channels, F, H, W) when the model has condition_channels > 0.
+            temporal: False runs the spatial layers only (joint image + video training: an image batch, F = 1,
+                trains them alone). The temporal blocks, temporal convs and the text motion head are skipped,
+                so their parameters get no gradient: at F = 1 they are not the identity (attention over one
+                frame still applies its value and output projections, a temporal conv its centre tap).
 
         Returns:
             (B, out_channels, F, H, W).
@@ -684,7 +689,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         if self.text_layout_head is not None:
             size = self.config.text_layout_size
             grid = self.text_layout_head(pooled_text).view(batch_size, -1, 1, size, size)
-            if self.text_motion_head is not None:
+            if self.text_motion_head is not None and temporal:
                 motion = self.text_motion_head(pooled_text).view(batch_size, -1, self.config.text_motion_frames,
                                                                  size, size)
                 motion = F.interpolate(motion, size=(num_frames, size, size), mode="trilinear", align_corners=False)
@@ -696,7 +701,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         if encoder_attention_mask is not None:
             encoder_attention_mask = encoder_attention_mask.bool()
         temb = temb.repeat_interleave(num_frames, dim=0)  # one row per frame, matching the "(b f)" layout
-        layer_args = (encoder_hidden_states, encoder_attention_mask, num_frames)
+        layer_args = (encoder_hidden_states, encoder_attention_mask, num_frames, temporal)
 
         x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))
         if self.input_layer is not None:
