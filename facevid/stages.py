@@ -29,6 +29,7 @@ from facevid.diffusion import (
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
+from models.dit import FaceVidDiT
 from models.lora import has_lora, save_lora, without_lora
 from models.pretrained import layout_options, load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
@@ -184,6 +185,22 @@ def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cro
     )
 
 
+def build_dit(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidDiT:
+    """The diffusion transformer that unet.dit.* describe, freshly initialised."""
+    d = u.dit
+    return FaceVidDiT(
+        in_channels=latent_channels, out_channels=latent_channels, condition_channels=condition_channels,
+        cross_attention_dim=cross_attention_dim, patch_size=d.patch_size, temporal_patch_size=d.temporal_patch_size,
+        hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads, mlp_ratio=d.mlp_ratio,
+        attention=d.attention, pooled_text_conditioning=u.pooled_text_conditioning,
+    )
+
+
+# unet.backbone -> builder: the one place a fresh denoiser is chosen. Loading a saved one needs no choice: its
+# config.json names its class (models.backbones.load_backbone).
+BACKBONES = {"unet": build_unet, "dit": build_dit}
+
+
 class TextToVideoStage:
     name = "t2v"
 
@@ -213,11 +230,11 @@ class TextToVideoStage:
                                         u.motion_module, u.motion_module_norm)
             self._check_pretrained(unet, latent_channels)
         else:
-            unet = build_unet(u, latent_channels, extra_channels, self.text_encoder.hidden_size)
-        factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+            unet = BACKBONES[u.backbone](u, latent_channels, extra_channels, self.text_encoder.hidden_size)
+        factor = downscale_factor(self.vae) * unet.spatial_factor
         if cfg.data.resolution % factor:
             raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
-                              f"multiple of {factor} for this VAE and UNet depth")
+                              f"multiple of {factor} for this VAE and {type(unet).__name__}")
         unet.set_attention_backend(u.attention_backend)
         if u.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
