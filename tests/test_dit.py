@@ -3,6 +3,7 @@ fixed batch, and tiny real runs through the production Trainer for every task (e
 via FaceVidPipeline.from_run and sample.py, the FaceVid-format export loaded in a fresh process)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import task_runs
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
+from test_engines import FSDP2_ENV, _join_group, run_two_ranks
 from test_export import run_fresh_interpreter
 from test_training import _PreemptedStage, losses
 from tiny import tiny_config
@@ -268,3 +270,49 @@ def test_exact_resume_of_a_dit_run(tmp_path_factory, tmp_path):
         a = load_file(tmp_path / "straight" / folder / "diffusion_pytorch_model.safetensors")
         b = load_file(tmp_path / "resumed" / folder / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def _fsdp2_dit_rank(rank: int, port: int, wrap: str | None) -> None:
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from facevid.engine import build_engine
+
+    env = {k: v for k, v in FSDP2_ENV.items() if k != "FSDP_TRANSFORMER_CLS_TO_WRAP"}
+    if wrap is None:
+        os.environ.pop("FSDP_TRANSFORMER_CLS_TO_WRAP", None)
+    else:
+        env["FSDP_TRANSFORMER_CLS_TO_WRAP"] = wrap
+    acc = _join_group(rank, port, env)
+    engine = build_engine(acc)
+    assert engine.name == "fsdp2" and acc.distributed_type == DistributedType.FSDP
+    model = tiny_dit(depth=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    assert sum(isinstance(m, DiTBlock) for m in units) == 3 and units[0] is model  # every block + the root
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    sample, t, text, mask, _ = inputs()
+    acc.backward(model(sample, t, text, mask).pow(2).mean())
+    optimizer.step()
+    plain, _ = engine.consolidated(model, None)
+    if rank == 0:
+        assert type(plain) is FaceVidDiT and plain(sample, t, text, mask).shape == sample.shape
+    acc.end_training()
+
+
+@pytest.mark.parametrize("wrap", ["DiTBlock", None])  # named by the launch config, or found by _no_split_modules
+def test_fsdp2_shards_the_dit_one_unit_per_block(wrap):
+    run_two_ranks(_fsdp2_dit_rank, wrap)
+
+
+def test_fsdp2_launch_naming_the_unet_block_tells_the_dit_block():
+    from types import SimpleNamespace
+
+    from facevid.engine import FSDP2Engine
+
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap="UNetLayer")  # configs/accelerate/fsdp2.yaml's
+    with pytest.raises(RuntimeError, match="--fsdp_transformer_layer_cls_to_wrap DiTBlock"):
+        FSDP2Engine._check_wrap_units(tiny_dit(), plugin)
