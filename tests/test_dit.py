@@ -16,10 +16,10 @@ from test_export import run_fresh_interpreter
 from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
-from facevid.config import ConfigError, DiffusionConfig
+from facevid.config import ConfigError, DiffusionConfig, load_config
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler
 from facevid.pipeline import FaceVidPipeline, load_first_frame
-from facevid.stages import TextToVideoStage
+from facevid.stages import BACKBONES, TextToVideoStage, build_dit
 from facevid.tasks import condition_channels
 from facevid.trainer import Trainer, list_checkpoints
 from models.backbones import load_backbone
@@ -316,3 +316,18 @@ def test_fsdp2_launch_naming_the_unet_block_tells_the_dit_block():
     plugin = SimpleNamespace(transformer_cls_names_to_wrap="UNetLayer")  # configs/accelerate/fsdp2.yaml's
     with pytest.raises(RuntimeError, match="--fsdp_transformer_layer_cls_to_wrap DiTBlock"):
         FSDP2Engine._check_wrap_units(tiny_dit(), plugin)
+
+
+def test_the_dit_recipes_validate_and_have_their_stated_sizes(tmp_path, monkeypatch):
+    from test_recipes import CONFIGS, load_recipe
+
+    # Every check but the hub cache's (this machine has none of the recipe's hub models: an environment matter).
+    monkeypatch.setattr("facevid.config._check_hub_models", lambda cfg: None)
+    big = load_recipe("dit_256.yaml", tmp_path)
+    assert big.unet.backbone == "dit" and (big.data.resolution, big.data.num_frames) == (256, 16)
+    with torch.device("meta"):  # no memory for 664M parameters
+        model = BACKBONES[big.unet.backbone](big.unet, 4, 0, 768)  # SD VAE latents, CLIP ViT-L/14 text
+    assert type(model) is FaceVidDiT and 600e6 < sum(p.numel() for p in model.parameters()) < 700e6
+    demo = load_config(CONFIGS / "demo_dit.yaml", validate_files=False)
+    assert demo.unet.backbone == "dit" and demo.unet.pooled_text_conditioning
+    assert 5e6 < sum(p.numel() for p in build_dit(demo.unet, 4, 0, 384).parameters()) < 6.5e6
