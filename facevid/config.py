@@ -514,7 +514,7 @@ def vae_downscale_factor(cfg: RunConfig) -> int | None:
 
 
 # UNet-only keys and the value that means "not used": refused with unet.backbone=dit rather than ignored.
-_UNET_ONLY_KEYS = {"unet.pretrained": None, "unet.motion_module": None, "unet.layout": "facevid",
+_UNET_ONLY_KEYS = {"unet.motion_module": None, "unet.layout": "facevid",
                    "unet.temporal_conv": False, "unet.temporal_feed_forward": False, "unet.text_layout": False,
                    "unet.text_motion_frames": 0}
 

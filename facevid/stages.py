@@ -29,6 +29,7 @@ from facevid.diffusion import (
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
+from models.backbones import load_backbone
 from models.dit import FaceVidDiT
 from models.lora import has_lora, save_lora, without_lora
 from models.pretrained import layout_options, load_pretrained_unet
@@ -225,7 +226,17 @@ class TextToVideoStage:
         u = cfg.unet
         latent_channels = self.vae.config.latent_channels
         extra_channels = condition_channels(cfg.task, latent_channels)
-        if u.pretrained:
+        if u.pretrained and u.backbone == "dit":  # a FaceVidDiT folder (a DiT run's unet/ or unet_ema/)
+            unet = load_backbone(Path(u.pretrained) / (u.subfolder or ""))
+            if not isinstance(unet, FaceVidDiT):
+                raise ConfigError(f"config key 'unet.pretrained' = {u.pretrained!r} is invalid with unet.backbone=dit: "
+                                  f"it holds a {type(unet).__name__}; give a FaceVidDiT folder or unet.backbone=unet")
+            if unet.config.condition_channels != extra_channels:
+                raise ConfigError(f"config key 'unet.pretrained' = {u.pretrained!r} is invalid: that DiT takes "
+                                  f"{unet.config.condition_channels} condition channels, task {cfg.task} needs "
+                                  f"{extra_channels}")
+            self._check_pretrained(unet, latent_channels)
+        elif u.pretrained:
             unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels,
                                         u.motion_module, u.motion_module_norm)
             self._check_pretrained(unet, latent_channels)

@@ -4,11 +4,13 @@ via FaceVidPipeline.from_run and sample.py, the FaceVid-format export loaded in 
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import task_runs
 import torch
+from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 from test_engines import FSDP2_ENV, _join_group, run_two_ranks
@@ -309,8 +311,6 @@ def test_fsdp2_shards_the_dit_one_unit_per_block(wrap):
 
 
 def test_fsdp2_launch_naming_the_unet_block_tells_the_dit_block():
-    from types import SimpleNamespace
-
     from facevid.engine import FSDP2Engine
 
     plugin = SimpleNamespace(transformer_cls_names_to_wrap="UNetLayer")  # configs/accelerate/fsdp2.yaml's
@@ -331,3 +331,16 @@ def test_the_dit_recipes_validate_and_have_their_stated_sizes(tmp_path, monkeypa
     demo = load_config(CONFIGS / "demo_dit.yaml", validate_files=False)
     assert demo.unet.backbone == "dit" and demo.unet.pooled_text_conditioning
     assert 5e6 < sum(p.numel() for p in build_dit(demo.unet, 4, 0, 384).parameters()) < 6.5e6
+
+
+def test_a_dit_run_continues_from_a_trained_dit_and_refuses_a_unet(dit_run, tmp_path_factory, tmp_path):
+    manifest, vae = task_runs.synth_manifest(tmp_path_factory), task_runs.random_vae(tmp_path_factory)
+    cfg = tiny_config(manifest, tmp_path / "continued", *DIT, f"unet.pretrained={dit_run / 'unet_ema'}",
+                      "train.max_steps=1", vae=vae)
+    model = TextToVideoStage(cfg).build(Accelerator(cpu=True), SimpleNamespace(cache=None, records=[], text_key=str))
+    trained = load_file(dit_run / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())  # starts from those weights
+    unet_run = task_runs.trained_run(tmp_path_factory, "t2v")
+    cfg = tiny_config(manifest, tmp_path / "wrong", *DIT, f"unet.pretrained={unet_run / 'unet'}", vae=vae)
+    with pytest.raises(ConfigError, match="holds a FaceVidUNet3D"):
+        TextToVideoStage(cfg).build(Accelerator(cpu=True), SimpleNamespace(cache=None, records=[], text_key=str))
