@@ -344,3 +344,11 @@ def test_a_dit_run_continues_from_a_trained_dit_and_refuses_a_unet(dit_run, tmp_
     cfg = tiny_config(manifest, tmp_path / "wrong", *DIT, f"unet.pretrained={unet_run / 'unet'}", vae=vae)
     with pytest.raises(ConfigError, match="holds a FaceVidUNet3D"):
         TextToVideoStage(cfg).build(Accelerator(cpu=True), SimpleNamespace(cache=None, records=[], text_key=str))
+
+
+def test_lora_trains_on_the_dit_and_merges_for_sampling(tmp_path_factory):
+    run = task_runs.trained_run(tmp_path_factory, "dit_lora", *DIT, "train.trainable=lora")
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = FaceVidPipeline.from_run(run)
+    assert type(pipe.unet) is FaceVidDiT and "lora" in pipe.weights
+    assert pipe(["a person talking"], **SAMPLING).shape == (1, 4, 16, 16, 3)
