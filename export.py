@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = {"unet3d": "TextToVideoSDPipeline (UNet3DConditionModel)",
-            "facevid": "FaceVidDiffusersPipeline (FaceVidUNet3D; load with trust_remote_code=True)"}[kind]
+            "facevid": "FaceVidDiffusersPipeline (FaceVid backbone; load with trust_remote_code=True)"}[kind]
     print(f"exported {args.run} to {args.out} as {what}; see {args.out}/README.md")
     return 0
 

@@ -112,7 +112,24 @@ class VAEConfig:
 
 
 @dataclass
+class DiTConfig:
+    """The diffusion transformer's architecture (models/dit.py: FaceVidDiT), used when unet.backbone=dit."""
+
+    patch_size: int = 2  # latent pixels per patch side: resolution must be a multiple of VAE factor x this
+    temporal_patch_size: int = 1  # latent frames per patch
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: int = 4
+    attention: str = "alternating"  # alternating (spatial / temporal blocks, Latte) | full (3D attention)
+
+
+@dataclass
 class UNetConfig:
+    # The denoiser: unet (FaceVidUNet3D, the keys below) or dit (FaceVidDiT, the keys under unet.dit). The rest of
+    # this section (attention_backend, gradient_checkpointing, pooled_text_conditioning) applies to both.
+    backbone: str = "unet"  # unet | dit
+    dit: DiTConfig = field(default_factory=DiTConfig)
     # Start from a pretrained UNet (hub id or folder); its config then fixes the architecture and the
     # keys below up to attention_head_dim are ignored. Formats (models/pretrained.py): facevid
     # (FaceVidUNet3D), unet3d (diffusers UNet3DConditionModel: ModelScope, zeroscope), unet2d
@@ -293,6 +310,8 @@ CHOICES = {
     "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
     "unet.layout": ("facevid", "modelscope"),
+    "unet.backbone": ("unet", "dit"),
+    "unet.dit.attention": ("alternating", "full"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "sample.scheduler": ("dpm++", "ddim"),
@@ -503,6 +522,22 @@ def vae_downscale_factor(cfg: RunConfig) -> int | None:
     return None  # hub id: checked again once the VAE is loaded
 
 
+# UNet-only keys and the value that means "not used": refused with unet.backbone=dit rather than ignored.
+_UNET_ONLY_KEYS = {"unet.motion_module": None, "unet.layout": "facevid",
+                   "unet.temporal_conv": False, "unet.temporal_feed_forward": False, "unet.text_layout": False,
+                   "unet.text_motion_frames": 0}
+
+
+def _validate_dit(cfg: RunConfig) -> None:
+    for key, unused in _UNET_ONLY_KEYS.items():
+        if _get(cfg, key) != unused:
+            _fail(key, _get(cfg, key), f"is a FaceVidUNet3D option; with unet.backbone=dit set it to {unused} "
+                  "(or unet.backbone=unet)")
+    d = cfg.unet.dit
+    if d.hidden_size % d.num_heads:
+        _fail("unet.dit.hidden_size", d.hidden_size, f"must be a multiple of unet.dit.num_heads ({d.num_heads})")
+
+
 def validate(cfg: RunConfig) -> None:
     for key, valid in CHOICES.items():
         value = _get(cfg, key)
@@ -512,7 +547,8 @@ def validate(cfg: RunConfig) -> None:
     positive_ints = [
         "data.resolution", "data.num_frames", "data.frame_stride", "text_encoder.max_length",
         "vae.chunk_frames", "data.cache_windows_per_clip", "data.cache_shard_clips", "vae.latent_channels",
-        "unet.layers_per_block", "unet.text_layout_size", "unet.attention_head_dim", "unet.norm_num_groups",
+        "unet.layers_per_block", "unet.text_layout_size", "unet.dit.patch_size", "unet.dit.temporal_patch_size",
+        "unet.dit.hidden_size", "unet.dit.depth", "unet.dit.num_heads", "unet.dit.mlp_ratio", "unet.attention_head_dim", "unet.norm_num_groups",
         "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
@@ -583,9 +619,14 @@ def validate(cfg: RunConfig) -> None:
         _fail("vae.block_out_channels", list(cfg.vae.block_out_channels),
               "every entry must be divisible by 32 (AutoencoderKL's GroupNorm groups)")
 
-    # The latent grid must survive the UNet's downsampling: resolution / vae_factor / 2**(levels-1).
+    if cfg.unet.backbone == "dit":
+        _validate_dit(cfg)
+
+    # The latent grid must survive the UNet's downsampling (resolution / vae_factor / 2**(levels-1)), or divide
+    # into the DiT's patches.
     vae_factor = vae_downscale_factor(cfg)
-    unet_factor = 2 ** (levels - 1) if cfg.stage == "t2v" else 1
+    unet_factor = 1 if cfg.stage != "t2v" else (
+        cfg.unet.dit.patch_size if cfg.unet.backbone == "dit" else 2 ** (levels - 1))
     if vae_factor is not None and cfg.data.resolution % (vae_factor * unet_factor):
         multiple = vae_factor * unet_factor
         _fail("data.resolution", cfg.data.resolution,

@@ -35,7 +35,8 @@ from facevid.ema import ema_weights, trainable_parameters
 
 logger = logging.getLogger("facevid")
 
-# The FSDP wrap unit: one resnet + transformers block of FaceVidUNet3D (models/unet3d.py).
+# The FSDP wrap unit: one resnet + transformers block of FaceVidUNet3D (models/unet3d.py). FaceVidDiT's is DiTBlock,
+# named by its _no_split_modules (what Accelerate wraps when the launch config names no class).
 FSDP_WRAP_UNIT = "UNetLayer"
 EMA_SHARDS_DIR = "ema_shards"  # inside a checkpoint folder: the EMA shadow, one DCP shard per rank
 
@@ -279,6 +280,11 @@ class FSDP2Engine(DataParallelEngine):
         names = names.split(",") if isinstance(names, str) else list(names)
         present = {type(m).__name__ for m in model.modules()}
         missing = [n for n in names if n not in present]
+        own = getattr(model, "_no_split_modules", None)  # FaceVidDiT: DiTBlock
+        if missing and own:
+            raise RuntimeError(f"fsdp_transformer_layer_cls_to_wrap names {missing}, which {type(model).__name__} "
+                               f"does not contain; its wrap unit is {','.join(own)}: launch with "
+                               f"--fsdp_transformer_layer_cls_to_wrap {','.join(own)}")
         if missing:
             raise RuntimeError(f"fsdp_transformer_layer_cls_to_wrap names {missing}, which {type(model).__name__} "
                                f"does not contain; FSDP2 is for the t2v stage (wrap unit {FSDP_WRAP_UNIT}). Train "

@@ -19,9 +19,9 @@ from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor
 from facevid.config import RunConfig, load_config, resolve_pretrained
 from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion, video_noise
 from facevid.tasks import check_request, condition_channels, first_frame_condition
+from models.backbones import load_backbone
 from models.lora import load_lora, lora_folder, merge_lora
 from models.text_encoder import FrozenTextEncoder
-from models.unet3d import FaceVidUNet3D
 from models.vae import decode_latents, downscale_factor, encode_video_posterior, load_vae
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif"}
@@ -108,7 +108,7 @@ class FaceVidPipeline:
         if not folder.is_dir():
             raise FileNotFoundError(f"no trained UNet in {run_dir} (expected unet_ema/ or unet/); "
                                     "has the run finished? sample from it once training ends")
-        unet = FaceVidUNet3D.from_pretrained(folder).to(device).eval()
+        unet = load_backbone(folder).to(device).eval()  # FaceVidUNet3D or FaceVidDiT, as its config.json says
         weights = folder.name
         adapter = lora_folder(run_dir, use_ema)
         if adapter is not None and apply_lora:

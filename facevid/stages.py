@@ -30,6 +30,8 @@ from facevid.ema import ema_weights, trainable_parameters
 from facevid.engine import gather_on_main, rank_share
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
+from models.backbones import load_backbone
+from models.dit import FaceVidDiT
 from models.lora import has_lora, save_lora, without_lora
 from models.pretrained import layout_options, load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
@@ -186,6 +188,22 @@ def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cro
     )
 
 
+def build_dit(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidDiT:
+    """The diffusion transformer that unet.dit.* describe, freshly initialised."""
+    d = u.dit
+    return FaceVidDiT(
+        in_channels=latent_channels, out_channels=latent_channels, condition_channels=condition_channels,
+        cross_attention_dim=cross_attention_dim, patch_size=d.patch_size, temporal_patch_size=d.temporal_patch_size,
+        hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads, mlp_ratio=d.mlp_ratio,
+        attention=d.attention, pooled_text_conditioning=u.pooled_text_conditioning,
+    )
+
+
+# unet.backbone -> builder: the one place a fresh denoiser is chosen. Loading a saved one needs no choice: its
+# config.json names its class (models.backbones.load_backbone).
+BACKBONES = {"unet": build_unet, "dit": build_dit}
+
+
 class TextToVideoStage:
     name = "t2v"
     # validate() runs on every rank, each rendering its share of the videos (a sharded model needs every rank
@@ -214,16 +232,26 @@ class TextToVideoStage:
         u = cfg.unet
         latent_channels = self.vae.config.latent_channels
         extra_channels = condition_channels(cfg.task, latent_channels)
-        if u.pretrained:
+        if u.pretrained and u.backbone == "dit":  # a FaceVidDiT folder (a DiT run's unet/ or unet_ema/)
+            unet = load_backbone(Path(u.pretrained) / (u.subfolder or ""))
+            if not isinstance(unet, FaceVidDiT):
+                raise ConfigError(f"config key 'unet.pretrained' = {u.pretrained!r} is invalid with unet.backbone=dit: "
+                                  f"it holds a {type(unet).__name__}; give a FaceVidDiT folder or unet.backbone=unet")
+            if unet.config.condition_channels != extra_channels:
+                raise ConfigError(f"config key 'unet.pretrained' = {u.pretrained!r} is invalid: that DiT takes "
+                                  f"{unet.config.condition_channels} condition channels, task {cfg.task} needs "
+                                  f"{extra_channels}")
+            self._check_pretrained(unet, latent_channels)
+        elif u.pretrained:
             unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels,
                                         u.motion_module, u.motion_module_norm)
             self._check_pretrained(unet, latent_channels)
         else:
-            unet = build_unet(u, latent_channels, extra_channels, self.text_encoder.hidden_size)
-        factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+            unet = BACKBONES[u.backbone](u, latent_channels, extra_channels, self.text_encoder.hidden_size)
+        factor = downscale_factor(self.vae) * unet.spatial_factor
         if cfg.data.resolution % factor:
             raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
-                              f"multiple of {factor} for this VAE and UNet depth")
+                              f"multiple of {factor} for this VAE and {type(unet).__name__}")
         unet.set_attention_backend(u.attention_backend)
         if u.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

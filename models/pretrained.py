@@ -192,6 +192,8 @@ def facevid_config_from_unet2d(config: dict) -> dict:
 
 def unet3d_incompatibilities(config) -> list[str]:
     """Why a FaceVidUNet3D config has no UNet3DConditionModel equivalent; empty when it has one."""
+    if "block_out_channels" not in config:  # another backbone (models/dit.py)
+        return ["its backbone is a diffusion transformer (unet.backbone=dit), not a UNet"]
     problems = [f"{key}={config[key]!r} (UNet3DConditionModel: {value!r})"
                 for key, value in UNET3D_LAYOUT.items() if config[key] != value]
     if config["condition_channels"]:

@@ -591,6 +591,11 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
+    @property
+    def spatial_factor(self) -> int:
+        """The latent's height and width must be multiples of this: 2 ** (levels - 1)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
     def set_attention_backend(self, backend: str) -> None:
         """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers"); not saved with the
         model."""
@@ -613,11 +618,11 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         config = self.config
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, C, F, H, W), got shape {tuple(sample.shape)}.")
-        factor = 2 ** (len(config.block_out_channels) - 1)
+        factor = self.spatial_factor
         height, width = sample.shape[-2:]
         if height % factor or width % factor:
             raise ValueError(
-                f"sample height and width must be divisible by {factor} (2 ** (number of levels - 1)), "
+                f"sample height and width must be divisible by {factor} (the model's spatial_factor), "
                 f"got H={height}, W={width}; e.g. use H={max(factor, height // factor * factor)}, "
                 f"W={max(factor, width // factor * factor)}."
             )
