@@ -13,7 +13,7 @@ from pathlib import Path
 
 from facevid.cache_builder import build_cache
 from facevid.config import ConfigError, load_config
-from facevid.trainer import build_accelerator, ensure_manifest, setup_logging
+from facevid.trainer import build_accelerator, setup_logging
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,6 @@ def main(argv=None) -> int:
         return 2
     accelerator = build_accelerator(cfg, Path(cfg.output_dir))
     setup_logging(accelerator)
-    ensure_manifest(cfg, accelerator)
     report = build_cache(cfg, accelerator)
     return 0 if report.clips_encoded + report.clips_already_cached > 0 else 1
 

@@ -1,7 +1,7 @@
-"""Pictures of a run: training curves from RUN/metrics.jsonl, generated-vs-real contact sheets.
-Drawn with Pillow (no plotting library needed).
+"""A run's training curves from RUN/metrics.jsonl (loss, lr, validation and evaluation numbers), drawn with
+Pillow (no plotting library needed). The trainer redraws them at every validation.
 
-    python -m evaluation.plots runs/demo      # -> runs/demo/plots/training_curves.png
+    python -m facevid.curves runs/demo      # -> runs/demo/plots/training_curves.png
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from data.video import save_contact_sheet
 
 _SKIP = {"step", "epoch", "elapsed_s"}  # bookkeeping, not curves
 _PANEL = (440, 250)
@@ -109,19 +107,6 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None, col
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out
-
-
-def comparison_sheet(path: str | Path, generated: np.ndarray, real: np.ndarray | None, prompts: list[str],
-                     count: int = 8, real_label: str = "real") -> Path:
-    """Contact sheet: each generated video (labelled with its prompt) above its real counterpart."""
-    videos, labels = [], []
-    for i in range(min(count, len(generated))):
-        videos.append(generated[i])
-        labels.append(f"generated {i}: {prompts[i]}")
-        if real is not None:
-            videos.append(real[i])
-            labels.append(f"{real_label} {i}")
-    return save_contact_sheet(path, videos, labels)
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.video import tensor_to_frames
-from facevid.config import ConfigError, RunConfig, resolve_pretrained
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler, scale_motion
-from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
+from facevid.config import ConfigError, RunConfig, import_plugin, resolve_pretrained
+from facevid.diffusion import build_noise_scheduler
+from facevid.objective import Objective
+from facevid.pipeline import FaceVidPipeline, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
 from models.pretrained import load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
@@ -81,14 +82,12 @@ class VAEStage:
         reconstruction, kl = model(frames, generator)
         mse = F.mse_loss(reconstruction.float(), frames.float())
         loss = mse + self.cfg.vae.kl_weight * kl
-        logs = {"mse": mse.item(), "kl": kl.item()}
-        if self.cfg.vae.edge_loss_weight > 0:
-            # The difference of neighbouring pixels' errors = the error in the image's gradient.
-            error = reconstruction.float() - frames.float()
-            edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
-            loss = loss + self.cfg.vae.edge_loss_weight * edge
-            logs["edge"] = edge.item()
-        return loss, logs
+        extra, logs = self.extra_loss(reconstruction, frames)
+        return (loss if extra is None else loss + extra), {"mse": mse.item(), "kl": kl.item(), **logs}
+
+    def extra_loss(self, reconstruction: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """Extension point: a term added to MSE + KL, and what to log of it (the demo's edge loss: demo/aids.py)."""
+        return None, {}
 
     @torch.no_grad()
     def validate(self, model: _VAEWithLoss, out_dir: Path, step: int):
@@ -135,9 +134,10 @@ class TextToVideoStage:
         self.vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(self.device, weight_dtype).requires_grad_(False)
         self.vae.eval()
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
-        self.objective = DiffusionObjective(self.noise_scheduler, cfg.diffusion)
-        if accelerator.is_main_process:
+        self.objective = self.build_objective()
+        if accelerator.is_main_process:  # what sample.py, evaluate.py and export.py read back
             self.noise_scheduler.save_pretrained(Path(cfg.output_dir) / "scheduler")
+            self.objective.save(Path(cfg.output_dir) / "objective.json")
 
         u = cfg.unet
         latent_channels = self.vae.config.latent_channels
@@ -146,13 +146,12 @@ class TextToVideoStage:
             unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels)
             self._check_pretrained(unet, latent_channels)
         else:
-            unet = FaceVidUNet3D(
+            unet = self.build_unet(
                 in_channels=latent_channels, out_channels=latent_channels, condition_channels=extra_channels,
                 block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
                 attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
                 cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
-                pooled_text_conditioning=u.pooled_text_conditioning, text_layout=u.text_layout,
-                text_layout_size=u.text_layout_size, text_motion_frames=u.text_motion_frames,
+                pooled_text_conditioning=u.pooled_text_conditioning,
                 temporal_conv=u.temporal_conv,
                 temporal_feed_forward=u.temporal_feed_forward,
             )
@@ -175,43 +174,16 @@ class TextToVideoStage:
         if cfg.task == "i2v":
             # Image-to-video validates on real first frames, with their own clips' captions.
             self.validation_clips = _fixed_validation_clips(dataset, 4)
-        if cfg.eval.every and accelerator.is_main_process:
-            self._prepare_evaluation(dataset)
         return unet
 
-    def _prepare_evaluation(self, dataset) -> None:
-        """Prompts and feature networks for evaluation during training, loaded once, before step 1, so
-        that a missing weight file or an unusable prompt set fails now rather than at the first evaluation."""
-        from evaluation.prompts import heldout_prompts, prompts_from_file
-        from evaluation.runner import EvalConfig, load_extractors
+    # Extension points: a plug-in's stage (plugin.module's STAGES, e.g. demo/aids.py) overrides these.
+    def build_objective(self) -> Objective:
+        """The training objective (facevid/objective.py), saved with the run for sampling and export."""
+        return Objective.from_config(self.cfg.diffusion, self.noise_scheduler)
 
-        e = self.cfg.eval
-        self.eval_config = EvalConfig(metrics=tuple(e.metrics), i3d=e.i3d, inception=e.inception, clip=e.clip,
-                                      batch_size=e.batch_size, reference_manifest=e.reference_manifest,
-                                      device=str(self.device))
-        if e.prompts_file:
-            self.eval_prompts, self.eval_set = prompts_from_file(e.prompts_file), Path(e.prompts_file).stem
-        else:
-            try:
-                self.eval_prompts = heldout_prompts(e.synth_heldout, [r.attributes for r in dataset.records])
-            except ValueError as err:
-                raise ConfigError(f"config key 'eval.synth_heldout' = {e.synth_heldout} is unusable with "
-                                  f"{self.cfg.data.manifest}: {err}; give eval.prompts_file instead") from None
-            self.eval_set = f"FaceVid-Synth held-out ({len(self.eval_prompts)})"
-        self.eval_extractors = load_extractors(self.eval_config)
-
-    def evaluate(self, model, step: int) -> dict[str, float]:
-        """eval.metrics on the fixed evaluation prompts with `model` (the EMA weights); writes
-        RUN/eval/<set>-step-N/ and returns the headline numbers for the tracker."""
-        from evaluation.runner import evaluate_run, flat_metrics
-
-        pipe = self.pipeline(model)
-        pipe.run_config = self.cfg
-        result = evaluate_run(self.cfg.output_dir, pipeline=pipe, prompts=self.eval_prompts, config=self.eval_config,
-                              extractors=self.eval_extractors, step=step, eval_set=self.eval_set,
-                              model_name=f"{Path(self.cfg.output_dir).name} (step {step})")
-        logger.info("evaluation at step %d written to %s", step, Path(result["files"]["metrics_json"]).parent)
-        return flat_metrics(result)
+    def build_unet(self, **kwargs) -> FaceVidUNet3D:
+        """A new UNet from the core's keyword arguments (unet.* and the data's channels)."""
+        return FaceVidUNet3D(**kwargs)
 
     def _check_pretrained(self, unet: FaceVidUNet3D, latent_channels: int) -> None:
         u, text_width = self.cfg.unet, self.text_encoder.hidden_size
@@ -241,7 +213,6 @@ class TextToVideoStage:
         mean, std, text, mask = self.encode_batch(batch)
         scale = self.vae.config.scaling_factor
         latents = sample_latents(mean, std, scale, generator) if cfg.vae.sample_posterior else mean * scale
-        latents = scale_motion(latents, cfg.diffusion.motion_scale)
         if cfg.task == "uncond":  # always the empty prompt, also when the cache holds the captions
             text, mask = self.null_text.expand_as(text), self.null_mask.expand_as(mask)
         else:
@@ -257,7 +228,7 @@ class TextToVideoStage:
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
-                               self.cfg.vae.chunk_frames, task=self.cfg.task, **sampling_options(self.cfg))
+                               self.cfg.vae.chunk_frames, task=self.cfg.task, objective=self.objective)
 
     def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
         """(prompts, first frames, labels) for the task."""
@@ -297,3 +268,9 @@ class TextToVideoStage:
 
 
 STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}
+
+
+def build_stage(cfg: RunConfig):
+    """The stage cfg.stage names: the core's, or the plug-in's own (plugin.module's STAGES) when it has one."""
+    stages = {**STAGES, **getattr(import_plugin(cfg), "STAGES", {})}
+    return stages[cfg.stage](cfg)

@@ -34,9 +34,9 @@ from data.cache import LatentCache, check_fingerprint, text_key
 from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips
 from data.manifest import SkippedItem, read_manifest
 from data.sampler import ShardedEpochSampler
-from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
+from facevid.curves import plot_training_curves
 
 logger = logging.getLogger("facevid")
 
@@ -83,25 +83,6 @@ def setup_logging(accelerator: Accelerator) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def ensure_manifest(cfg: RunConfig, accelerator: Accelerator) -> Path:
-    """The manifest to train on; FaceVid-Synth is generated there first when the config asks for it."""
-    manifest = Path(cfg.data.manifest)
-    s = cfg.data.synth
-    # A FaceVid-Synth folder (it has synth_info.json) drawn with other settings is redrawn; generate() returns
-    # at once when the files already match. Any other existing manifest is never touched.
-    ours = (manifest.parent / "synth_info.json").is_file()
-    if not manifest.is_file() or (ours and s.num_clips):
-        if accelerator.is_main_process:
-            from data import synth
-
-            logger.info("FaceVid-Synth (%d clips, aligned_motion=%s) in %s: generating what is missing",
-                        s.num_clips, s.aligned_motion, manifest.parent)
-            synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
-                           resolution=s.resolution, fps=s.fps, seed=s.seed, aligned_motion=s.aligned_motion)
-        accelerator.wait_for_everyone()
-    return manifest
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one has a .tmp- name and is never listed)."""
     root = run_dir / "checkpoints"
@@ -112,9 +93,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, stage):
+    """Trains `stage`. `evaluation` (needed when eval.every > 0; train.py builds evaluation.training's) is a
+    callback the trainer knows only by its two methods: prepare(dataset, device), called once before step 1
+    so that a missing weight file fails at once, and evaluation(stage, model, step) -> {name: number}."""
+
+    def __init__(self, cfg: RunConfig, stage, evaluation=None):
+        if cfg.eval.every and evaluation is None:
+            raise ValueError(f"eval.every={cfg.eval.every} needs an evaluation callback: pass "
+                             "evaluation.training.TrainingEvaluation(cfg) to the Trainer (train.py does)")
         self.cfg = cfg
         self.stage = stage
+        self.evaluation = evaluation
         self.run_dir = Path(cfg.output_dir)
         self.state = TrainerState()
         self._stop_requested = False
@@ -133,6 +122,8 @@ class Trainer:
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
+        if self.evaluation is not None and acc.is_main_process:
+            self.evaluation.prepare(self.dataset, acc.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         logger.info("trainable parameters: %.2fM", sum(p.numel() for p in trainable) / 1e6)
         self.optimizer = torch.optim.AdamW(
@@ -157,7 +148,7 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        manifest = ensure_manifest(cfg, acc)
+        manifest = Path(cfg.data.manifest)
         records, skipped = read_manifest(manifest)
         self.manifest_skipped = skipped
         if skipped and acc.is_main_process:
@@ -296,7 +287,7 @@ class Trainer:
         self._stop_requested = True
 
     def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
-        """With the EMA weights: validation samples (stage.validate) and/or evaluation (stage.evaluate)."""
+        """With the EMA weights: validation samples (stage.validate) and/or the evaluation callback."""
         acc = self.accelerator
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
@@ -308,7 +299,7 @@ class Trainer:
             out_dir = self.run_dir / "samples" / f"step-{step:08d}"
             media, metrics = self.stage.validate(model, out_dir, step) if samples else ({}, {})
             if evaluate:
-                metrics = {**metrics, **self.stage.evaluate(model, step)}
+                metrics = {**metrics, **self.evaluation(self.stage, model, step)}
             model.train()
             if self.ema is not None:
                 self.ema.restore(model.parameters())
