@@ -10,7 +10,7 @@ recover all attributes even from a blurry 64x64 reconstruction; per-clip jitter 
 motion phase and speed) makes clips differ. With aligned_motion, every periodic action keeps one rhythm
 and starts from the same pose (a talking mouth opens from closed at frame 0, every clip at the same
 speed), so that an action's average clip is itself that action: the timing then follows from the words
-alone, which a small model learns far sooner than timing chosen by the noise (README, Evaluation).
+alone, which a small model learns far sooner than timing chosen by the noise (docs/experiments.md).
 
 Conventions: image coordinates in pixels, y pointing down; "turning left" means the face turns
 towards the left of the frame (the viewer's left).
