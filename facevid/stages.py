@@ -135,6 +135,9 @@ class TextToVideoStage:
         self.vae.eval()
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
         self.objective = self.build_objective()
+        if cfg.task == "i2v" and self.objective.parameterization.transforms_latents:
+            raise ConfigError(f"task i2v needs plain latents (its condition is the first frame as encoded), but "
+                              f"the objective's {self.objective.parameterization.to_dict()['type']} transforms them")
         if accelerator.is_main_process:  # what sample.py, evaluate.py and export.py read back
             self.noise_scheduler.save_pretrained(Path(cfg.output_dir) / "scheduler")
             self.objective.save(Path(cfg.output_dir) / "objective.json")

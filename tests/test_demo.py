@@ -261,6 +261,14 @@ def test_motion_scale_is_refused_for_image_to_video_sampling(tmp_path_factory):
                         objective=Objective(parameterization=MotionPreconditionedV(motion_scale=2.0)))
 
 
+def test_an_objective_that_transforms_latents_cannot_train_image_to_video(tmp_path_factory, tmp_path, monkeypatch):
+    """The core refuses it for any plug-in, not only for the demo's validated options."""
+    monkeypatch.setattr(DemoTextToVideoStage, "build_objective", lambda self: Objective(
+        parameterization=MotionPreconditionedV(motion_scale=2.0), scheduler=self.noise_scheduler))
+    with pytest.raises(ConfigError, match="task i2v needs plain latents.*MotionPreconditionedV"):
+        task_runs.built_stage("i2v", tmp_path_factory, tmp_path, *DEMO)
+
+
 # ------------------------------------------------------------------------------------------ UNet
 def added_output(base: dict, extra: dict, new_prefix: str):
     """(inputs, f): f(**changes) = output of DemoUNet3D(**base, **extra) minus that of the same model without the
