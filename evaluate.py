@@ -1,9 +1,10 @@
 """Evaluate a trained text-to-video run: FVD, FID, CLIP score, FaceVid-Synth attribute alignment.
 
-    python evaluate.py --run runs/demo --synth-heldout 64 --i3d weights/i3d_torchscript.pt \\
+    python evaluate.py --run runs/demo                          # alignment on 64 held-out FaceVid-Synth prompts
+    python evaluate.py --run runs/demo --metrics fvd,fid,clip,alignment --i3d weights/i3d_torchscript.pt \\
         --inception weights/inception-2015-12-05.pt --clip openai/clip-vit-base-patch32
     python evaluate.py --run runs/demo --prompts configs/demo_prompts.txt --metrics clip,alignment
-    python evaluate.py --run runs/demo --dataset data/val.jsonl --limit 256
+    python evaluate.py --run runs/demo --dataset data/val.jsonl --limit 256 --metrics fvd,alignment
 
 Generates one video per prompt (seed + i for prompt i), writes RUN/eval/<set>/metrics.json,
 metrics.md (the results table) and samples.png (generated above real), and RUN/plots/training_curves.png.

@@ -1,6 +1,7 @@
 """Export a trained run as a diffusers pipeline folder that loads with DiffusionPipeline.from_pretrained:
 
     python export.py --run runs/demo --out exports/demo [--scheduler dpm++|ddim] [--format auto|unet3d|facevid]
+                     [--merge-lora]
 
 A backbone expressible as UNet3DConditionModel (e.g. one started from ModelScope / zeroscope) becomes a standard
 TextToVideoSDPipeline folder; any other (FaceVid's own layout, image-to-video) a FaceVidDiffusersPipeline folder
@@ -21,9 +22,13 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="auto",
                         help="auto = UNet3DConditionModel when the backbone has an equivalent, else facevid")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA run (train.trainable=lora): merge the adapters into the exported UNet's weights "
+                        "(default: the base UNet plus OUT/pytorch_lora_weights.safetensors)")
     args = parser.parse_args(argv)
     try:
-        kind = export_run(args.run, args.out, use_ema=not args.no_ema, scheduler=args.scheduler, format=args.format)
+        kind = export_run(args.run, args.out, use_ema=not args.no_ema, scheduler=args.scheduler, format=args.format,
+                          merge_lora=args.merge_lora)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import torch
 
 from data.video import VideoDecodeError
 from facevid.pipeline import FaceVidPipeline, load_first_frame, write_samples
+from facevid.stages import training_fps
 from facevid.tasks import check_request
 
 
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
                         help="videos per prompt (seeds seed, seed+1, ...); uncond runs: the number of videos")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--guidance-rescale", type=float, default=None,
+                        help="CFG rescale phi in [0, 1] (Lin et al. 2023; default: the run's sample.guidance_rescale)")
     parser.add_argument("--steps", type=int, default=None, help="number of denoising steps")
     parser.add_argument("--scheduler", choices=["dpm++", "ddim"], default=None)
     parser.add_argument("--seed", type=int, default=None, help="prompt i gets seed + i (default: the run's sample.seed)")
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
                         help="every prompt gets the same seed, so prompts that differ in one word differ only by it")
     parser.add_argument("--frames", type=int, default=None, help="default: the training clip length")
     parser.add_argument("--resolution", type=int, default=None, help="default: the training resolution")
-    parser.add_argument("--fps", type=float, default=None)
+    parser.add_argument("--fps", type=float, default=None,
+                        help="default: the run's sample.fps, i.e. the fps its model was trained at")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/cli)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,6 +55,8 @@ def main(argv=None) -> int:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if args.num_videos < 1:
         parser.error("--num-videos must be >= 1")
+    if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
+        parser.error("--guidance-rescale must be in [0, 1] (0 = off)")
     if args.image_frame is not None and not args.image:
         parser.error("--image-frame needs --image")
     if args.same_seed and not prompts:
@@ -82,12 +88,13 @@ def main(argv=None) -> int:
         resolution=resolution,
         num_inference_steps=pick(args.steps, cfg.sample.num_inference_steps),
         guidance_scale=pick(args.guidance_scale, cfg.sample.guidance_scale),
+        guidance_rescale=args.guidance_rescale,
         scheduler=pick(args.scheduler, cfg.sample.scheduler),
         seed=seed,
         progress=True,
     )
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "cli"
-    paths = write_samples(videos, labels, out, fps=pick(args.fps, cfg.sample.fps))
+    paths = write_samples(videos, labels, out, fps=pick(args.fps, training_fps(cfg)))  # training_fps: sample.fps if set
     print(f"{len(labels)} video(s) from {pipe.weights} weights written to {out}:")
     for path in paths:
         print(f"  {path}")

@@ -9,7 +9,7 @@ import sys
 
 from facevid.config import ConfigError, load_config
 from facevid.stages import build_stage
-from facevid.trainer import Trainer
+from facevid.trainer import CheckpointWriteError, NonFiniteLossError, Trainer
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,11 @@ def main(argv=None) -> int:
         from evaluation.training import TrainingEvaluation
 
         evaluation = TrainingEvaluation(cfg)
-    Trainer(cfg, build_stage(cfg), evaluation=evaluation).fit()
+    try:
+        Trainer(cfg, build_stage(cfg), evaluation=evaluation).fit()
+    except (NonFiniteLossError, CheckpointWriteError) as err:  # their message says what to do: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,8 @@ None of this is part of the framework. Each aid was tuned on FaceVid-Synth at th
   mouth counts as much as a nodding head.
 - DemoUNet3D (a FaceVidUNet3D subclass): pooled text -> a coarse clean-latent layout (+ a per-frame part) added
   to the output, which a small model learns in a few hundred steps.
-- DemoVAEStage / DemoTextToVideoStage: the core stages with the above plugged in, and the VAE's edge loss.
+- DemoVAEStage / DemoTextToVideoStage: the core stages with the above plugged in (build_objective, new_unet),
+  and the VAE's edge loss (extra_loss).
 
 A config turns them on with
 
@@ -292,7 +293,7 @@ class DemoVAEStage(VAEStage):
         # The difference of neighbouring pixels' errors = the error in the image's gradient.
         error = reconstruction.float() - frames.float()
         edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
-        return weight * edge, {"edge": edge.item()}
+        return weight * edge, {"edge": edge.detach()}
 
 
 class DemoTextToVideoStage(TextToVideoStage):
@@ -305,10 +306,10 @@ class DemoTextToVideoStage(TextToVideoStage):
             objective.weighting = MotionWeighting(o.motion_loss_weight, o.motion_floor)
         return objective
 
-    def build_unet(self, **kwargs) -> FaceVidUNet3D:
+    def new_unet(self, **kwargs) -> FaceVidUNet3D:
         o = options(self.cfg)
         if not o.text_layout:
-            return super().build_unet(**kwargs)
+            return super().new_unet(**kwargs)
         return DemoUNet3D(text_layout_size=o.text_layout_size, text_motion_frames=o.text_motion_frames, **kwargs)
 
 

@@ -15,6 +15,7 @@ never computed with a substitute.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,15 @@ def _load_torchscript(path: str | os.PathLike, weights: _Weights, device) -> tor
         raise _missing(weights, path, f"is not a TorchScript file ({str(err).splitlines()[0][:120]})") from err
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The weights file's SHA-256: part of every FVD / FID protocol, since other files give other numbers."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _batches(items, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -95,6 +105,7 @@ class I3DFeatures:
 
     def __init__(self, path: str | os.PathLike, device="cpu", batch_size: int = 8):
         self.model = _load_torchscript(path, _I3D, device)
+        self.file, self.sha256 = str(Path(path).resolve()), file_sha256(path)
         self.device, self.batch_size = torch.device(device), batch_size
 
     def frames_used(self, num_frames: int) -> int:
@@ -120,6 +131,7 @@ class InceptionFeatures:
 
     def __init__(self, path: str | os.PathLike, device="cpu", batch_size: int = 32):
         self.model = _load_torchscript(path, _INCEPTION, device)
+        self.file, self.sha256 = str(Path(path).resolve()), file_sha256(path)
         self.device, self.batch_size = torch.device(device), batch_size
 
     @torch.no_grad()

@@ -18,14 +18,29 @@ def _check_videos(videos, what: str) -> np.ndarray:
     return videos
 
 
+# Videos per side behind published FVDs (StyleGAN-V, content-debiased FVD, the FaceVid-1K tables). The Frechet
+# distance of a small sample is biased upward (the covariances of a few videos are far from the population's), so
+# an FVD over fewer videos is not comparable with those figures, only with FVDs of the same sample size.
+PUBLISHED_FVD_SAMPLES = 2048
+
+
+def fvd_sample_note(num_real: int, num_generated: int) -> tuple[str, bool]:
+    """("n=..." plus a warning below the published sample size, whether comparable to published figures)."""
+    n = min(num_real, num_generated)
+    comparable = n >= PUBLISHED_FVD_SAMPLES
+    return (f"n={n}" if comparable else f"n={n}, not comparable to published"), comparable
+
+
 def fvd(i3d: I3DFeatures, real, generated) -> dict:
-    """Frechet distance between I3D features of real and generated videos (FVD)."""
+    """Frechet distance between I3D features of real and generated videos (FVD), labelled with its sample size."""
     real, generated = _check_videos(real, "real"), _check_videos(generated, "generated")
+    note, comparable = fvd_sample_note(len(real), len(generated))
     return {
         "value": frechet_distance_of_features(i3d(real), i3d(generated)),
         "num_real_videos": len(real), "num_generated_videos": len(generated),
         "frames_per_video": int(generated.shape[1]),
         "frames_fed_to_i3d": i3d.frames_used(int(generated.shape[1])),
+        "label": f"FVD ({note})", "comparable_to_published": comparable, "published_sample_size": PUBLISHED_FVD_SAMPLES,
     }
 
 

@@ -153,9 +153,10 @@ def prompts_from_manifest(path: str | Path, limit: int | None = None) -> list[Ev
     for record in records[:limit]:
         caption = record.captions[0]
         attributes = record.attributes if is_synth_attributes(record.attributes) else parse_caption(caption)
+        # The record itself: its clip is read for FVD / FID with the training windows' frame stride.
         prompts.append(EvalPrompt(caption, attributes=attributes, reference=str(record.video),
                                   frame_range=tuple(record.frame_range) if record.frame_range else None,
-                                  extra={"clip_id": record.clip_id}))
+                                  extra={"clip_id": record.clip_id, "record": record, "manifest": str(path)}))
     return prompts
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from data import synth
 from data.video import write_video
+from evaluation.metrics import fvd_sample_note
 from evaluation.plots import comparison_sheet
 
 _COLUMNS = ["Model", "Training set", "Eval set", "Videos", "FVD ↓", "FID ↓", "CLIP score ↑", "Frame consistency ↑",
@@ -39,9 +40,44 @@ def table_row(result: dict) -> list[str]:
     if align:
         accuracy += f" ({_percent(align['mean_chance'])})"
     return [model, result["training_set"], result["eval_set"], str(result["generation"]["num_videos"]),
-            _number(m.get("fvd", {}).get("value")), _number(m.get("fid", {}).get("value")),
+            _fvd_cell(m.get("fvd")), _number(m.get("fid", {}).get("value")),
             _number(clip.get("clip_score"), 2), _number(clip.get("frame_consistency"), 2), accuracy,
             _percent(align.get("exact_match"))]
+
+
+def _fvd_cell(fvd: dict | None) -> str:
+    """The value with its sample size, flagged when too small to compare with published FVDs."""
+    if not fvd or fvd.get("value") is None:
+        return "–"
+    if "num_real_videos" not in fvd:
+        return _number(fvd["value"])
+    note, _ = fvd_sample_note(fvd["num_real_videos"], fvd["num_generated_videos"])  # also for older metrics.json
+    return f"{_number(fvd['value'])} ({note})"
+
+
+def _short_sha(sha: str | None) -> str:
+    return f"sha256 {sha[:12]}…" if sha else "sha256 unknown"
+
+
+def protocol_note(name: str, protocol: dict) -> str:
+    """One line: what a Frechet distance was computed on, so it can be reproduced or compared."""
+    p, real = protocol, protocol["real"]
+    rate = "frame rate not known (rendered frames)" if p["real_fps"] is None else \
+        f"real clips at {', '.join(f'{r:g}' for r in p['real_fps'])} fps"
+    trained = f"data.target_fps {p['training_fps']:g}" if p.get("training_fps") else "source fps / data.frame_stride"
+    manifest = real.get("manifest")
+    where = f"{real['source']}" + (f", {manifest} ({_short_sha(real.get('manifest_sha256'))})"
+                                   if isinstance(manifest, str) else "")
+    line = (f"{name} protocol: {p['num_generated_videos']} generated vs {p['num_real_videos']} real videos, "
+            f"{p['frames_per_video']} frames at {p['resolution']} px, {rate} (training: {trained}); real: {where}; "
+            f"features: {Path(p['feature_extractor']['file']).name} ({_short_sha(p['feature_extractor']['sha256'])}).")
+    if real.get("same_frame_rate_as_training") is False:
+        line += (f" The real clips are consecutive frames, the model was trained on one frame in "
+                 f"{real['training_frame_stride']}: real and generated videos differ in frame rate.")
+    if p.get("comparable_to_published") is False:
+        line += (f" Fewer than {p['published_sample_size']:,} videos: small-sample FVD is biased upward, so this "
+                 f"figure is comparable only with FVDs of the same protocol, not with published ones.")
+    return line
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -106,10 +142,14 @@ def notes(result: dict) -> list[str]:
         f = m["fvd"]
         out.append(f"FVD: I3D features of {f['num_real_videos']} real and {f['num_generated_videos']} generated videos "
                    f"({f['frames_per_video']} frames, fed to I3D as {f['frames_fed_to_i3d']}).")
+        if "protocol" in f:
+            out.append(protocol_note("FVD", f["protocol"]))
     if "fid" in m:
         f = m["fid"]
         out.append(f"FID: Inception features of {f['num_real_frames']} real frames ({f['num_real_videos']} videos) and "
                    f"{f['num_generated_frames']} generated frames ({f['num_generated_videos']} videos).")
+        if "protocol" in f:
+            out.append(protocol_note("FID", f["protocol"]))
     if "clip" in m:
         c = m["clip"]
         out.append(f"CLIP score: 100 x cosine(prompt, frame), mean over {c['frames_per_video']} frames x "

@@ -16,7 +16,7 @@ import torch
 
 from data.video import read_frames
 from evaluation import metrics as M
-from evaluation.features import ClipFeatures, I3DFeatures, InceptionFeatures, MissingWeightsError
+from evaluation.features import ClipFeatures, I3DFeatures, InceptionFeatures, MissingWeightsError, file_sha256
 from evaluation.prompts import (
     EvalPrompt,
     heldout_prompts,
@@ -90,25 +90,78 @@ def generate_videos(pipeline, prompts: Sequence[str], config: EvaluationConfig, 
     return np.concatenate(out)
 
 
+RENDERED = "held-out FaceVid-Synth ground truth, rendered"
+
+
 def reference_videos(prompts: Sequence[EvalPrompt], num_frames: int, resolution: int, frame_stride: int,
-                     manifest: str | None) -> tuple[np.ndarray | None, bool]:
-    """(real clips, paired). Paired: the held-out ground truth or the prompts' own clips (dataset),
-    clip i showing prompt i. Unpaired: as many clips of `manifest` as there are prompts (for FVD /
-    FID only). (None, False) when there is no source."""
+                     manifest: str | None, target_fps: float | None = None) -> tuple[np.ndarray | None, bool, dict]:
+    """(real clips, paired, where they come from). Paired: the held-out ground truth or the prompts' own clips
+    (dataset), clip i showing prompt i. Unpaired: the first clips of `manifest`, as many as there are prompts (for
+    FVD / FID only). (None, False, {}) when there is no source. Clips are read as training reads them
+    (data/dataset.py: window_range): the first window, every frame_stride-th frame, or with target_fps every
+    round(fps / target_fps)-th, so real and generated videos have the same frame rate."""
     if all(p.render_seed is not None for p in prompts):
-        return np.stack([render_reference(p, num_frames, resolution) for p in prompts]), True
+        clips = np.stack([render_reference(p, num_frames, resolution) for p in prompts])
+        return clips, True, {"source": RENDERED, "manifest": None, "fps": None}
+    from data.dataset import window_range
+    from data.video import probe_video
+
     paired = all(p.reference for p in prompts)
     if paired:
-        sources = [(p.reference, p.frame_range) for p in prompts]
+        chosen, source = list(prompts), "the prompts' own clips"
     elif manifest:
-        sources = [(p.reference, p.frame_range) for p in prompts_from_manifest(manifest, len(prompts))]
+        chosen = prompts_from_manifest(manifest, len(prompts))
+        source = f"the first {len(chosen)} clips of the reference manifest"
     else:
-        return None, False
-    clips = []
-    for video, frame_range in sources:
-        start = frame_range[0] if frame_range else 0
-        clips.append(read_frames(video, [start + i * frame_stride for i in range(num_frames)], resolution))
-    return np.stack(clips), paired
+        return None, False, {}
+    clips, rates = [], set()
+    for prompt in chosen:
+        record = prompt.extra.get("record")
+        if record is None:  # a reference without a manifest record: read from frame 0 (or its range) at frame_stride
+            start = prompt.frame_range[0] if prompt.frame_range else 0
+            stride, fps = frame_stride, None
+        else:
+            info = probe_video(record.video)
+            starts, stride = window_range(record, info, num_frames, frame_stride, target_fps)
+            start, fps = starts[0], record.fps or info.fps
+        if fps:
+            rates.add(round(fps / stride, 3))
+        clips.append(read_frames(prompt.reference, [start + i * stride for i in range(num_frames)], resolution))
+    manifests = sorted({p.extra["manifest"] for p in chosen if "manifest" in p.extra})
+    return np.stack(clips), paired, {"source": source, "manifest": manifests[0] if len(manifests) == 1 else manifests
+                                     or None, "fps": sorted(rates) or None}
+
+
+def _rendered_frame_rate(real_info: dict, training_manifest: Path, data) -> None:
+    """Held-out ground truth is rendered frame after frame on the FaceVid-Synth timeline (the training clips' fps),
+    while training read every frame_stride-th frame (or every round(fps / target_fps)-th): record both rates, and
+    whether they differ, so an FVD that mixes two frame rates says so."""
+    synth_info = training_manifest.parent / "synth_info.json"
+    fps = float(json.loads(synth_info.read_text())["fps"]) if synth_info.is_file() else None
+    stride = data.frame_stride
+    if data.target_fps and fps:
+        stride = max(1, round(fps / data.target_fps))
+    real_info.update(fps=[fps] if fps else None, same_frame_rate_as_training=stride == 1,
+                     training_frame_stride=stride)
+
+
+def frechet_protocol(metric: dict, extractor, real_info: dict, num_frames: int, resolution: int,
+                     training_fps: float | None) -> dict:
+    """Everything an FVD / FID depends on besides the model, recorded with the figure: sample sizes, clip length,
+    frame rate, resolution, the real clips (source, manifest and its SHA-256) and the feature network's file and
+    SHA-256. Two figures are comparable only when their protocols match."""
+    manifest = real_info.get("manifest")
+    real = {**real_info, "manifest_sha256": file_sha256(manifest) if isinstance(manifest, str) else None}
+    protocol = {
+        "num_generated_videos": metric["num_generated_videos"], "num_real_videos": metric["num_real_videos"],
+        "frames_per_video": num_frames, "resolution": resolution, "real_fps": real.pop("fps"),
+        "training_fps": training_fps, "real": real,
+        "feature_extractor": {"file": extractor.file, "sha256": extractor.sha256},
+    }
+    if "comparable_to_published" in metric:
+        protocol["published_sample_size"] = metric["published_sample_size"]
+        protocol["comparable_to_published"] = metric["comparable_to_published"]
+    return protocol
 
 
 @torch.no_grad()
@@ -181,8 +234,13 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
     timings["generate_s"] = round(time.time() - started, 2)
     logger.info("evaluation: %d videos generated in %.1f s", len(generated), timings["generate_s"])
     needs_reference = {"fvd", "fid"} & set(config.metrics)
-    real, paired = reference_videos(prompts, num_frames, resolution, run_config.data.frame_stride,
-                                    config.reference_manifest or (str(training_manifest) if needs_reference else None))
+    real, paired, real_info = reference_videos(
+        prompts, num_frames, resolution, run_config.data.frame_stride,
+        config.reference_manifest or (str(training_manifest) if needs_reference else None), run_config.data.target_fps)
+    if real_info:
+        real_info["same_frame_rate_as_training"] = True  # clips read from files use the training windows
+    if real_info.get("source") == RENDERED:
+        _rendered_frame_rate(real_info, training_manifest, run_config.data)
 
     results: dict = {}
     for metric in config.metrics:
@@ -190,10 +248,11 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
         if metric in ("fvd", "fid") and real is None:
             raise ValueError(f"{metric.upper()} needs real clips: these prompts have none; give a reference "
                              f"manifest (--reference / eval.reference_manifest)")
-        if metric == "fvd":
-            results["fvd"] = M.fvd(extractors.i3d, real, generated)
-        elif metric == "fid":
-            results["fid"] = M.fid(extractors.inception, real, generated)
+        if metric in ("fvd", "fid"):
+            compute, extractor = {"fvd": (M.fvd, extractors.i3d), "fid": (M.fid, extractors.inception)}[metric]
+            results[metric] = compute(extractor, real, generated)
+            results[metric]["protocol"] = frechet_protocol(results[metric], extractor, real_info, num_frames,
+                                                           resolution, run_config.data.target_fps)
         elif metric == "clip":
             results["clip"] = M.clip_scores(extractors.clip, generated, [p.prompt for p in prompts])
         elif metric == "alignment":

@@ -9,12 +9,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+try:
+    from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
+except ImportError:
+    from omegaconf._utils import get_yaml_loader  # omegaconf 2.3
 
 BUNDLED_TEXT_ENCODERS = {
     # name -> (python package that ships the weights, folder inside it)
@@ -80,6 +91,12 @@ class UNetConfig:
     pretrained: Optional[str] = None
     pretrained_format: str = "auto"  # auto | facevid | unet3d | unet2d
     subfolder: Optional[str] = None
+    # An AnimateDiff motion module (diffusers MotionAdapter folder, or an original mm_*.ckpt / .safetensors file)
+    # that becomes the temporal layers of the image UNet in `pretrained` (models/animatediff.py).
+    motion_module: Optional[str] = None
+    # frame: GroupNorm per frame, as the original AnimateDiff code trained them; video: pooled over the frames,
+    # as diffusers' AnimateDiffPipeline runs them.
+    motion_module_norm: str = "frame"
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, True])
@@ -89,8 +106,12 @@ class UNetConfig:
     temporal_feed_forward: bool = False
     attention_head_dim: int = 32
     norm_num_groups: int = 32
-    pooled_text_conditioning: bool = True  # mean text state added to the timestep embedding (see FaceVidUNet3D)
+    pooled_text_conditioning: bool = False  # mean text state added to the timestep embedding (see FaceVidUNet3D)
     attention_backend: str = "auto"  # auto | sdpa | math | xformers
+    # facevid = FaceVid's own layers; modelscope = the options that make the UNet exactly diffusers'
+    # UNet3DConditionModel (models/pretrained.py: UNET3D_LAYOUT), so export.py writes a standard
+    # TextToVideoSDPipeline. Ignored with unet.pretrained (the pretrained config fixes the layers).
+    layout: str = "facevid"  # facevid | modelscope
     gradient_checkpointing: bool = False
 
 
@@ -114,9 +135,15 @@ class SampleConfig:
     scheduler: str = "dpm++"  # dpm++ | ddim
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
+    # Rescale the guided prediction's std to the conditional one's (Lin et al. 2023, "Common Diffusion Noise
+    # Schedules and Sample Steps are Flawed"): 0 = off; 0.7 recommended with zero-terminal SNR at guidance 7.5.
+    guidance_rescale: float = 0.0
     negative_prompt: str = ""
     seed: int = 0
-    fps: float = 8.0
+    # Frame rate of written videos. null = the fps the model was trained at, so motion plays at its real
+    # speed: data.target_fps when set, else the clips' fps / data.frame_stride, else 8 (facevid/stages.py:
+    # training_fps). A run's config.yaml records the value it resolved to.
+    fps: Optional[float] = None
 
 
 @dataclass
@@ -140,7 +167,32 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     replica_check_every: int = 0  # >0: every N steps, fail loudly if data-parallel ranks' weights differ
+    # Optimizer steps whose loss or gradients are NaN/inf are never applied. Up to this many in a row are
+    # skipped (a rare bad batch); one more stops the run with an error naming the step and the last good
+    # checkpoint (a diverged run: every later step is bad too). 0 = stop at the first one.
+    max_nonfinite_steps: int = 0
+    # How long a collective (barrier, all-gather) may wait for the slowest rank before the run fails.
+    process_group_timeout_s: int = 1800
     wandb_project: str = "facevid"
+    # What is trained (facevid/trainable.py): all | temporal (only the temporal layers: AnimateDiff's recipe on an
+    # image UNet inflated with unet.pretrained_format=unet2d) | patterns (only trainable_include) | lora (adapters
+    # only, see `lora`). Patterns are shell-style (fnmatch) over parameter names, e.g. "*.temporal.*", "conv_in.*";
+    # include adds to the mode's selection, exclude removes from it. A pattern that matches nothing is an error.
+    trainable: str = "all"
+    trainable_include: list[str] = field(default_factory=list)
+    trainable_exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (models/lora.py, through PEFT) when train.trainable=lora; the base UNet stays frozen."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0
+    # fnmatch patterns over module names; each must match at least one Linear / Conv layer. The default: every
+    # attention projection (spatial, cross and temporal). Add e.g. "*.ff.*" (feed-forwards) or "*.resnet.conv*".
+    target_modules: list[str] = field(default_factory=lambda: ["*.to_q", "*.to_k", "*.to_v", "*.to_out"])
 
 
 @dataclass
@@ -196,6 +248,7 @@ class RunConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvaluationConfig = field(default_factory=EvaluationConfig)
     plugin: PluginConfig = field(default_factory=PluginConfig)
@@ -207,16 +260,44 @@ CHOICES = {
     "stage": ("vae", "t2v"),
     "task": ("t2v", "i2v", "uncond"),
     "unet.pretrained_format": ("auto", "facevid", "unet3d", "unet2d"),
+    "unet.motion_module_norm": ("frame", "video"),
     "data.cache": ("none", "use", "auto"),
     "data.cache_dtype": ("fp16", "bf16", "fp32"),
     "unet.attention_backend": ("auto", "sdpa", "math", "xformers"),
+    "unet.layout": ("facevid", "modelscope"),
     "diffusion.prediction_type": ("epsilon", "v_prediction"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "sample.scheduler": ("dpm++", "ddim"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.tracker": ("tensorboard", "wandb", "none"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"),
+    "train.trainable": ("all", "temporal", "patterns", "lora"),
 }
+
+
+# Keys whose "off" choice is what `off` / `false` (and a YAML 1.1 `no`) mean.
+OFF_CHOICES = {"train.mixed_precision": "no", "data.cache": "none", "train.tracker": "none"}
+
+
+class _Loader(get_yaml_loader()):
+    """OmegaConf's YAML loader with YAML 1.2 booleans: only true/false are booleans. YAML 1.1 also reads
+    `no`, `off`, `yes`, `on` as booleans, so `train.mixed_precision=no` arrived as 'False'. Boolean keys
+    still accept yes/no/on/off (OmegaConf converts those strings)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
 
 
 def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -224,7 +305,10 @@ def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config 'base' chain loops back to {path}")
-    raw = OmegaConf.load(path)
+    content = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(content, (dict, type(None))):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(content).__name__}")
+    raw = OmegaConf.create(content or {})
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -236,10 +320,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
     schema = OmegaConf.structured(RunConfig)
     layers = [_load_yaml_with_bases(Path(path))] if path else []
+    dotlist = OmegaConf.create()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+        key, value = item.split("=", 1)
+        OmegaConf.update(dotlist, key, _parse_yaml(value, f"override {item!r}"))
+    layers.append(dotlist)
     try:
         merged = OmegaConf.merge(schema, *layers)
         # Resolve interpolations and MISSING now so a bad config fails before any work.
@@ -250,6 +337,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         raise ConfigError(f"config key '{err.full_key}' has a value of the wrong type: {err.msg}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {err.msg}") from None
+    for key, off in OFF_CHOICES.items():
+        if str(_get(cfg, key)).lower() in ("off", "false", "no"):
+            parent, _, name = key.rpartition(".")
+            setattr(_get(cfg, parent), name, off)
     validate(cfg)
     return cfg
 
@@ -296,6 +387,80 @@ def _looks_local(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def _model_file(name: str, subfolder: Optional[str], filename: str) -> Path | None:
+    """A model's file when it is on this machine: in a local folder, or in the local Hugging Face cache."""
+    relative = f"{subfolder}/{filename}" if subfolder else filename
+    if _looks_local(name):
+        path = Path(name).expanduser() / relative
+        return path if path.is_file() else None
+    found = try_to_load_from_cache(name, relative)
+    return Path(found) if isinstance(found, str) else None
+
+
+def text_encoder_positions(cfg: RunConfig) -> int | None:
+    """How many token positions the text encoder has (None: no fixed limit, or its config is not at hand)."""
+    config_file = _model_file(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.subfolder,
+                              "config.json")
+    if config_file is None:
+        return None
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") in ("t5", "mt5", "umt5"):
+        return None  # relative position buckets: any length works
+    config = config.get("text_config") or config  # a full CLIPModel folder keeps the text tower's config here
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _offline() -> bool:
+    # Read at call time (huggingface_hub reads it once, at import).
+    return any(os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE")
+               for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_ids(cfg: RunConfig) -> list[tuple[str, str, Optional[str]]]:
+    """(config key, hub id, subfolder) of every model the run would fetch from the Hugging Face Hub."""
+    named = [("text_encoder.pretrained", resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.subfolder),
+             ("unet.pretrained", cfg.unet.pretrained, cfg.unet.subfolder)]
+    if cfg.stage == "t2v":
+        named.append(("vae.pretrained", cfg.vae.pretrained, cfg.vae.subfolder))
+    if cfg.eval.every and "clip" in cfg.eval.metrics:
+        named.append(("eval.clip", cfg.eval.clip, None))
+    return [(key, name, sub) for key, name, sub in named if name and not _looks_local(name)]
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One request with a short timeout. huggingface_hub retries a failed request 5 times with backoff, each
+    try waiting up to HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT (10 s): minutes before an unreachable hub
+    gives up."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_hub_models(cfg: RunConfig) -> None:
+    """A hub id must be in the local cache when offline, and the hub reachable when it is not cached."""
+    models = _hub_ids(cfg)
+    missing = [(key, name, sub) for key, name, sub in models
+               if not any(_model_file(name, sub, f) for f in ("config.json", "model_index.json"))]
+    if not missing:
+        return
+    key, name, _ = missing[0]
+    fix = (f"download it on a connected machine (`huggingface-cli download {name}`, then copy the Hugging Face "
+           f"cache, {hub_constants.HF_HUB_CACHE}) or set {key} to a local folder holding the model")
+    if _offline():
+        _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub is off "
+              f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set): {fix}")
+    if not _hub_reachable():
+        _fail(key, name, f"is a Hugging Face Hub id that is not in the local cache, and the hub "
+              f"({hub_constants.ENDPOINT}) cannot be reached from this machine: {fix}")
+
+
 def vae_downscale_factor(cfg: RunConfig) -> int | None:
     """Spatial factor of the VAE, when it can be known without a download."""
     if cfg.stage == "vae" or not cfg.vae.pretrained:
@@ -319,18 +484,21 @@ def validate(cfg: RunConfig) -> None:
         "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-        "eval.synth_heldout", "eval.batch_size",
+        "eval.synth_heldout", "eval.batch_size", "train.process_group_timeout_s",
     ]
     for key in positive_ints:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every",
-                "train.replica_check_every", "eval.every", "vae.layers_per_block", "vae.kl_weight"]:
+                "train.replica_check_every", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
+                "vae.kl_weight"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
-    for key in ["train.learning_rate", "train.max_grad_norm", "sample.fps"]:
+    for key in ["train.learning_rate", "train.max_grad_norm"]:
         if not _get(cfg, key) > 0:
             _fail(key, _get(cfg, key), "must be > 0")
+    if cfg.sample.fps is not None and not cfg.sample.fps > 0:
+        _fail("sample.fps", cfg.sample.fps, "must be > 0, or null for the fps the model is trained at")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         _fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
@@ -347,6 +515,11 @@ def validate(cfg: RunConfig) -> None:
               "(epsilon cannot be predicted at the pure-noise step)")
     if cfg.sample.guidance_scale < 1.0:
         _fail("sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 1 (1 = no guidance)")
+    if not 0.0 <= cfg.sample.guidance_rescale <= 1.0:
+        _fail("sample.guidance_rescale", cfg.sample.guidance_rescale, "must be in [0, 1] (0 = off, e.g. 0.7)")
+    if cfg.unet.layout == "modelscope" and cfg.unet.pooled_text_conditioning and not cfg.unet.pretrained:
+        _fail("unet.pooled_text_conditioning", True, "UNet3DConditionModel (unet.layout=modelscope) has no "
+              "pooled-text path: set it to false, or unet.layout=facevid")
 
     levels = len(cfg.unet.block_out_channels)
     if levels < 1 or len(cfg.unet.attention_levels) != levels:
@@ -396,13 +569,49 @@ def validate(cfg: RunConfig) -> None:
                   "or give a hub id)")
         if cfg.unet.pretrained and _looks_local(cfg.unet.pretrained) and not Path(cfg.unet.pretrained).exists():
             _fail("unet.pretrained", cfg.unet.pretrained, "local folder not found")
+        if cfg.unet.motion_module and not cfg.unet.pretrained:
+            _fail("unet.motion_module", cfg.unet.motion_module, "needs unet.pretrained: the image UNet (e.g. Stable "
+                  "Diffusion 1.5) whose temporal layers it becomes")
+        if cfg.unet.motion_module and not Path(cfg.unet.motion_module).exists():
+            _fail("unet.motion_module", cfg.unet.motion_module, "not found (a diffusers MotionAdapter folder or "
+                  "an AnimateDiff .ckpt / .safetensors file)")
     encoder = resolve_pretrained(cfg.text_encoder.pretrained)
     if _looks_local(encoder) and not Path(encoder).exists():
         _fail("text_encoder.pretrained", cfg.text_encoder.pretrained, "local folder not found")
+    _check_hub_models(cfg)
+    positions = text_encoder_positions(cfg)
+    if positions is not None and cfg.text_encoder.max_length > positions:
+        _fail("text_encoder.max_length", cfg.text_encoder.max_length, f"must be at most {positions}: the text "
+              f"encoder {cfg.text_encoder.pretrained} has {positions} token positions")
     _validate_evaluation(cfg)
+    _validate_trainable(cfg)
     import_plugin(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
+
+
+def _validate_trainable(cfg: RunConfig) -> None:
+    """What can be checked without the model; facevid/trainable.py checks the patterns against its names."""
+    t = cfg.train
+    if t.trainable == "patterns" and not t.trainable_include:
+        _fail("train.trainable_include", [], "train.trainable=patterns trains only what it names: give at least "
+              "one pattern, e.g. ['*.temporal.*']")
+    if t.trainable != "lora":
+        return
+    if cfg.stage != "t2v":
+        _fail("train.trainable", "lora", "LoRA adapters are for the UNet of stage t2v")
+    if t.trainable_include or t.trainable_exclude:
+        _fail("train.trainable_include" if t.trainable_include else "train.trainable_exclude",
+              list(t.trainable_include or t.trainable_exclude),
+              "is not used with train.trainable=lora (choose the adapted layers with lora.target_modules)")
+    if cfg.lora.rank < 1:
+        _fail("lora.rank", cfg.lora.rank, "must be an integer >= 1")
+    if not cfg.lora.alpha > 0:
+        _fail("lora.alpha", cfg.lora.alpha, "must be > 0 (the adapter's scale is alpha / rank)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    if not cfg.lora.target_modules:
+        _fail("lora.target_modules", [], "needs at least one pattern, e.g. ['*.to_q', '*.to_v']")
 
 
 def _validate_evaluation(cfg: RunConfig) -> None:
@@ -447,7 +656,8 @@ def import_plugin(cfg: RunConfig):
 # Keys that may name local files or folders. A run's saved config names them by absolute path: sample.py and
 # evaluate.py read it from any working directory, where a relative "runs/demo-vae/vae" would silently load
 # whichever VAE sits there (or none).
-LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "text_encoder.pretrained",
+LOCAL_PATH_KEYS = ("data.manifest", "data.cache_dir", "vae.pretrained", "unet.pretrained", "unet.motion_module",
+                   "text_encoder.pretrained",
                    "eval.prompts_file", "eval.reference_manifest", "eval.i3d", "eval.inception", "eval.clip")
 
 

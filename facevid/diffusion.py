@@ -3,9 +3,13 @@ how the loss is weighted is the objective's business: facevid/objective.py)."""
 
 from __future__ import annotations
 
+import inspect
+import math
+
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from facevid.config import DiffusionConfig
+from facevid.config import ConfigError, DiffusionConfig
+from models.pretrained import pretrained_scheduler_config
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
@@ -20,6 +24,45 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         rescale_betas_zero_snr=cfg.zero_terminal_snr,
         clip_sample=False,
     )
+
+
+# The settings that define what a trained UNet's timesteps and outputs mean.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+
+
+def pretrained_schedule_mismatches(scheduler_config: dict, cfg: DiffusionConfig) -> list[str]:
+    """`diffusion.KEY: run V, pretrained W` for each SCHEDULE_KEYS setting where the run's diffusion config differs
+    from a pretrained pipeline's scheduler config (keys it omits take diffusers' defaults, which it then used).
+    zero_terminal_snr is not compared: rescaling the same betas to zero terminal SNR is a deliberate fine-tuning
+    change (Lin et al. 2023 fine-tune Stable Diffusion that way)."""
+    defaults = inspect.signature(DDPMScheduler.__init__).parameters
+    problems = []
+    for key in SCHEDULE_KEYS:
+        ours, theirs = getattr(cfg, key), scheduler_config.get(key, defaults[key].default)
+        same = math.isclose(ours, theirs, rel_tol=1e-6) if isinstance(ours, float) else ours == theirs
+        if not same:
+            problems.append(f"diffusion.{key}: run {ours!r}, pretrained {theirs!r}")
+    return problems
+
+
+def check_pretrained_schedule(pretrained: str, subfolder: str | None, cfg: DiffusionConfig) -> None:
+    """Refuse a run whose noise schedule differs from the one its pretrained UNet was trained with (when the
+    pretrained pipeline ships scheduler/scheduler_config.json).
+
+    Refused rather than adopted: the run's config.yaml stays the one record of the objective that sampling and
+    export read, and a mismatch is nearly always a mistake (a UNet trained on other noise levels, or with other
+    targets, starts training from a broken function)."""
+    found = pretrained_scheduler_config(pretrained, subfolder)
+    if found is None:
+        return
+    scheduler_config, where = found
+    problems = pretrained_schedule_mismatches(scheduler_config, cfg)
+    if problems:
+        fix = " ".join(f"diffusion.{key}={scheduler_config.get(key)}" for key in SCHEDULE_KEYS
+                       if any(p.startswith(f"diffusion.{key}:") for p in problems) and key in scheduler_config)
+        raise ConfigError(f"config key 'unet.pretrained' = {pretrained!r}: its noise schedule ({where}) differs "
+                          f"from the run's: {'; '.join(problems)}. Train with the pretrained schedule"
+                          f"{' (' + fix + ')' if fix else ''}, or start from another UNet.")
 
 
 def build_sampler(train_scheduler_config, name: str):

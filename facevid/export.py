@@ -16,6 +16,7 @@ run's training schedule), the tokenizer keeps the run's max_length and the text 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from facevid.diffusion import build_sampler
-from facevid.pipeline import FaceVidPipeline, load_first_frame
+from facevid.pipeline import FaceVidPipeline, load_first_frame, sampling_options
+from models.lora import LORA_WEIGHT_NAME, lora_folder, lora_to_unet3d
 from models.pretrained import to_unet3d, unet3d_incompatibilities
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
@@ -72,19 +74,22 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
-                 num_frames: int = 8, chunk_frames: int = 16, objective: dict | None = None):
+                 num_frames: int = 8, chunk_frames: int = 16, objective: dict | None = None,
+                 guidance_rescale: float = 0.0):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         # objective: the run's Objective.to_dict() (facevid/objective.py), which sampling repeats.
         self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames,
                                 objective=objective)
+        self.register_to_config(guidance_rescale=guidance_rescale)  # the run's sample.guidance_rescale
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, num_videos: int = 1,
                  negative_prompt: str = "", num_frames: int | None = None, resolution: int | None = None,
-                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0) -> FaceVidPipelineOutput:
+                 num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
+                 guidance_rescale: float | None = None) -> FaceVidPipelineOutput:
         """`image` (i2v): a file path (image or video frame 0), or (3, H, W) / (N, 3, H, W) in [-1, 1]. Video i is
-        seeded by seed + i, as in sample.py."""
+        seeded by seed + i, as in sample.py. guidance_rescale: None = the run's sample.guidance_rescale."""
         resolution = resolution or self.config.resolution
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if isinstance(image, (str, Path)):
@@ -95,11 +100,12 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
             prompts = [""] * len(image)  # image-to-video without a prompt: the empty prompt
         sampling = FaceVidPipeline(self.unet, self.vae, _TokenizerEncoder(self.tokenizer, self.text_encoder),
                                    self.scheduler.config, self.config.chunk_frames, task=self.config.task,
-                                   objective=self.config.get("objective"))
+                                   objective=self.config.get("objective"),
+                                   guidance_rescale=self.config.get("guidance_rescale", 0.0))
         frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
                           num_frames=num_frames or self.config.num_frames, resolution=resolution,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          scheduler=self.scheduler, seed=seed)
+                          scheduler=self.scheduler, seed=seed, guidance_rescale=guidance_rescale)
         return FaceVidPipelineOutput(frames=frames)
 
 
@@ -108,16 +114,23 @@ class ExportError(ValueError):
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, scheduler: str | None = None,
-               format: str = "auto") -> str:
+               format: str = "auto", merge_lora: bool = False) -> str:
     """Write `run_dir`'s model as a diffusers folder; returns the kind written ("unet3d" or "facevid").
 
     format: "unet3d" (TextToVideoSDPipeline + UNet3DConditionModel; refused, with the reasons, when the
     backbone has no such equivalent), "facevid" (FaceVidDiffusersPipeline + FaceVidUNet3D), or "auto" (unet3d
     when possible).
+
+    A LoRA run (train.trainable=lora) exports its base UNet plus OUT/pytorch_lora_weights.safetensors (in the
+    exported UNet's module names), or with merge_lora the adapters merged into the UNet's weights.
     """
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; valid: {', '.join(EXPORT_FORMATS)}")
-    pipe = FaceVidPipeline.from_run(run_dir, use_ema=use_ema)
+    adapter = lora_folder(run_dir, use_ema)
+    if merge_lora and adapter is None:
+        raise ExportError(f"--merge-lora: {run_dir} has no LoRA adapters (lora/ or lora_ema/); it was not trained "
+                          "with train.trainable=lora")
+    pipe = FaceVidPipeline.from_run(run_dir, use_ema=use_ema, apply_lora=merge_lora)
     cfg = pipe.run_config
     problems = unet3d_incompatibilities(pipe.unet.config) + pipe.objective.unet3d_incompatibilities()
     if type(pipe.unet) is not FaceVidUNet3D:  # a plug-in's subclass adds layers UNet3DConditionModel lacks
@@ -143,7 +156,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
         exported = FaceVidDiffusersPipeline(
             unet=pipe.unet, vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sampler,
             task=cfg.task, resolution=cfg.data.resolution, num_frames=cfg.data.num_frames,
-            chunk_frames=cfg.vae.chunk_frames, objective=pipe.objective.to_dict())
+            chunk_frames=cfg.vae.chunk_frames, objective=pipe.objective.to_dict(), **sampling_options(cfg))
         exported.save_pretrained(out)
         shim = _PIPELINE_SHIM
         if type(pipe.unet) is not FaceVidUNet3D:  # diffusers loads a component's class only from an imported module
@@ -154,11 +167,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
         index["_class_name"] = ["pipeline", "FaceVidDiffusersPipeline"]
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         kind = "facevid"
-    (out / "README.md").write_text(_model_card(kind, cfg, run_dir, pipe.weights, scheduler))
+    lora_file = None
+    if adapter is not None and not merge_lora:
+        if kind == "unet3d":
+            lora_file = lora_to_unet3d(adapter, pipe.unet, out)
+        else:
+            lora_file = Path(shutil.copy(adapter / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME))
+    (out / "README.md").write_text(_model_card(kind, cfg, run_dir, pipe.weights, scheduler, lora_file))
     return kind
 
 
-def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str) -> str:
+def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str, lora_file: Path | None = None) -> str:
     task, frames, res = cfg.task, cfg.data.num_frames, cfg.data.resolution
     if kind == "unet3d":
         prompt = '""' if task == "uncond" else '"a person talking"'
@@ -168,11 +187,31 @@ def _model_card(kind: str, cfg, run_dir, weights: str, scheduler: str) -> str:
                 f"frames = pipe({prompt}, num_frames={frames}, height={res}, width={res}{guidance},\n"
                 f"              num_inference_steps={cfg.sample.num_inference_steps}, "
                 "generator=torch.Generator().manual_seed(0)).frames  # = sample.py --seed 0, one prompt per call")
+        if cfg.sample.guidance_rescale:
+            load += (f"\n# TextToVideoSDPipeline has no guidance rescale: these frames are sample.py's with "
+                     f"--guidance-rescale 0\n# (the run samples with sample.guidance_rescale="
+                     f"{cfg.sample.guidance_rescale}).")
     else:
         call = {"t2v": '"a person talking"', "i2v": '"a person talking", image="face.png"',
                 "uncond": "num_videos=4"}[task]
         load = ("from diffusers import DiffusionPipeline  # needs `pip install facevid`\n\n"
                 'pipe = DiffusionPipeline.from_pretrained(".", trust_remote_code=True)  # FaceVidDiffusersPipeline\n'
                 f"frames = pipe({call}, seed=0).frames  # uint8 (N, {frames}, {res}, {res}, 3)")
-    return (f"# FaceVid {task} model\n\nExported from `{run_dir}` ({weights} weights) by `export.py`: "
+    card = (f"# FaceVid {task} model\n\nExported from `{run_dir}` ({weights} weights) by `export.py`: "
             f"{frames} frames at {res}x{res}, scheduler {scheduler}.\n\n```python\n{load}\n```\n")
+    if lora_file is not None:
+        # diffusers 0.42's pipe.load_lora_weights needs PeftAdapterMixin, which UNet3DConditionModel lacks: plain PEFT.
+        card += (f"\nThe UNet above is the base model; the trained LoRA adapter is `{lora_file.name}` (diffusers' PEFT "
+                 "format, `unet.`-prefixed keys, its LoraConfig in the file's metadata). Apply it before sampling:\n\n"
+                 "```python\nimport json\nfrom peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict\n"
+                 "from safetensors import safe_open\n\n"
+                 f'with safe_open("{lora_file.name}", "pt") as f:\n'
+                 '    state = {k.removeprefix("unet."): f.get_tensor(k) for k in f.keys()}\n'
+                 '    meta = json.loads(f.metadata()["lora_adapter_metadata"])\n'
+                 'config = {k.removeprefix("unet."): v for k, v in meta.items()}\n'
+                 'inject_adapter_in_model(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], '
+                 'target_modules=config["target_modules"]), pipe.unet)\n'
+                 "set_peft_model_state_dict(pipe.unet, state)\n```\n\n"
+                 "(with facevid installed: `models.lora.load_lora(pipe.unet, \".\")`). "
+                 "`export.py --merge-lora` writes the adapter merged into the UNet instead.\n")
+    return card

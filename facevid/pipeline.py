@@ -20,6 +20,7 @@ from facevid.config import RunConfig, import_plugin, load_config, resolve_pretra
 from facevid.diffusion import build_sampler
 from facevid.objective import Objective
 from facevid.tasks import check_request, condition_channels, first_frame_condition
+from models.lora import load_lora, lora_folder, merge_lora
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import decode_latents, downscale_factor, encode_video_posterior, load_vae
@@ -55,9 +56,34 @@ def load_unet(folder: Path, cfg: RunConfig):
     return unet_class.from_pretrained(folder)
 
 
+def sampling_options(cfg: RunConfig) -> dict:
+    """The run's sampling settings that a FaceVidPipeline keeps as its defaults (what training chose is in the
+    objective, passed on its own)."""
+    return {"guidance_rescale": cfg.sample.guidance_rescale}
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Classifier-free guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4): the guided prediction scaled to the conditional prediction's std (per video, over all
+    its elements), mixed with the plain guided one by `rescale` (phi). Strong guidance inflates the prediction's
+    std, which with zero-terminal SNR over-exposes the video; phi = 0.7 at guidance 7.5 is the paper's choice.
+    rescale = 0 returns `guided` unchanged."""
+    if rescale == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _checked_rescale(guidance_rescale: float) -> float:
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0 = off, e.g. 0.7)")
+    return guidance_rescale
+
+
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
-                 task: str | None = None, objective: Objective | dict | None = None):
+                 task: str | None = None, objective: Objective | dict | None = None, guidance_rescale: float = 0.0):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -66,6 +92,7 @@ class FaceVidPipeline:
         # The training objective (or its to_dict()): its noise prior, parameterisation and latent space are
         # what sampling must repeat. None = independent noise and a plain prediction.
         self.objective = objective if isinstance(objective, Objective) else Objective.from_dict(objective)
+        self.guidance_rescale = _checked_rescale(guidance_rescale)  # the default of __call__'s guidance_rescale (sample.guidance_rescale)
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
         if self.task == "i2v" and self.objective.parameterization.transforms_latents:
@@ -77,8 +104,10 @@ class FaceVidPipeline:
                              f"{unet.config.condition_channels}")
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
-        """Load a finished (or checkpointed) run: its config, UNet (EMA weights when present), VAE, encoder."""
+    def from_run(cls, run_dir: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                 apply_lora: bool = True):
+        """Load a finished (or checkpointed) run: its config, UNet (EMA weights when present), VAE, encoder.
+        A LoRA run's adapters (lora_ema/ or lora/) are merged into its base UNet unless apply_lora is False."""
         run_dir = Path(run_dir)
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
@@ -91,15 +120,22 @@ class FaceVidPipeline:
             raise FileNotFoundError(f"no trained UNet in {run_dir} (expected unet_ema/ or unet/); "
                                     "has the run finished? sample from it once training ends")
         unet = load_unet(folder, cfg).to(device).eval()
+        weights = folder.name
+        adapter = lora_folder(run_dir, use_ema)
+        if adapter is not None and apply_lora:
+            load_lora(unet, adapter)
+            merge_lora(unet)
+            weights = f"{folder.name} + {adapter.name}"
         vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(device).eval()
         encoder = FrozenTextEncoder(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length,
                                     cfg.text_encoder.subfolder).to(device)
         scheduler_config = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
         objective_file = run_dir / "objective.json"  # written by training; older runs: from the config
         objective = Objective.load(objective_file) if objective_file.is_file() else Objective.from_config(cfg.diffusion)
-        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task, objective=objective)
+        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task, objective=objective,
+                   **sampling_options(cfg))
         pipe.run_config = cfg
-        pipe.weights = folder.name
+        pipe.weights = weights
         return pipe
 
     @property
@@ -126,6 +162,7 @@ class FaceVidPipeline:
         scheduler="dpm++",
         seed: int | Sequence[int] = 0,
         progress: bool = False,
+        guidance_rescale: float | None = None,
     ) -> np.ndarray:
         """Returns uint8 videos (N, F, H, W, 3).
 
@@ -134,7 +171,9 @@ class FaceVidPipeline:
         videos, no prompts. `scheduler` is "dpm++", "ddim" or a ready diffusers scheduler. Video i's noise is
         seeded by seed + i, so a video does not depend on which others share the batch; a list of seeds gives
         each video its own (the same seed for two prompts that differ in one word shows that word's effect).
+        `guidance_rescale` (see rescale_guidance; None = the pipeline's, i.e. the run's sample.guidance_rescale).
         """
+        guidance_rescale = self.guidance_rescale if guidance_rescale is None else _checked_rescale(guidance_rescale)
         check_request(self.task, bool(prompts), images is not None)
         factor = downscale_factor(self.vae)
         if resolution % factor:
@@ -184,7 +223,7 @@ class FaceVidPipeline:
             prediction = self.unet(model_in, timesteps, text.to(self.unet.dtype), mask, condition=condition)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
-                prediction = uncond + guidance_scale * (cond - uncond)
+                prediction = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
             prediction = self.objective.prediction(prediction, latents, alphas_cumprod[int(t)])
             latents = sampler.step(prediction, t, latents).prev_sample
         if first is not None:

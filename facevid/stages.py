@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.video import tensor_to_frames
-from facevid.config import ConfigError, RunConfig, import_plugin, resolve_pretrained
-from facevid.diffusion import build_noise_scheduler
+from data.manifest import ClipRecord, read_manifest
+from data.video import VideoDecodeError, probe_video, tensor_to_frames
+from facevid.config import ConfigError, RunConfig, UNetConfig, import_plugin, resolve_pretrained
+from facevid.diffusion import build_noise_scheduler, check_pretrained_schedule
+from facevid.ema import ema_weights, trainable_parameters
 from facevid.objective import Objective
-from facevid.pipeline import FaceVidPipeline, write_samples
+from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
-from models.pretrained import load_pretrained_unet
+from models.lora import has_lora, save_lora, without_lora
+from models.pretrained import layout_options, load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import (
@@ -35,6 +39,44 @@ from models.vae import (
 )
 
 logger = logging.getLogger("facevid")
+
+FALLBACK_FPS = 8.0  # playback fps when the training clips' frame rate is unknown
+
+
+def training_fps(cfg: RunConfig, records: list[ClipRecord] | None = None) -> float:
+    """The frame rate a run's videos should play at: sample.fps when given, else the rate the model is trained
+    at (data.target_fps, or the clips' fps / data.frame_stride), else 8. `records` are the training clips; when
+    None they are read from data.manifest if it exists."""
+    if cfg.sample.fps is not None:
+        return float(cfg.sample.fps)
+    if cfg.data.target_fps is not None:
+        return float(cfg.data.target_fps)
+    if records is None:
+        manifest = Path(cfg.data.manifest)
+        records = read_manifest(manifest)[0] if manifest.is_file() else []
+    source = _clips_fps(records)
+    return source / cfg.data.frame_stride if source else FALLBACK_FPS
+
+
+def _clips_fps(records: list[ClipRecord]) -> float | None:
+    """The clips' typical frame rate: the manifest's values, else what the first readable videos' containers say."""
+    known = [r.fps for r in records if r.fps]
+    if not known:
+        for record in records[:3]:
+            try:
+                fps = probe_video(record.video).fps
+            except (OSError, VideoDecodeError):
+                continue
+            if fps:
+                known.append(fps)
+    return float(statistics.median(known)) if known else None
+
+
+def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen modules (text encoder, VAE): the mixed-precision weight dtype, as their outputs
+    only feed the autocast forward. Also on CPU, where bf16 is not slower: the MiniLM encoder runs a batch of 8
+    prompts 3x faster in bf16 than in fp32 on the development machines (AVX-512 BF16)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
 def _fixed_validation_clips(dataset, count: int) -> list[dict]:
@@ -82,11 +124,14 @@ class VAEStage:
         reconstruction, kl = model(frames, generator)
         mse = F.mse_loss(reconstruction.float(), frames.float())
         loss = mse + self.cfg.vae.kl_weight * kl
+        # Tensors, not floats: reading them here would wait for the device every micro-step; the trainer
+        # reads them only when it logs.
         extra, logs = self.extra_loss(reconstruction, frames)
-        return (loss if extra is None else loss + extra), {"mse": mse.item(), "kl": kl.item(), **logs}
+        return (loss if extra is None else loss + extra), {"mse": mse.detach(), "kl": kl.detach(), **logs}
 
     def extra_loss(self, reconstruction: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-        """Extension point: a term added to MSE + KL, and what to log of it (the demo's edge loss: demo/aids.py)."""
+        """Extension point: a term added to MSE + KL, and what to log of it, as detached tensors (the demo's edge
+        loss: demo/aids.py)."""
         return None, {}
 
     @torch.no_grad()
@@ -101,14 +146,14 @@ class VAEStage:
         pairs = np.stack([np.concatenate([tensor_to_frames(a.cpu()), tensor_to_frames(b.cpu())], axis=1)
                           for a, b in zip(clips, recon)])
         labels = [c["clip_id"] for c in self.validation_clips]
-        paths = write_samples(pairs, labels, out_dir, fps=self.cfg.sample.fps, formats=("mp4",))
+        paths = write_samples(pairs, labels, out_dir, fps=training_fps(self.cfg), formats=("mp4",))
         return {"reconstructions": paths}, {"val/psnr": float(psnr)}
 
     @torch.no_grad()
     def save_final(self, model: _VAEWithLoss, ema, run_dir: Path) -> None:
         vae = model.vae
-        if ema is not None:
-            ema.copy_to(vae.parameters())
+        if ema is not None:  # the EMA weights are what is saved (the training weights are no longer needed)
+            ema.copy_to(trainable_parameters(model))
         # Scale latents to unit variance for the diffusion model (what SD's 0.18215 does for its VAE).
         clips = torch.stack([self.dataset[i]["pixel_values"] for i in range(min(32, len(self.dataset)))])
         mean, _ = encode_video_posterior(vae, clips.to(self.device), self.cfg.vae.chunk_frames)
@@ -116,6 +161,24 @@ class VAEStage:
         vae.register_to_config(scaling_factor=scaling)
         vae.save_pretrained(run_dir / "vae")
         logger.info("VAE saved to %s (latent scaling factor %.4f)", run_dir / "vae", scaling)
+
+
+def unet_arguments(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> dict:
+    """FaceVidUNet3D's keyword arguments for the config's unet.* keys."""
+    return dict(
+        in_channels=latent_channels, out_channels=latent_channels, condition_channels=condition_channels,
+        block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
+        attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=u.norm_num_groups,
+        pooled_text_conditioning=u.pooled_text_conditioning,
+        **layout_options(u.layout, u.attention_levels, u.temporal_conv),
+        temporal_feed_forward=u.temporal_feed_forward,
+    )
+
+
+def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidUNet3D:
+    """The UNet that the config's unet.* keys describe, freshly initialised (bench/gpu_check.py builds it too)."""
+    return FaceVidUNet3D(**unet_arguments(u, latent_channels, condition_channels, cross_attention_dim))
 
 
 class TextToVideoStage:
@@ -127,10 +190,11 @@ class TextToVideoStage:
     def build(self, accelerator, dataset) -> nn.Module:
         cfg = self.cfg
         self.device = accelerator.device
-        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        weight_dtype = frozen_weight_dtype(accelerator.mixed_precision)
+        # Frozen, so never in fp32 under mixed precision: a T5-XXL encoder alone is ~19 GB per rank in fp32.
         self.text_encoder = FrozenTextEncoder(
             resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length, cfg.text_encoder.subfolder
-        ).to(self.device)
+        ).to(self.device, weight_dtype)
         self.vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(self.device, weight_dtype).requires_grad_(False)
         self.vae.eval()
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
@@ -146,18 +210,11 @@ class TextToVideoStage:
         latent_channels = self.vae.config.latent_channels
         extra_channels = condition_channels(cfg.task, latent_channels)
         if u.pretrained:
-            unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels)
+            unet = load_pretrained_unet(u.pretrained, u.pretrained_format, u.subfolder, extra_channels,
+                                        u.motion_module, u.motion_module_norm)
             self._check_pretrained(unet, latent_channels)
         else:
-            unet = self.build_unet(
-                in_channels=latent_channels, out_channels=latent_channels, condition_channels=extra_channels,
-                block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
-                attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
-                cross_attention_dim=self.text_encoder.hidden_size, norm_num_groups=u.norm_num_groups,
-                pooled_text_conditioning=u.pooled_text_conditioning,
-                temporal_conv=u.temporal_conv,
-                temporal_feed_forward=u.temporal_feed_forward,
-            )
+            unet = self.new_unet(**unet_arguments(u, latent_channels, extra_channels, self.text_encoder.hidden_size))
         factor = downscale_factor(self.vae) * 2 ** (len(unet.config.block_out_channels) - 1)
         if cfg.data.resolution % factor:
             raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
@@ -184,8 +241,8 @@ class TextToVideoStage:
         """The training objective (facevid/objective.py), saved with the run for sampling and export."""
         return Objective.from_config(self.cfg.diffusion, self.noise_scheduler)
 
-    def build_unet(self, **kwargs) -> FaceVidUNet3D:
-        """A new UNet from the core's keyword arguments (unet.* and the data's channels)."""
+    def new_unet(self, **kwargs) -> FaceVidUNet3D:
+        """A new UNet from the core's keyword arguments (unet_arguments: unet.* and the data's channels)."""
         return FaceVidUNet3D(**kwargs)
 
     def _check_pretrained(self, unet: FaceVidUNet3D, latent_channels: int) -> None:
@@ -198,6 +255,11 @@ class TextToVideoStage:
                               f"expects {unet.config.cross_attention_dim}-wide text states, the text encoder "
                               f"{self.cfg.text_encoder.pretrained!r} makes {text_width}-wide ones; use the text "
                               "encoder the UNet was trained with")
+        if u.pooled_text_conditioning and not unet.config.get("pooled_text_conditioning"):
+            raise ConfigError(f"config key 'unet.pooled_text_conditioning' = True is invalid with unet.pretrained = "
+                              f"{u.pretrained!r}: that UNet has no pooled-text layers (its config fixes the "
+                              "architecture); set unet.pooled_text_conditioning=false")
+        check_pretrained_schedule(u.pretrained, u.subfolder, self.cfg.diffusion)
         logger.info("UNet initialised from %s (architecture from its config; unet.block_out_channels etc. unused)",
                     u.pretrained)
 
@@ -231,7 +293,8 @@ class TextToVideoStage:
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
-                               self.cfg.vae.chunk_frames, task=self.cfg.task, objective=self.objective)
+                               self.cfg.vae.chunk_frames, task=self.cfg.task, objective=self.objective,
+                               **sampling_options(self.cfg))
 
     def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
         """(prompts, first frames, labels) for the task."""
@@ -257,17 +320,25 @@ class TextToVideoStage:
             num_frames=d.num_frames, resolution=d.resolution, num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale, scheduler=s.scheduler, seed=s.seed,
         )
-        paths = write_samples(videos, labels, out_dir, fps=s.fps, formats=("mp4",))
+        paths = write_samples(videos, labels, out_dir, fps=training_fps(self.cfg), formats=("mp4",))
         return {"samples": paths}, {}
 
     def save_final(self, model, ema, run_dir: Path) -> None:
-        model.save_pretrained(run_dir / "unet")
+        """unet/ (+ unet_ema/); a LoRA run (train.trainable=lora) instead writes its frozen base UNet to unet/ and
+        the adapters to lora/ (+ lora_ema/) as pytorch_lora_weights.safetensors (models/lora.py)."""
+        lora = has_lora(model)
+        with without_lora(model):
+            model.save_pretrained(run_dir / "unet")
+        if lora:
+            save_lora(model, run_dir / "lora")
         if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.save_pretrained(run_dir / "unet_ema")
-            ema.restore(model.parameters())
-        logger.info("UNet saved to %s", run_dir / ("unet_ema" if ema is not None else "unet"))
+            with ema_weights(ema, model):
+                if lora:
+                    save_lora(model, run_dir / "lora_ema")
+                else:
+                    model.save_pretrained(run_dir / "unet_ema")
+        saved = ("lora" if lora else "unet") + ("_ema" if ema is not None else "")
+        logger.info("UNet saved to %s%s", run_dir / saved, " (base weights in unet/)" if lora else "")
 
 
 STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}

@@ -37,10 +37,23 @@ from data.sampler import ShardedEpochSampler
 from facevid.cache_builder import build_cache, expected_fingerprint, rebuild_hint
 from facevid.config import RunConfig, save_config
 from facevid.curves import plot_training_curves
+from facevid.ema import ema_weights, trainable_parameters
+from facevid.engine import build_engine, process_group_kwargs
+from facevid.stages import training_fps
+from facevid.trainable import select_trainable
 
 logger = logging.getLogger("facevid")
 
 CHECKPOINT_PREFIX = "step-"
+PARTIAL_PREFIX = ".tmp-"  # a checkpoint being written; renamed to its final name once complete
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss, the gradients or the weights became NaN/inf: the run stops rather than train on garbage."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (typically a full disk); the previous one is intact."""
 
 
 @dataclass
@@ -68,6 +81,7 @@ def build_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s)],
     )
 
 
@@ -81,6 +95,33 @@ def _ignore_stop_signals_in_worker(_worker_id: int) -> None:
 def setup_logging(accelerator: Accelerator) -> None:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@torch.no_grad()
+def weights_checksum(params, chunk: int = 1 << 22) -> torch.Tensor:
+    """(sum, sum of squares) of every value, in float64, on the parameters' device. Summed a chunk of each
+    parameter at a time, so at most `chunk` float64 values exist at once (32 MB), never a float64 copy of the
+    model or of one large parameter; no host sync either."""
+    total = None
+    for param in params:
+        for piece in param.detach().reshape(-1).split(chunk):
+            piece = piece.double()
+            part = torch.stack([piece.sum(), piece.square().sum()])
+            total = part if total is None else total + part
+    return total
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _row_step(line: str) -> float:
+    """A log row's step; rows without one (older files) count as step -inf, a torn last line as +inf."""
+    try:
+        return json.loads(line).get("step", float("-inf"))
+    except ValueError:
+        return float("inf")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -107,25 +148,29 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.state = TrainerState()
         self._stop_requested = False
+        self._nonfinite_in_a_row = self._nonfinite_in_window = 0  # skipped optimizer steps (not checkpointed)
+        self._previous_handlers: dict = {}  # SIGTERM / SIGINT handlers to put back when fit() returns
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         setup_logging(acc)
+        self.engine = build_engine(acc)  # DDP or FSDP2, from the launch config (facevid/engine.py)
         set_seed(cfg.seed)  # model initialisation is identical on every rank and every run
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        logger.info("stage %s on %d process(es), device %s, mixed precision %s",
-                    cfg.stage, acc.num_processes, acc.device, acc.mixed_precision)
+            self._remove_partial_checkpoints()
+        logger.info("stage %s on %d process(es), engine %s, device %s, mixed precision %s",
+                    cfg.stage, acc.num_processes, self.engine.name, acc.device, acc.mixed_precision)
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
         if self.evaluation is not None and acc.is_main_process:
             self.evaluation.prepare(self.dataset, acc.device)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        logger.info("trainable parameters: %.2fM", sum(p.numel() for p in trainable) / 1e6)
+        select_trainable(self.model, cfg)  # train.trainable: freezes the rest (or adds LoRA adapters), logs counts
+        trainable = trainable_parameters(self.model)  # the only parameters the optimizer and the EMA see
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
             weight_decay=cfg.train.weight_decay,
@@ -142,7 +187,8 @@ class Trainer:
             self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        self.model, self.optimizer, self.lr_scheduler = self.engine.prepare(
+            self.model, self.optimizer, self.lr_scheduler, self.ema)
         # All training noise (timesteps, Gaussian noise, caption dropout, posterior samples) comes from here.
         self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
 
@@ -151,6 +197,7 @@ class Trainer:
         manifest = Path(cfg.data.manifest)
         records, skipped = read_manifest(manifest)
         self.manifest_skipped = skipped
+        self._resolve_playback_fps(records)
         if skipped and acc.is_main_process:
             logger.warning("%d manifest entries skipped:\n  %s", len(skipped), "\n  ".join(map(str, skipped[:20])))
         if not records:
@@ -174,6 +221,16 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
+    def _resolve_playback_fps(self, records) -> None:
+        """sample.fps null = the fps the model is trained at; config.yaml then records it for sample.py."""
+        cfg = self.cfg
+        if cfg.sample.fps is not None:
+            return
+        cfg.sample.fps = training_fps(cfg, records)
+        logger.info("videos play at %.4g fps, the rate the model is trained at (sample.fps)", cfg.sample.fps)
+        if self.accelerator.is_main_process:
+            save_config(cfg, self.run_dir / "config.yaml")
+
     def _cached_dataset(self, records) -> CachedClipDataset:
         cfg, acc = self.cfg, self.accelerator
         if cfg.data.cache == "auto":
@@ -192,18 +249,27 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
+        # A checkpoint of NaN weights would be useless, and rotation would delete the last good one for it.
+        if self._any_rank(not self._weights_finite()):
+            raise self._nonfinite_error("the model's weights are not finite (NaN or inf) at checkpoint time")
         root = self.run_dir / "checkpoints"
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step:08d}"
-        final, tmp = root / name, root / f".tmp-{name}"
+        final, tmp = root / name, root / f"{PARTIAL_PREFIX}{name}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        torch.save(self.generator.get_state(), tmp / f"noise_generator_{acc.process_index}.pt")
-        acc.wait_for_everyone()
+        error = None
+        try:
+            self.engine.save_state(tmp, self.ema)
+            torch.save(self.generator.get_state(), tmp / f"noise_generator_{acc.process_index}.pt")
+            if acc.is_main_process:
+                (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state), indent=2))
+        except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk ("unexpected pos")
+            error = err
+        if self._any_rank(error is not None):  # also the barrier: every rank learns of a failure on any rank
+            raise self._checkpoint_write_error(tmp, error) from error
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state), indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint intact
             for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
@@ -211,6 +277,23 @@ class Trainer:
             logger.info("checkpoint saved: %s", final)
         acc.wait_for_everyone()
         return final
+
+    def _checkpoint_write_error(self, tmp: Path, error: BaseException | None) -> CheckpointWriteError:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only takes space from the full disk
+        cause = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+        previous = list_checkpoints(self.run_dir)
+        kept = (f"the previous checkpoint {previous[-1].name} is intact" if previous
+                else "there is no earlier checkpoint")
+        return CheckpointWriteError(f"checkpoint at step {self.state.global_step} could not be written to "
+                                    f"{tmp.parent}: disk full? ({cause}) — {kept}")
+
+    def _remove_partial_checkpoints(self) -> None:
+        """A save interrupted by kill -9 or a crash leaves a .tmp- folder that nothing would ever remove."""
+        root = self.run_dir / "checkpoints"
+        for leftover in sorted(root.glob(f"{PARTIAL_PREFIX}*")) if root.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.warning("removed a partial checkpoint left by an interrupted save: %s", leftover)
 
     def _resolve_resume(self) -> Path | None:
         if self.cfg.resume is None:
@@ -226,9 +309,11 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
         logger.info("resuming from %s", path)
-        acc.load_state(str(path))
+        self.engine.load_state(path, self.ema)
         saved = json.loads((path / "trainer_state.json").read_text())
         self.state = TrainerState(**saved)
+        if acc.is_main_process:
+            self._drop_rows_after(self.state.global_step)
         generator_file = path / f"noise_generator_{acc.process_index}.pt"
         if self.state.world_size == acc.num_processes and generator_file.is_file():
             self.generator.set_state(torch.load(generator_file, weights_only=True))
@@ -237,6 +322,73 @@ class Trainer:
                            "(the run continues, but not bit-identically)", self.state.world_size, acc.num_processes)
             self.generator.manual_seed(self.cfg.seed * 1009 + acc.process_index + self.state.global_step)
             self.state.world_size = acc.num_processes
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Rows logged after the checkpoint (by a run killed before its next one) are logged again by the
+        resumed run: drop them, so every step appears once in metrics.jsonl and skipped_clips.jsonl."""
+        for name in ("metrics.jsonl", "skipped_clips.jsonl"):
+            path = self.run_dir / name
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if _row_step(line) <= step]
+            if len(kept) < len(lines):
+                rewritten = path.with_name(f"{PARTIAL_PREFIX}{name}")
+                rewritten.write_text("".join(kept), encoding="utf-8")
+                os.replace(rewritten, path)  # a kill now leaves the old file, never half of it
+                logger.info("%s: dropped %d row(s) logged after step %d", name, len(lines) - len(kept), step)
+
+    # ------------------------------------------------------- non-finite values
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any: ranks must take the same branch around collectives."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        return acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        """This rank's weights (its shards, under a sharding engine) hold no NaN/inf."""
+        params = [_local(p) for p in self.accelerator.unwrap_model(self.model).parameters()]
+        return bool(torch.stack([p.isfinite().all() for p in params]).all())
+
+    def _step_finite(self, grad_norm, losses_finite: torch.Tensor) -> bool:
+        """Whether this optimizer step's loss and gradients are finite. Checked once per optimizer step, not
+        per micro-step: the one host sync reads a scalar the clipping computed anyway, while the skip decision
+        must be made before the optimizer touches the weights."""
+        if grad_norm is not None and self.accelerator.scaler is None:
+            # The norm of the all-reduced gradients: NaN if any rank's loss was, and the same on every rank.
+            return bool(torch.isfinite(_local(grad_norm)))
+        # fp16 (its GradScaler skips overflowing steps by itself and lowers the scale: not an error), or an
+        # engine that clips internally: judge the loss, agreed across ranks.
+        return not self._any_rank(not bool(losses_finite))
+
+    def _count_nonfinite_step(self, step_finite: bool) -> None:
+        """After each optimizer step: a skipped (non-finite) step is counted and reported; one more in a row
+        than train.max_nonfinite_steps stops the run."""
+        limit = self.cfg.train.max_nonfinite_steps
+        self._nonfinite_in_a_row = 0 if step_finite else self._nonfinite_in_a_row + 1
+        if step_finite:
+            return
+        self._nonfinite_in_window += 1
+        step = self.state.global_step + 1
+        if self._nonfinite_in_a_row > limit:
+            raise self._nonfinite_error(f"the loss or its gradients are not finite (NaN or inf) for "
+                                        f"{self._nonfinite_in_a_row} optimizer step(s) in a row "
+                                        f"(train.max_nonfinite_steps={limit})", step=step)
+        logger.warning("step %d: non-finite loss or gradients, step skipped (%d in a row, at most %d)",
+                       step, self._nonfinite_in_a_row, limit)
+
+    def _nonfinite_error(self, what: str, step: int | None = None) -> NonFiniteLossError:
+        t = self.cfg.train
+        found = list_checkpoints(self.run_dir)
+        where = (f"The last good checkpoint is {found[-1]}: resume from it with resume=latest and a lower "
+                 f"train.learning_rate (now {t.learning_rate:g})" if found
+                 else f"No checkpoint was written yet: start again with a lower train.learning_rate (now "
+                      f"{t.learning_rate:g})")
+        return NonFiniteLossError(
+            f"step {self.state.global_step if step is None else step}: {what}; stopped without saving. {where}. "
+            f"A rare bad batch can instead be skipped with train.max_nonfinite_steps (now {t.max_nonfinite_steps})")
 
     # --------------------------------------------------------------- trackers
     def _init_trackers(self) -> None:
@@ -289,20 +441,16 @@ class Trainer:
     def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
         """With the EMA weights: validation samples (stage.validate) and/or the evaluation callback."""
         acc = self.accelerator
+        model, ema = self.engine.consolidated(self.model, self.ema)  # every rank takes part; rank 0 gets them
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            if self.ema is not None:  # sample with the EMA weights, then put the training weights back
-                self.ema.store(model.parameters())
-                self.ema.copy_to(model.parameters())
-            model.eval()
             step = self.state.global_step
             out_dir = self.run_dir / "samples" / f"step-{step:08d}"
-            media, metrics = self.stage.validate(model, out_dir, step) if samples else ({}, {})
-            if evaluate:
-                metrics = {**metrics, **self.evaluation(self.stage, model, step)}
-            model.train()
-            if self.ema is not None:
-                self.ema.restore(model.parameters())
+            with ema_weights(ema, model):  # sample with the EMA weights, then put the training weights back
+                model.eval()
+                media, metrics = self.stage.validate(model, out_dir, step) if samples else ({}, {})
+                if evaluate:
+                    metrics = {**metrics, **self.evaluation(self.stage, model, step)}
+                model.train()
             if metrics:
                 acc.log(metrics, step=step)
                 self._write_metrics({"step": step, **metrics})
@@ -316,8 +464,11 @@ class Trainer:
     def _check_replicas_agree(self) -> None:
         """Data-parallel ranks must hold identical weights after every optimizer step."""
         acc = self.accelerator
-        params = [p.detach().double().flatten() for p in acc.unwrap_model(self.model).parameters()]
-        checksum = torch.stack([torch.cat(params).sum(), (torch.cat(params) ** 2).sum()]).to(acc.device)
+        if not self.engine.replicated:
+            logger.info("step %d: replica check skipped: %s shards the weights (ranks differ by design)",
+                        self.state.global_step, self.engine.name)
+            return
+        checksum = weights_checksum(acc.unwrap_model(self.model).parameters()).to(acc.device)
         every_rank = acc.gather(checksum[None]).cpu()
         if not torch.equal(every_rank, every_rank[:1].expand_as(every_rank)):
             raise RuntimeError(f"step {self.state.global_step}: ranks' weights differ (checksums {every_rank.tolist()})")
@@ -336,12 +487,21 @@ class Trainer:
         self.state.skipped_clips += len(unique)
         with open(self.run_dir / "skipped_clips.jsonl", "a", encoding="utf-8") as handle:
             for source, reason in unique.items():
-                handle.write(json.dumps({"epoch": self.state.epoch, "video": source, "reason": reason}) + "\n")
+                handle.write(json.dumps({"step": self.state.global_step, "epoch": self.state.epoch, "video": source,
+                                         "reason": reason}) + "\n")
         lines = "\n  ".join(f"{s}: {r}" for s, r in list(unique.items())[:20])
         logger.warning("epoch %d: %d clip(s) skipped (unreadable, corrupt or too short):\n  %s%s",
                        self.state.epoch, len(unique), lines, "\n  ..." if len(unique) > 20 else "")
 
     def fit(self) -> Path:
+        """Train to train.max_steps (or until stopped); returns the run directory."""
+        try:
+            return self._fit()
+        finally:  # also after an error (NaN loss, full disk): Ctrl-C must work again in the caller
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _fit(self) -> Path:
         self._setup()
         acc, cfg = self.accelerator, self.cfg
         resume_from = self._resolve_resume()
@@ -349,14 +509,17 @@ class Trainer:
             self._load_checkpoint(resume_from)
         self.state.world_size = acc.num_processes
         self._init_trackers()
-        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         max_steps = cfg.train.max_steps
         progress = tqdm(total=max_steps, initial=self.state.global_step, desc=f"train {cfg.stage}",
                         disable=not acc.is_main_process, dynamic_ncols=True)
         self.model.train()
-        running_loss, running_count, window_start = 0.0, 0, time.time()
+        # running_loss = (sum, count) of the window's finite micro-batch losses, kept on the device: reading a
+        # loss every micro-step would make the host wait for the device each time.
+        running_loss, running_count, window_start = torch.zeros(2, device=acc.device), 0, time.time()
         fit_start = window_start
+        window_finite = None  # whether every micro-batch loss since the last optimizer step was finite (device)
         stopped_early = False
         while self.state.global_step < max_steps and not stopped_early:
             self.sampler.set_epoch(self.state.epoch, start_batch=self.state.batches_in_epoch)
@@ -369,33 +532,44 @@ class Trainer:
                     with acc.autocast():
                         loss, extra_logs = self.stage.compute_loss(self.model, batch, self.generator)
                     acc.backward(loss)
+                    loss_finite = torch.isfinite(loss.detach())
+                    window_finite = loss_finite if window_finite is None else window_finite & loss_finite
+                    step_finite = True
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-                    self.optimizer.step()
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                        step_finite = self._step_finite(grad_norm, window_finite)
+                    if step_finite:  # a non-finite step is never applied: the weights stay as they were
+                        self.optimizer.step()
                     if acc.sync_gradients:
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                running_loss += loss.detach().float().item()
+                running_loss += torch.stack([torch.where(loss_finite, loss.detach().float(), 0.0),
+                                             loss_finite.float()])
                 running_count += 1
                 if not acc.sync_gradients:
                     continue
 
+                window_finite = None
+                self._count_nonfinite_step(step_finite)  # raises past train.max_nonfinite_steps in a row
                 self.state.global_step += 1
                 step = self.state.global_step
-                if self.ema is not None:
-                    self.ema.step([p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad])
+                if self.ema is not None and step_finite:
+                    self.ema.step(trainable_parameters(acc.unwrap_model(self.model)))
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == max_steps:
-                    mean_loss = acc.reduce(torch.tensor(running_loss / running_count, device=acc.device),
-                                           "mean").item()
+                    mean_loss = acc.reduce(running_loss[0] / running_loss[1], "mean").item()  # NaN if none finite
                     rate = running_count / max(time.time() - window_start, 1e-9)
-                    logs = {"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0], **extra_logs}
+                    logs = {"loss": mean_loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                            **{k: float(v) for k, v in extra_logs.items()}}
+                    if self._nonfinite_in_window:
+                        logs["nonfinite_steps"] = self._nonfinite_in_window
                     progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
                     acc.log(logs, step=step)
                     if acc.is_main_process:
                         self._write_metrics({"step": step, "epoch": self.state.epoch,
                                              "elapsed_s": round(time.time() - fit_start, 3), **logs})
-                    running_loss, running_count, window_start = 0.0, 0, time.time()
+                    running_loss, running_count, window_start = torch.zeros(2, device=acc.device), 0, time.time()
+                    self._nonfinite_in_window = 0
 
                 if cfg.train.replica_check_every and step % cfg.train.replica_check_every == 0:
                     self._check_replicas_agree()
@@ -424,13 +598,11 @@ class Trainer:
 
         if not stopped_early:
             self._validate(samples=True, evaluate=bool(cfg.eval.every))
+            model, ema = self.engine.consolidated(self.model, self.ema)
             if acc.is_main_process:
-                model = acc.unwrap_model(self.model)
-                self.stage.save_final(model, self.ema, self.run_dir)
+                self.stage.save_final(model, ema, self.run_dir)
         acc.wait_for_everyone()
         acc.end_training()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
         return self.run_dir
 
 

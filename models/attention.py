@@ -3,6 +3,14 @@
 `attention()` is the single place where attention scores are computed, so every layer of the UNet
 (spatial, cross and temporal attention) can change kernel with one setting. The "math" backend is the
 readable reference the fast backends are tested against.
+
+Backend choice is a run-time matter, never a property of saved weights:
+- "auto" is torch SDPA on every device. On CUDA, SDPA itself dispatches to the flash or memory-efficient
+  (cutlass, the kernel xformers also uses) kernels, so xformers brings no kernel SDPA lacks; whether it is
+  faster for a given model and GPU is measured by bench/attention_backends.py, and a run that finds it faster
+  asks for it by name (unet.attention_backend: xformers).
+- "xformers" requested where it cannot run (not installed, or no CUDA device) falls back to "auto" with a
+  warning (`usable_attention_backend`), so a model trained with xformers still samples on a CPU machine.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +26,12 @@ from einops import rearrange
 from torch import nn
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "xformers")
+
+# CUDA attention kernels put the batch (in some, batch x heads) on a grid dimension capped at 65,535 blocks:
+# xformers' memory-efficient attention and older SDPA kernels fail above it. Temporal attention runs with batch
+# B*H*W (classifier-free guidance over 8 videos at 512 px: 16 x 64 x 64 = 65,536), so attention() splits the
+# batch into chunks of at most this many (batch x heads) rows.
+MAX_BATCH_HEADS = 65_535
 
 
 @functools.cache
@@ -33,11 +48,21 @@ def validate_attention_backend(backend: str) -> str:
 
 
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete backend for tensors on `device`."""
+    """Turn "auto" into a concrete backend for tensors on `device`: torch SDPA everywhere (see the module
+    docstring for why not xformers)."""
     validate_attention_backend(backend)
-    if backend != "auto":
-        return backend
-    return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    return "sdpa" if backend == "auto" else backend
+
+
+def usable_attention_backend(backend: str) -> str:
+    """`backend`, or "auto" with a warning when it is "xformers" and this machine cannot run xformers."""
+    validate_attention_backend(backend)
+    if backend == "xformers" and not (xformers_available() and torch.cuda.is_available()):
+        missing = "xformers is not installed" if not xformers_available() else "no CUDA device is available"
+        warnings.warn(f"attention backend 'xformers' was requested but {missing}; using 'auto' (torch SDPA) "
+                      "instead. The weights are the same whichever backend runs them.", stacklevel=2)
+        return "auto"
+    return backend
 
 
 def attention(
@@ -61,7 +86,19 @@ def attention(
     backend = resolve_attention_backend(backend, q.device)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
+    chunk = max(1, MAX_BATCH_HEADS // q.shape[1])
+    if q.shape[0] <= chunk:
+        return _attend(q, k, v, key_padding_mask, backend)
+    # Every batch row attends independently, so the chunks' results are exactly the whole batch's.
+    return torch.cat([
+        _attend(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk],
+                None if key_padding_mask is None else key_padding_mask[i : i + chunk], backend)
+        for i in range(0, q.shape[0], chunk)
+    ])
 
+
+def _attend(q, k, v, key_padding_mask, backend: str) -> torch.Tensor:
+    """attention() for one chunk of the batch, on a concrete backend."""
     if backend == "sdpa":
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -8,8 +8,13 @@
   mirrors its structure with the UNET3D_LAYOUT options, so the mapping is exact (same outputs, tests/test_pretrained).
 - `from_unet2d`: the image UNet's weights go into the spatial layers of a UNET3D_LAYOUT model whose temporal
   layers start as the identity, so the video model starts as the image model applied to every frame.
+- `load_pretrained_unet(path, motion_module=...)`: an image UNet plus an AnimateDiff motion module as its temporal
+  layers (models/animatediff.py).
 - `unet3d_incompatibilities(config)`: why a FaceVidUNet3D cannot be exported as UNet3DConditionModel (empty if
   it can).
+- `layout_options(layout, ...)`: the FaceVidUNet3D options of a named layout (config `unet.layout`); "modelscope"
+  builds, from scratch, a model that is exactly a UNet3DConditionModel.
+- `pretrained_scheduler_config(path)`: the noise schedule a pretrained pipeline was trained with, if it ships one.
 
 Only the options listed in UNET3D_OPTIONS / UNET2D_OPTIONS are mapped; any other value is refused with the
 option, its value and what is supported, rather than loading into a model that computes something else.
@@ -36,6 +41,22 @@ UNET3D_LAYOUT = {
     "temporal_position_encoding": "none",
     "cross_attention_mask": False,
 }
+
+LAYOUTS = ("facevid", "modelscope")
+
+
+def layout_options(layout: str, attention_levels, temporal_conv: bool = False) -> dict:
+    """FaceVidUNet3D keyword arguments for a named layout (config unet.layout), given the configured attention
+    levels and temporal_conv. facevid: FaceVid's own layers (temporal attention at every level, sinusoidal frame
+    positions). modelscope: UNET3D_LAYOUT with temporal attention exactly where spatial attention is, i.e.
+    diffusers' UNet3DConditionModel layer for layer (temporal_conv is part of it), so the trained model exports
+    as a standard TextToVideoSDPipeline."""
+    if layout == "facevid":
+        return {"temporal_conv": temporal_conv}
+    if layout == "modelscope":
+        return {**UNET3D_LAYOUT, "temporal_attention_levels": tuple(attention_levels)}
+    raise ValueError(f"unknown UNet layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+
 
 # Per diffusers option: the values the mapping supports (None = any value, read by the converter).
 UNET3D_OPTIONS = {
@@ -224,7 +245,8 @@ _TEMPORAL = {
     "norm_attn2": _BLOCK + "norm2", "attn2.to_out": _BLOCK + "attn2.to_out.0", "attn2": _BLOCK + "attn2",
     "norm_ff": _BLOCK + "norm3", **_FEED_FORWARD,
 }
-_TEMPORAL_MODULES = (".temporal.", ".temporal_conv.", "input_layer.")
+# Module-name parts of the layers an image UNet lacks (also what train.trainable=temporal trains).
+TEMPORAL_MODULES = (".temporal.", ".temporal_conv.", "input_layer.")
 
 
 def _module_pairs(config, temporal: bool) -> list[tuple[str, str, dict]]:
@@ -297,7 +319,7 @@ def _load_mapped(model: FaceVidUNet3D, source: dict, mapping: dict[str, str], te
     absent = sorted(v for v in mapping.values() if v not in source)
     # Without temporal source weights (2D), the temporal layers keep their identity initialisation.
     unmapped = sorted(k for k in model.state_dict() if k not in mapping
-                      and (temporal or not any(m in "." + k for m in _TEMPORAL_MODULES)))
+                      and (temporal or not any(m in "." + k for m in TEMPORAL_MODULES)))
     if unused or absent or unmapped:
         raise UnsupportedBackboneError(
             f"weight mapping mismatch: source keys not mapped {unused[:5]}, mapped keys missing in the source "
@@ -378,14 +400,47 @@ def detect_format(path: str, subfolder: str | None = None) -> tuple[str, str | N
     return CLASS_FORMATS[name], subfolder
 
 
+def pretrained_scheduler_config(path: str, subfolder: str | None = None) -> tuple[dict, str] | None:
+    """(config, where) of the noise scheduler shipped with a pretrained UNet: scheduler/scheduler_config.json of
+    the pipeline folder or repo `path`, or of the parent of a local unet folder; None when there is none."""
+    from diffusers import DDPMScheduler
+
+    local = Path(path) / (subfolder or "")
+    if local.is_dir():
+        for folder in (Path(path), local.parent):
+            config_file = folder / "scheduler" / "scheduler_config.json"
+            if config_file.is_file():
+                return DDPMScheduler.load_config(str(folder), subfolder="scheduler"), str(config_file)
+        return None
+    try:  # a hub repo: its scheduler/ folder, when it has one
+        return DDPMScheduler.load_config(path, subfolder="scheduler"), f"{path}/scheduler/scheduler_config.json"
+    except (OSError, ValueError):
+        return None
+
+
 def load_pretrained_unet(path: str, format: str = "auto", subfolder: str | None = None,
-                         condition_channels: int = 0) -> FaceVidUNet3D:
-    """A FaceVidUNet3D initialised from `path` (hub id or folder) in `format` (see FORMATS)."""
+                         condition_channels: int = 0, motion_module: str | None = None,
+                         motion_module_norm: str = "frame") -> FaceVidUNet3D:
+    """A FaceVidUNet3D initialised from `path` (hub id or folder) in `format` (see FORMATS). With
+    `motion_module` (an AnimateDiff motion module: MotionAdapter folder or weight file, models/animatediff.py)
+    `path` must be an image UNet, and the motion module becomes its temporal layers."""
     if format not in FORMATS:
         raise ValueError(f"unknown pretrained format {format!r}; valid: {', '.join(FORMATS)}")
     if format == "auto":
         format, subfolder = detect_format(path, subfolder)
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    if motion_module is not None:
+        from diffusers import UNet2DConditionModel
+
+        from models.animatediff import from_unet2d_and_motion, load_motion_module
+
+        if format != "unet2d":
+            raise UnsupportedBackboneError(
+                f"an AnimateDiff motion module goes into an image UNet (format unet2d, e.g. Stable Diffusion 1.5), "
+                f"but {path} is format {format!r}")
+        motion = load_motion_module(motion_module)  # first: a bad file fails before the UNet loads
+        return from_unet2d_and_motion(UNet2DConditionModel.from_pretrained(path, **kwargs), motion,
+                                      condition_channels, motion_module_norm)
     if format == "facevid":
         return with_condition_channels(FaceVidUNet3D.from_pretrained(path, **kwargs), condition_channels)
     from diffusers import UNet2DConditionModel, UNet3DConditionModel

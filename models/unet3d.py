@@ -24,9 +24,12 @@ layer, so its weights load here and ours export to it (models/pretrained.py): `f
 `temporal_conv` (a TemporalConvLayer after every ResnetBlock), `temporal_block="transformer"` (its
 TransformerTemporalModel), `input_temporal_transformer` (its `transformer_in`), `norm_eps`, and
 `cross_attention_mask=False` (those models attend to every text token, padding included).
+`temporal_block="animatediff"` mirrors an AnimateDiff motion module in the same slot (models/animatediff.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +39,24 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
-from models.attention import Attention, validate_attention_backend
+from models.attention import Attention, usable_attention_backend
 
 TEMPORAL_POSITION_ENCODINGS = ("sinusoidal", "none")
 FF_ACTIVATIONS = ("gelu", "geglu")
-TEMPORAL_BLOCKS = ("attention", "transformer")
+TEMPORAL_BLOCKS = ("attention", "transformer", "animatediff")
+TEMPORAL_NORMS = ("video", "frame")
+ANIMATEDIFF_HEADS = 8  # every AnimateDiff motion module: 8 heads of C/8 channels
+
+
+def interleaved_sinusoids(num_frames: int, dim: int, device=None) -> torch.Tensor:
+    """(num_frames, dim) frame positions as AnimateDiff's PositionalEncoding stores them: sin in the even
+    channels, cos in the odd ones (FaceVid's own "sinusoidal" puts all cos first, then all sin)."""
+    position = torch.arange(num_frames, device=device).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_frames, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table
 
 
 class GEGLU(nn.Module):
@@ -175,6 +191,11 @@ class TemporalTransformer(nn.Module):
     block="transformer" (UNet3DConditionModel's TransformerTemporalModel): GroupNorm over the whole video ->
         proj_in to heads * head_dim channels -> two self-attentions and a feed-forward (each LayerNorm'ed and
         residual) -> proj_out (zero-initialised) -> added to the input.
+    block="animatediff" (an AnimateDiff motion module): the "transformer" block with AnimateDiff's frame
+        positions (interleaved_sinusoids) added to the input of BOTH self-attentions.
+    norm (transformer / animatediff blocks): "video" = GroupNorm statistics over all frames of a video
+        (TransformerTemporalModel, diffusers' AnimateDiffTransformer3D); "frame" = each frame normalised on its
+        own (the original AnimateDiff code, which its published motion modules were trained with).
     """
 
     def __init__(
@@ -189,17 +210,19 @@ class TemporalTransformer(nn.Module):
         block: str = "attention",
         ff_activation: str = "gelu",
         groups: int = 32,
+        norm: str = "video",
     ):
         super().__init__()
         self.position_encoding = position_encoding
         self.block = block
+        self.norm_per_frame = norm == "frame"
         width = heads * head_dim
-        if block == "transformer":
+        if block != "attention":
             self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
             self.proj_in = nn.Linear(channels, width)
         self.norm_attn = nn.LayerNorm(width)
         self.attn = Attention(width, heads, head_dim, dropout=dropout, backend=backend)
-        if block == "transformer":
+        if block != "attention":
             self.norm_attn2 = nn.LayerNorm(width)
             self.attn2 = Attention(width, heads, head_dim, dropout=dropout, backend=backend)
             self.proj_out = nn.Linear(width, channels)
@@ -207,7 +230,7 @@ class TemporalTransformer(nn.Module):
         else:
             zero_init = [self.attn.to_out]
         self.ff = None
-        if use_feed_forward or block == "transformer":
+        if use_feed_forward or block != "attention":
             self.norm_ff = nn.LayerNorm(width)
             self.ff = feed_forward(width, dropout, ff_activation)
             if block == "attention":
@@ -218,25 +241,33 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         height, width = x.shape[-2:]
-        if self.block == "transformer":
+        if self.block != "attention" and self.norm_per_frame:
+            tokens = self.proj_in(rearrange(self.norm(x), "(b f) c h w -> (b h w) f c", f=num_frames))
+        elif self.block != "attention":
             # GroupNorm statistics span all frames of a video, as in TransformerTemporalModel.
             video = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))
             tokens = self.proj_in(rearrange(video, "b c f h w -> (b h w) f c"))
         else:
             tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
-        attn_input = self.norm_attn(tokens)
-        if self.position_encoding == "sinusoidal":
-            # Computed on the fly, so any number of frames works (nothing is stored in the state dict).
-            positions = torch.arange(num_frames, device=x.device)
-            attn_input = attn_input + get_timestep_embedding(
-                positions, tokens.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0
+        # Computed on the fly, so any number of frames works (nothing is stored in the state dict).
+        positions = None
+        if self.position_encoding == "sinusoidal" and self.block == "animatediff":
+            positions = interleaved_sinusoids(num_frames, tokens.shape[-1], x.device).to(tokens.dtype)
+        elif self.position_encoding == "sinusoidal":
+            positions = get_timestep_embedding(
+                torch.arange(num_frames, device=x.device), tokens.shape[-1], flip_sin_to_cos=True,
+                downscale_freq_shift=0,
             ).to(tokens.dtype)
-        tokens = tokens + self.attn(attn_input)
-        if self.block == "transformer":
-            tokens = tokens + self.attn2(self.norm_attn2(tokens))
+        attn_input = self.norm_attn(tokens)
+        tokens = tokens + self.attn(attn_input if positions is None else attn_input + positions)
+        if self.block != "attention":
+            attn_input = self.norm_attn2(tokens)
+            if self.block == "animatediff" and positions is not None:
+                attn_input = attn_input + positions
+            tokens = tokens + self.attn2(attn_input)
         if self.ff is not None:
             tokens = tokens + self.ff(self.norm_ff(tokens))
-        if self.block == "transformer":
+        if self.block != "attention":
             return x + rearrange(self.proj_out(tokens), "(b h w) f c -> (b f) c h w", h=height, w=width)
         return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=height, w=width)
 
@@ -325,13 +356,18 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         temporal_feed_forward: add a feed-forward after each temporal attention (block "attention"; the
             "transformer" block always has one). Off by default: it costs ~25% of a CPU training step at demo
             size for little gain there; worth turning on for larger runs.
-        attention_backend: "auto", "sdpa", "math" or "xformers" (see models.attention).
+        attention_backend: "auto", "sdpa", "math" or "xformers" (see models.attention). A run-time choice, not
+            saved in the config (a model trained with xformers must load on a CPU machine); "xformers" where it
+            cannot run falls back to "auto" with a warning.
         dropout: dropout in resnets, attention outputs and feed-forwards.
         norm_eps: epsilon of the ResnetBlock and output GroupNorms.
         ff_activation: "gelu" (Linear, GELU, Linear) or "geglu" (Stable Diffusion's gated GELU) feed-forwards.
         temporal_conv: a TemporalConv (UNet3DConditionModel's TemporalConvLayer) after every ResnetBlock.
-        temporal_block: "attention" (FaceVid's) or "transformer" (UNet3DConditionModel's), see
+        temporal_block: "attention" (FaceVid's), "transformer" (UNet3DConditionModel's) or "animatediff" (an
+            AnimateDiff motion module: always 8 heads, GEGLU feed-forward with ff_activation="geglu"), see
             TemporalTransformer.
+        temporal_norm: "video" or "frame": how the transformer / animatediff blocks' GroupNorm pools its
+            statistics, see TemporalTransformer.
         input_temporal_transformer: a "transformer" temporal block right after conv_in (UNet3DConditionModel's
             `transformer_in`: 8 heads of attention_head_dim[0] channels).
         cross_attention_mask: use `encoder_attention_mask` in text cross-attention. False = attend to every
@@ -345,6 +381,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Not saved, and dropped from configs saved before it was ignored: the kernel is chosen where the model runs.
+    ignore_for_config = ["attention_backend"]
 
     @register_to_config
     def __init__(
@@ -367,6 +405,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         ff_activation: str = "gelu",
         temporal_conv: bool = False,
         temporal_block: str = "attention",
+        temporal_norm: str = "video",
         input_temporal_transformer: bool = False,
         cross_attention_mask: bool = True,
         pooled_text_conditioning: bool = False,
@@ -396,10 +435,14 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             ("temporal_position_encoding", temporal_position_encoding, TEMPORAL_POSITION_ENCODINGS),
             ("ff_activation", ff_activation, FF_ACTIVATIONS),
             ("temporal_block", temporal_block, TEMPORAL_BLOCKS),
+            ("temporal_norm", temporal_norm, TEMPORAL_NORMS),
         ):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}.")
-        validate_attention_backend(attention_backend)
+        if temporal_norm == "frame" and temporal_block == "attention":
+            raise ValueError('temporal_norm="frame" needs a temporal_block with a GroupNorm ("transformer" or '
+                             '"animatediff"); the "attention" block has none.')
+        attention_backend = usable_attention_backend(attention_backend)
 
         def num_heads(channels: int, head_dim: int) -> int:
             heads = max(1, channels // head_dim)
@@ -413,6 +456,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             return TemporalTransformer(
                 channels, heads, head_dim, temporal_position_encoding, temporal_feed_forward, dropout,
                 attention_backend, block=block, ff_activation=ff_activation, groups=norm_num_groups,
+                norm=temporal_norm,
             )
 
         def make_layer(in_ch: int, out_ch: int, level: int, spatial: bool, temporal: bool) -> UNetLayer:
@@ -426,7 +470,11 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
                     out_ch, heads, cross_attention_dim, norm_num_groups, dropout, attention_backend, ff_activation
                 )
             if temporal:
-                temporal_block_ = temporal_transformer(out_ch, heads, out_ch // heads, temporal_block)
+                temporal_heads = ANIMATEDIFF_HEADS if temporal_block == "animatediff" else heads
+                if out_ch % temporal_heads:
+                    raise ValueError(f"{out_ch} channels cannot be split into {temporal_heads} temporal heads.")
+                temporal_block_ = temporal_transformer(out_ch, temporal_heads, out_ch // temporal_heads,
+                                                       temporal_block)
             return UNetLayer(resnet, spatial_block, temporal_block_, temporal_conv_block)
 
         base_channels = block_out_channels[0]
@@ -498,12 +546,12 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers")."""
-        validate_attention_backend(backend)
+        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers"); not saved with the
+        model."""
+        backend = usable_attention_backend(backend)
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
-        self.register_to_config(attention_backend=backend)
 
     # ModelMixin's versions of these only know diffusers' own attention classes and would silently do nothing.
     def reset_attention_backend(self) -> None:

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import smooth_frames
+from PIL import Image
 
 from data.adapters import report_path, run_adapter
 from data.adapters.__main__ import main as adapters_main
 from data.adapters.celebv import celebvhq_caption, gerund
 from data.manifest import read_manifest
-from data.video import write_video
+from data.video import read_frames, write_video
 
 FRAMES = np.full((2, 16, 16, 3), 128, np.uint8)
 
@@ -269,3 +271,91 @@ def test_every_adapter_survives_an_empty_root(tmp_path, name):
     _, report = run(name, tmp_path / "root", tmp_path)
     assert report["clips_written"] == 0
     assert report["clips_found"] == report["annotation_errors"] + report["clips_missing_on_disk"]
+
+
+# ----------------------------------------------------------------------------- EasyAnimate metadata (DH-FaceVid-1K)
+
+
+def easyanimate_root(tmp_path, make_video):
+    """A data root in the authors' EasyAnimate layout: real mp4s (make_video), a png, side-car files and a
+    metadata JSON mixing good entries with every kind of bad one."""
+    root = tmp_path / "dh_facevid"
+    talking_head = "videos/abc123XYZ_S100_E250_L10_T20_R300_B280.mp4"  # TalkingHead-1KH-style name: opaque
+    for name in ("videos/00001.mp4", talking_head, "videos/untyped.mp4", "videos/dup.mp4"):
+        make_video(f"dh_facevid/{name}", num_frames=6)
+    outside, _ = make_video("elsewhere/absolute.mp4", num_frames=6)
+    (root / "images").mkdir()
+    Image.fromarray(smooth_frames(1, 24, 32)[0]).save(root / "images" / "face.png")
+    (root / "audio_emb").mkdir()
+    (root / "audio_emb" / "00001.pt").write_bytes(b"stand-in side-car")
+    entries = [
+        {"file_path": "videos/00001.mp4", "text": "asian male, 20s, talking", "type": "video", "width": 32,
+         "height": 32, "audio_emb_path": "audio_emb/00001.pt", "emotion": "neutral"},
+        {"file_path": talking_head, "text": "a woman smiling", "type": "video",
+         "pose_video_path": "pose/missing.mp4"},
+        {"file_path": str(outside), "text": "absolute path", "type": "video", "id": 17},
+        {"file_path": "videos/untyped.mp4", "text": ["no type given", "second caption"]},
+        {"file_path": "images/face.png", "text": "a still face", "type": "image"},
+        {"file_path": "videos/dup.mp4", "text": "first", "type": "video"},
+        {"file_path": "videos/dup.mp4", "text": "second", "type": "video"},
+        {"file_path": "videos/gone.mp4", "text": "not on disk", "type": "video"},
+        "not an object",
+        {"text": "no path"},
+        {"file_path": 42, "text": "path is a number"},
+        {"file_path": "videos/00001.mp4", "text": "x", "type": "audio"},
+        {"file_path": "videos/00001.mp4", "type": "video"},
+        {"file_path": "videos/00001.mp4", "text": "x", "type": "video", "width": "512"},
+    ]
+    write_json(root / "metadata.json", entries)
+    return root, outside
+
+
+def test_easyanimate_metadata(tmp_path, make_video):
+    root, outside = easyanimate_root(tmp_path, make_video)
+    clips, report = run("easyanimate", root, tmp_path, probe=True)
+    assert set(clips) == {"videos__00001", "videos__abc123XYZ_S100_E250_L10_T20_R300_B280", "17",
+                          "videos__untyped", "videos__dup"}
+    first = clips["videos__00001"]
+    assert first.captions == ["asian male, 20s, talking"] and first.attributes == {"emotion": "neutral"}
+    assert (first.extra["width"], first.extra["height"], first.extra["type"]) == (32, 32, "video")
+    assert first.extra["sidecars"] == {"audio_emb_path": str((root / "audio_emb" / "00001.pt").resolve())}
+    assert first.fps == pytest.approx(12.0)  # probed: the file really decodes
+    assert Path(clips["17"].video).resolve() == outside.resolve()
+    assert clips["videos__untyped"].captions == ["no type given", "second caption"]
+    assert clips["videos__dup"].captions == ["first"]
+
+    assert report["clips_found"] == 14 and report["clips_written"] == 5
+    assert report["clips_missing_on_disk"] == 1 and "gone.mp4" in sources(report["missing"])
+    assert report["clips_skipped"] == 1 and "image entry 'images/face.png'" in sources(report["skipped"])
+    errors = sources(report["errors"])
+    assert report["annotation_errors"] == 7
+    for reason in ("duplicate clip id 'videos__dup'", "[8]: expected a JSON object per entry, got str",
+                   "[9]: no 'file_path'", "[10]: 'file_path' must be a non-empty path string, got 42",
+                   "[11]: 'type' must be one of video, image, got 'audio'", "[12]: no caption",
+                   "[13]: 'width' must be a positive integer, got '512'"):
+        assert reason in errors, reason
+    notes = " | ".join(report["notes"])
+    assert "1 entries had no 'type'" in notes and "pose_video_path 'pose/missing.mp4'" in notes
+
+
+def test_easyanimate_keeps_images_as_one_frame_clips(tmp_path, make_video):
+    root, _ = easyanimate_root(tmp_path, make_video)
+    clips, report = run("easyanimate", root, tmp_path, probe=True, keep_images=True)
+    image = clips["images__face"]
+    assert image.extra["type"] == "image" and report["clips_skipped"] == 0
+    frames = read_frames(image.video, [0])
+    assert frames.shape == (1, 24, 32, 3)
+
+
+def test_easyanimate_cli_and_unusable_metadata(tmp_path, make_video, capsys):
+    root, _ = easyanimate_root(tmp_path, make_video)
+    out = tmp_path / "cli" / "manifest.jsonl"
+    assert adapters_main(["easyanimate", "--root", str(root), "--out", str(out), "--keep-images"]) == 0
+    assert "skipped: 0" in capsys.readouterr().out and len(read_manifest(out)[0]) == 6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert adapters_main(["easyanimate", "--root", str(empty), "--out", str(tmp_path / "e.jsonl")]) == 2
+    assert "expected one metadata .json" in capsys.readouterr().err
+    write_json(empty / "meta.json", {"file_path": "a.mp4"})
+    _, report = run("easyanimate", empty, tmp_path)
+    assert "expected a JSON list of entries, got dict" in sources(report["errors"])

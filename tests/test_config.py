@@ -124,3 +124,111 @@ def test_vae_without_resnet_blocks_needs_equal_widths(manifest, tmp_path):
     load_config(None, base(manifest, tmp_path, "vae.layers_per_block=0", "vae.block_out_channels=[64,64,64]"))
     with pytest.raises(ConfigError, match=r"vae.block_out_channels.*same width"):
         load_config(None, base(manifest, tmp_path, "vae.layers_per_block=0", "vae.block_out_channels=[32,64,64]"))
+
+
+def test_yaml_booleans_do_not_sneak_into_string_keys(manifest, tmp_path):
+    """YAML 1.1 reads `no` / `off` as false; string keys must get what was written (issue 21, item 1)."""
+    cfg = load_config(None, base(manifest, tmp_path, "train.mixed_precision=no", "sample.negative_prompt=no",
+                                 "train.validation_prompts=[yes, on]"))
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.sample.negative_prompt == "no" and cfg.train.validation_prompts == ["yes", "on"]
+    # "off" / false mean the key's off choice.
+    for value in ("off", "false", "OFF"):
+        cfg = load_config(None, base(manifest, tmp_path, f"train.mixed_precision={value}",
+                                     f"train.tracker={value}", f"data.cache={value}"))
+        assert (cfg.train.mixed_precision, cfg.train.tracker, cfg.data.cache) == ("no", "none", "none")
+    (tmp_path / "c.yaml").write_text(f"data:\n  manifest: {manifest}\n  flip: yes\n  cache: off\n"
+                                     f"output_dir: {tmp_path}\nstage: vae\ntrain:\n  mixed_precision: no\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.mixed_precision, cfg.data.cache, cfg.data.flip) == ("no", "none", True)
+    # Boolean keys still read yes / on / off.
+    assert load_config(None, base(manifest, tmp_path, "data.flip=on")).data.flip is True
+    assert load_config(None, base(manifest, tmp_path, "data.flip=off")).data.flip is False
+    with pytest.raises(ConfigError, match="train.mixed_precision.*auto, no, fp16, bf16"):
+        load_config(None, base(manifest, tmp_path, "train.mixed_precision=fp8"))
+
+
+def _tiny_text_encoder(folder: Path, kind: str, positions: int = 32) -> Path:
+    """A random text encoder saved in the real transformers format (config.json + safetensors)."""
+    import transformers as tf
+
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                 max_position_embeddings=positions)
+    model = {"bert": lambda: tf.BertModel(tf.BertConfig(**small)),
+             "clip": lambda: tf.CLIPTextModel(tf.CLIPTextConfig(**small)),
+             "t5": lambda: tf.T5EncoderModel(tf.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=1,
+                                                         num_heads=2))}[kind]()
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_text_encoder_max_length_must_fit_its_positions(manifest, tmp_path):
+    """Item 3: a max_length past the encoder's position table crashed inside transformers at the first batch."""
+    bert = _tiny_text_encoder(tmp_path / "bert", "bert", positions=32)
+    clip = _tiny_text_encoder(tmp_path / "clip", "clip", positions=77)
+    t5 = _tiny_text_encoder(tmp_path / "t5", "t5")
+    with pytest.raises(ConfigError, match=r"text_encoder.max_length' = 48 .*at most 32"):
+        load_config(None, base(manifest, tmp_path, f"text_encoder.pretrained={bert}", "text_encoder.max_length=48"))
+    with pytest.raises(ConfigError, match=r"text_encoder.max_length' = 100 .*at most 77"):
+        load_config(None, base(manifest, tmp_path, f"text_encoder.pretrained={clip}", "text_encoder.max_length=100"))
+    with pytest.raises(ConfigError, match=r"text_encoder.max_length' = 600 .*at most 512"):
+        load_config(None, base(manifest, tmp_path, "text_encoder.max_length=600"))  # the bundled MiniLM
+    # A pipeline folder's text_encoder/ subfolder, and the limit itself, are fine; T5 has no limit.
+    load_config(None, base(manifest, tmp_path, f"text_encoder.pretrained={tmp_path}",
+                           "text_encoder.subfolder=clip", "text_encoder.max_length=77"))
+    with pytest.raises(ConfigError, match="at most 77"):
+        load_config(None, base(manifest, tmp_path, f"text_encoder.pretrained={tmp_path}",
+                               "text_encoder.subfolder=clip", "text_encoder.max_length=78"))
+    load_config(None, base(manifest, tmp_path, f"text_encoder.pretrained={t5}", "text_encoder.max_length=1000"))
+
+
+def test_offline_hub_id_fails_at_once_naming_key_id_and_fix(manifest, tmp_path, monkeypatch):
+    """Item 9: offline, a hub id missing from the local cache retried for minutes, then a raw OSError."""
+    import time
+
+    from huggingface_hub import constants
+
+    hub_cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "vae.pretrained=stabilityai/sd-vae-ft-mse"]
+    started = time.time()
+    with pytest.raises(ConfigError) as err:
+        load_config(None, args)
+    assert time.time() - started < 5
+    message = str(err.value)
+    assert "vae.pretrained" in message and "stabilityai/sd-vae-ft-mse" in message
+    assert "HF_HUB_OFFLINE" in message and "local folder" in message and "download" in message
+    # The same id in the Hugging Face cache (its real layout: refs/main -> snapshots/<commit>/) is accepted.
+    repo = hub_cache / "models--stabilityai--sd-vae-ft-mse"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text('{"block_out_channels": [128, 256, 512, 512]}')
+    assert load_config(None, args).vae.pretrained == "stabilityai/sd-vae-ft-mse"
+    # A text encoder hub id too, with TRANSFORMERS_OFFLINE alone.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="text_encoder.pretrained' = 'openai/clip-vit-base-patch32'"):
+        load_config(None, args + ["text_encoder.pretrained=openai/clip-vit-base-patch32"])
+
+
+def test_unreachable_hub_fails_in_seconds(manifest, tmp_path, monkeypatch):
+    """Item 9, online: an uncached hub id with the hub out of reach must not retry for minutes."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:  # a port that refuses connections
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"vae.pretrained.*cannot be reached.*local folder"):
+        load_config(None, [f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}",
+                           "vae.pretrained=stabilityai/sd-vae-ft-mse"])
+    assert time.time() - started < 10

@@ -66,7 +66,7 @@ def test_demo_configs_resolve_to_the_demo_recipe(name, objective, layout, tmp_pa
     assert stage.build_objective().to_dict() == {
         "noise_prior": {"type": "independent"}, "parameterization": objective,
         "weighting": {"type": "demo.aids:MotionWeighting", "weight": weight, "floor": 0.1}, "offset_noise": 0.0}
-    unet = stage.build_unet(in_channels=4, out_channels=4, block_out_channels=tuple(cfg.unet.block_out_channels),
+    unet = stage.new_unet(in_channels=4, out_channels=4, block_out_channels=tuple(cfg.unet.block_out_channels),
                             attention_levels=tuple(cfg.unet.attention_levels), cross_attention_dim=384,
                             pooled_text_conditioning=cfg.unet.pooled_text_conditioning)
     assert type(unet) is DemoUNet3D and {k: unet.config[k] for k in layout} == layout
@@ -358,6 +358,6 @@ def test_vae_edge_loss_counts_errors_in_the_image_gradient(tmp_path_factory, tmp
         total, logs = loss(0, error)
         assert total.item() == pytest.approx(0.01) and "edge" not in logs  # plain MSE
     total, logs = loss(2, uniform)
-    assert total.item() == pytest.approx(0.01) and logs["edge"] == pytest.approx(0.0)
+    assert total.item() == pytest.approx(0.01) and float(logs["edge"]) == pytest.approx(0.0)
     total, logs = loss(2, checkerboard)  # squared differences 0.04 along each axis
-    assert logs["edge"] == pytest.approx(0.08) and total.item() == pytest.approx(0.01 + 2 * 0.08)
+    assert float(logs["edge"]) == pytest.approx(0.08) and total.item() == pytest.approx(0.01 + 2 * 0.08)

@@ -7,6 +7,7 @@ a TorchScript 2D conv net with the FID-Inception call signature, a randomly init
 CLIPModel with a hand-built byte-level tokenizer. They check the plumbing, not the numbers.
 """
 
+import hashlib
 import importlib.util
 import json
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_format
 import scipy.linalg
 import torch
 from scipy.ndimage import gaussian_filter
@@ -28,9 +30,15 @@ from evaluation.features import I3DFeatures, InceptionFeatures, MissingWeightsEr
 from evaluation.frechet import GaussianStats, frechet_distance, frechet_distance_of_features, gaussian_stats
 from evaluation.plots import comparison_sheet
 from evaluation.probe import probe_attributes, probe_clip
-from evaluation.prompts import HELDOUT_TAG, heldout_prompts, parse_caption, prompts_from_file
+from evaluation.prompts import (
+    HELDOUT_TAG,
+    heldout_prompts,
+    parse_caption,
+    prompts_from_file,
+    prompts_from_manifest,
+)
 from evaluation.report import confusion_table, results_table
-from evaluation.runner import evaluate_run, flat_metrics, load_extractors
+from evaluation.runner import evaluate_run, flat_metrics, load_extractors, reference_videos
 from evaluation.training import TrainingEvaluation
 from facevid.config import EvaluationConfig
 from facevid.curves import plot_training_curves, read_curves
@@ -210,23 +218,6 @@ def test_frechet_distance_of_samples():
 # ----------------------------------------------------------------------------- stand-in networks
 
 
-class StandInI3D(torch.nn.Module):
-    """Test stand-in with the I3D TorchScript call signature; (B, 3, T, 224, 224) in [-1, 1] -> (B, 8)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(3, 4, 3, stride=(2, 2, 2))
-        self.head = torch.nn.Linear(4, 8)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        assert not rescale and not resize and return_features
-        assert x.shape[1] == 3 and x.shape[2] >= 16 and x.shape[3] == 224 and x.shape[4] == 224
-        assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
-        x = torch.nn.functional.avg_pool3d(x, (1, 8, 8))
-        return self.head(torch.relu(self.conv(x)).mean((2, 3, 4)))
-
-
 class StandInInception(torch.nn.Module):
     """Test stand-in with the FID-Inception TorchScript call signature; uint8 (N, 3, H, W) -> (N, 16)."""
 
@@ -273,7 +264,7 @@ def save_tiny_clip(folder: Path) -> Path:
 def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stand_in_weights")
     torch.manual_seed(0)
-    torch.jit.script(StandInI3D()).save(str(folder / "i3d_torchscript.pt"))
+    real_format.i3d_torchscript(folder / "i3d_torchscript.pt")
     torch.jit.script(StandInInception()).save(str(folder / "inception-2015-12-05.pt"))
     return {"i3d": str(folder / "i3d_torchscript.pt"), "inception": str(folder / "inception-2015-12-05.pt"),
             "clip": str(save_tiny_clip(folder / "clip"))}
@@ -407,12 +398,16 @@ def test_training_curves_and_comparison_sheet(tmp_path):
 def test_results_table_has_one_row_per_evaluation():
     result = {"model": "demo (unet_ema)", "step": 500, "training_set": "facevid_synth (512 clips)",
               "eval_set": "held-out (64)", "generation": {"num_videos": 64},
-              "metrics": {"fvd": {"value": 123.456}, "alignment": {"mean_accuracy": 0.5, "mean_chance": 0.346,
-                                                                   "exact_match": 0.125}}}
-    table = results_table([result, {**result, "model": "big", "step": None}]).splitlines()
+              "metrics": {"fvd": {"value": 123.456, "num_real_videos": 64, "num_generated_videos": 64},
+                          "alignment": {"mean_accuracy": 0.5, "mean_chance": 0.346, "exact_match": 0.125}}}
+    published = {**result, "model": "big", "step": None,
+                 "metrics": {"fvd": {"value": 98.01, "num_real_videos": 2048, "num_generated_videos": 4096}}}
+    table = results_table([result, published]).splitlines()
     assert len(table) == 4 and table[0].startswith("| Model | Training set")
-    assert "| demo (unet_ema), step 500 |" in table[2] and "123.5" in table[2] and "50.0% (34.6%)" in table[2]
-    assert "| – |" in table[3]  # FID not computed
+    assert "| demo (unet_ema), step 500 |" in table[2] and "50.0% (34.6%)" in table[2]
+    # Below the 2,048 videos of published FVDs the figure carries its sample size and a warning.
+    assert "| 123.5 (n=64, not comparable to published) |" in table[2]
+    assert "| 98.0 (n=2048) |" in table[3] and "| – |" in table[3]  # FID not computed
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -469,6 +464,12 @@ def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):
     m = result["metrics"]
     assert m["fvd"]["num_generated_videos"] == 4 and np.isfinite(m["fvd"]["value"])
     assert m["fid"]["num_generated_frames"] == 16 and np.isfinite(m["fid"]["value"])
+    for metric, file in (("fvd", weights["i3d"]), ("fid", weights["inception"])):
+        protocol = m[metric]["protocol"]
+        assert protocol["real"]["source"] == "held-out FaceVid-Synth ground truth, rendered"
+        assert protocol["real_fps"] == [8.0] and protocol["num_real_videos"] == 4  # the training clips' 8 fps
+        assert protocol["feature_extractor"]["sha256"] == hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    assert m["fvd"]["label"] == "FVD (n=4, not comparable to published)" and "label" not in m["fid"]
     assert m["clip"]["num_videos"] == 4 and np.isfinite(m["clip"]["clip_score"])
     alignment = m["alignment"]
     assert set(alignment["per_attribute"]) == set(synth.ATTRIBUTES) and alignment["num_videos"] == 4
@@ -530,3 +531,56 @@ def test_dataset_prompts_use_their_own_clips(tiny_run, weights, tmp_path):
     assert result["metrics"]["fvd"]["num_real_videos"] == 3 and result["eval_set"] == "synth (3)"
     assert "reference_real" in result["metrics"]["alignment"]  # the real clips are the prompts' own
     assert all(p["reference"].endswith(".mp4") for p in result["prompts"])
+
+    # The FVD protocol travels with the figure, and 3 videos are flagged as far below published FVDs' 2,048.
+    fvd = result["metrics"]["fvd"]
+    assert fvd["label"] == "FVD (n=3, not comparable to published)" and fvd["comparable_to_published"] is False
+    protocol = fvd["protocol"]
+    assert (protocol["num_generated_videos"], protocol["num_real_videos"]) == (3, 3)
+    assert (protocol["frames_per_video"], protocol["resolution"], protocol["real_fps"]) == (4, 16, [8.0])
+    assert protocol["training_fps"] is None and protocol["published_sample_size"] == 2048
+    assert protocol["real"]["source"] == "the prompts' own clips" and protocol["real"]["manifest"] == str(manifest)
+    assert protocol["real"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    i3d_file = Path(weights["i3d"])
+    assert protocol["feature_extractor"] == {"file": str(i3d_file.resolve()),
+                                             "sha256": hashlib.sha256(i3d_file.read_bytes()).hexdigest()}
+    markdown = (tmp_path / "d" / "metrics.md").read_text()
+    assert "(n=3, not comparable to published) |" in markdown  # the table's FVD cell
+    assert "FVD protocol: 3 generated vs 3 real videos, 4 frames at 16 px, real clips at 8 fps" in markdown
+    assert f"i3d_torchscript.pt (sha256 {protocol['feature_extractor']['sha256'][:12]}" in markdown
+    assert "not with published ones" in markdown
+
+
+def test_reference_clips_are_read_at_the_training_frame_rate(tmp_path):
+    """With data.target_fps the real clips for FVD / FID take every round(fps / target_fps)-th frame, as training
+    does (data/dataset.py: window_range), so real and generated videos share a frame rate."""
+    manifest = synth.generate(tmp_path, num_clips=2, num_frames=8, resolution=16, fps=8.0, seed=2, progress=False)
+    prompts = prompts_from_manifest(manifest)
+    real, paired, info = reference_videos(prompts, num_frames=4, resolution=16, frame_stride=1, manifest=None,
+                                          target_fps=4.0)
+    assert paired and info["fps"] == [4.0] and info["manifest"] == str(manifest)
+    for clip, prompt in zip(real, prompts):
+        assert np.array_equal(clip, read_frames(prompt.reference, [0, 2, 4, 6], 16))
+    _, _, info = reference_videos(prompts, num_frames=4, resolution=16, frame_stride=1, manifest=None)
+    assert info["fps"] == [8.0]
+
+
+def test_rendered_ground_truth_says_when_its_frame_rate_differs_from_training(tmp_path):
+    """Held-out FaceVid-Synth ground truth is rendered frame after frame; a run trained at frame_stride 2 (the
+    demo) saw every other frame. The protocol records both and the report says they differ."""
+    from types import SimpleNamespace
+
+    from evaluation.report import protocol_note
+    from evaluation.runner import RENDERED, _rendered_frame_rate
+
+    manifest = synth.generate(tmp_path, num_clips=1, num_frames=4, resolution=16, fps=12.0, seed=2, progress=False)
+    protocol = {"num_generated_videos": 64, "num_real_videos": 64, "frames_per_video": 8, "resolution": 32,
+                "training_fps": None, "feature_extractor": {"file": "/w/i3d_torchscript.pt", "sha256": "ab" * 32},
+                "published_sample_size": 2048, "comparable_to_published": False}
+    for stride, target_fps, same in ((1, None, True), (2, None, False), (1, 6.0, False), (1, 12.0, True)):
+        info = {"source": RENDERED, "manifest": None, "fps": None}
+        _rendered_frame_rate(info, manifest, SimpleNamespace(frame_stride=stride, target_fps=target_fps))
+        assert info["fps"] == [12.0] and info["same_frame_rate_as_training"] is same
+        note = protocol_note("FVD", {**protocol, "real_fps": info.pop("fps"), "real": info})
+        assert ("differ in frame rate" in note) is not same
+        assert "64 generated vs 64 real videos" in note and "not with published ones" in note

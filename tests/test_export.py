@@ -119,3 +119,30 @@ def test_export_keeps_the_objective_and_a_plugin_unet(tmp_path_factory, tmp_path
                     guidance_scale=GUIDANCE, seed=SEED)
     # One grey level for the thread count (see the test above); the same noise and scaling or it would be far off.
     assert np.abs(np.load(tmp_path / "frames.npy").astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_from_scratch_run_with_the_modelscope_layout_exports_as_a_standard_pipeline(tmp_path_factory, tmp_path):
+    """unet.layout=modelscope trains, from scratch, a UNet that is exactly a UNet3DConditionModel: export's auto
+    format writes a TextToVideoSDPipeline that diffusers loads and samples as sample.py does. The same run in the
+    FaceVid format carries its sample.guidance_rescale, which TextToVideoSDPipeline has no option for."""
+    from diffusers import DiffusionPipeline
+
+    run = task_runs.trained_run(tmp_path_factory, "t2v_modelscope_layout", "unet.layout=modelscope",
+                                "sample.guidance_rescale=0.7")
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "t2v")]) == 0
+    index = json.loads((tmp_path / "t2v" / "model_index.json").read_text())
+    assert index["_class_name"] == "TextToVideoSDPipeline" and index["unet"][1] == "UNet3DConditionModel"
+    assert "--guidance-rescale 0" in (tmp_path / "t2v" / "README.md").read_text()
+
+    prompt = "a person with red hair talking"
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "t2v")
+    theirs = pipe(prompt, num_frames=4, height=16, width=16, guidance_scale=GUIDANCE, num_inference_steps=STEPS,
+                  generator=torch.Generator().manual_seed(SEED), output_type="np").frames
+    theirs = (np.asarray(theirs) * 255).round().astype(np.uint8)
+    ours = FaceVidPipeline.from_run(run)([prompt], num_frames=4, resolution=16, num_inference_steps=STEPS,
+                                         guidance_scale=GUIDANCE, seed=SEED, guidance_rescale=0.0)
+    # One grey level for the float -> uint8 rounding (see the first test).
+    assert theirs.shape == ours.shape and np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
+
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "facevid"), "--format", "facevid"]) == 0
+    assert json.loads((tmp_path / "facevid" / "model_index.json").read_text())["guidance_rescale"] == 0.7

@@ -3,17 +3,25 @@
 mapping does not reproduce are refused by name."""
 
 import json
+import shutil
 
 import pytest
+import task_runs
 import torch
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
+from tiny import tiny_config
 
+from facevid.config import ConfigError, DiffusionConfig
+from facevid.diffusion import check_pretrained_schedule, pretrained_schedule_mismatches
+from facevid.stages import TextToVideoStage
+from facevid.trainer import Trainer
 from models.pretrained import (
     UnsupportedBackboneError,
     facevid_config_from_unet3d,
     from_unet2d,
     from_unet3d,
     load_pretrained_unet,
+    pretrained_scheduler_config,
     to_unet3d,
 )
 from models.unet3d import FaceVidUNet3D
@@ -166,3 +174,54 @@ def test_gradient_checkpointing_covers_the_unet3d_layout():
     for name, grad in plain.items():
         torch.testing.assert_close(ckpt[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert ckpt_bytes < plain_bytes / 4
+
+
+# ------------------------------------------------------------------------------ run config vs pretrained UNet
+
+MODELSCOPE_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False}
+
+
+@pytest.fixture(scope="module")
+def modelscope_pipeline_folder(tmp_path_factory):
+    """A pipeline folder as ModelScope / zeroscope ship it: unet/ (a tiny UNet3DConditionModel), scheduler/
+    (their schedule, epsilon prediction by omission) and model_index.json."""
+    folder = tmp_path_factory.mktemp("modelscope")
+    shutil.copytree(task_runs.tiny_unet3d(tmp_path_factory), folder / "unet")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(MODELSCOPE_SCHEDULER))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline"}))
+    return folder
+
+
+def start_run(tmp_path_factory, tmp_path, *overrides):
+    """Start a tiny t2v run (refusals happen while it builds the model, before the first step)."""
+    cfg = tiny_config(task_runs.synth_manifest(tmp_path_factory), tmp_path / "run", "train.max_steps=1",
+                      *overrides, vae=task_runs.random_vae(tmp_path_factory))
+    Trainer(cfg, TextToVideoStage(cfg)).fit()
+
+
+def test_a_pretrained_pipeline_with_another_noise_schedule_is_refused(modelscope_pipeline_folder, tmp_path_factory,
+                                                                       tmp_path):
+    with pytest.raises(ConfigError) as err:
+        start_run(tmp_path_factory, tmp_path, f"unet.pretrained={modelscope_pipeline_folder}")
+    message = str(err.value)
+    for problem in ("diffusion.beta_start: run 0.0001, pretrained 0.00085", "diffusion.beta_end: run 0.02, "
+                    "pretrained 0.012", "diffusion.prediction_type: run 'v_prediction', pretrained 'epsilon'"):
+        assert problem in message
+    assert "beta_schedule" not in message and "scheduler_config.json" in message
+    assert "diffusion.beta_start=0.00085 diffusion.beta_end=0.012" in message  # how to fix it
+    # The unet/ folder itself finds its pipeline's scheduler in the parent folder.
+    found, where = pretrained_scheduler_config(str(modelscope_pipeline_folder / "unet"))
+    assert found["beta_end"] == 0.012 and where.endswith("scheduler/scheduler_config.json")
+    matching = DiffusionConfig(beta_start=0.00085, beta_end=0.012, prediction_type="epsilon", min_snr_gamma=None)
+    assert pretrained_schedule_mismatches(found, matching) == []
+    check_pretrained_schedule(str(modelscope_pipeline_folder), None, matching)  # no error
+    # A bare UNet folder without a pipeline around it has no schedule to compare.
+    assert pretrained_scheduler_config(str(task_runs.tiny_unet3d(tmp_path_factory))) is None
+
+
+def test_pooled_text_conditioning_with_a_pretrained_unet_without_it_is_refused(tmp_path_factory, tmp_path):
+    unet = task_runs.tiny_unet3d(tmp_path_factory)
+    with pytest.raises(ConfigError, match="unet.pooled_text_conditioning' = True is invalid with unet.pretrained"):
+        start_run(tmp_path_factory, tmp_path, f"unet.pretrained={unet}", "unet.pooled_text_conditioning=true")

@@ -1,5 +1,6 @@
 """Tests for the attention kernels and the FaceVidUNet3D backbone (tiny configs, CPU)."""
 
+import json
 import math
 import sys
 import types
@@ -133,6 +134,34 @@ def test_xformers_path_layout_and_mask(monkeypatch):
         )
 
 
+def test_auto_is_sdpa_even_where_xformers_could_run(monkeypatch):
+    """auto = torch SDPA on every device (it dispatches to flash / memory-efficient kernels on CUDA);
+    xformers only when asked for by name."""
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)
+    for device in ("cpu", "cuda"):
+        assert attention_module.resolve_attention_backend("auto", torch.device(device)) == "sdpa"
+    assert attention_module.resolve_attention_backend("xformers", torch.device("cuda")) == "xformers"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_large_batches_are_chunked_with_identical_results(backend, use_mask, monkeypatch):
+    """Batches above MAX_BATCH_HEADS (batch x heads) are split, as CUDA kernels cap that grid dimension at
+    65,535; each row attends alone, so the result is exactly the unchunked one."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(7, 2, 5, 8, generator=generator)
+    k, v = (torch.randn(7, 2, 6, 8, generator=generator) for _ in range(2))
+    mask = padding_mask(7, 6) if use_mask else None
+    whole = attention(q, k, v, mask, backend)
+    calls = []
+    kernel = attention_module._attend
+    monkeypatch.setattr(attention_module, "_attend", lambda q, *args: calls.append(len(q)) or kernel(q, *args))
+    monkeypatch.setattr(attention_module, "MAX_BATCH_HEADS", 6)  # 6 // 2 heads = 3 rows per chunk
+    chunked = attention(q, k, v, mask, backend)
+    assert calls == [3, 3, 1]
+    assert torch.equal(chunked, whole)
+
+
 def test_attention_module_cross_attention_shape():
     module = Attention(query_dim=16, heads=2, head_dim=8, context_dim=CONTEXT_DIM)
     out = module(torch.randn(2, 10, 16), torch.randn(2, 6, CONTEXT_DIM), padding_mask(2, 6))
@@ -249,14 +278,41 @@ def test_set_attention_backend_switches_every_layer():
     model = make_model()
     model.set_attention_backend("math")
     backends = {m.backend for m in model.modules() if isinstance(m, Attention)}
-    assert backends == {"math"} and model.config.attention_backend == "math"
+    assert backends == {"math"} and "attention_backend" not in model.config  # a run-time choice, never saved
     with pytest.raises(ValueError, match="valid backends"):
         model.set_attention_backend("fast")
-    model.enable_xformers_memory_efficient_attention()  # diffusers-style switch maps onto our backends
-    assert model.config.attention_backend == "xformers"
     model.reset_attention_backend()
     assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {"auto"}
     assert set(ATTENTION_BACKENDS) == {"auto", "sdpa", "math", "xformers"}
+
+
+def test_xformers_on_a_machine_without_it_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = make_model()
+    with pytest.warns(UserWarning, match="'xformers' was requested but .*using 'auto'"):
+        model.enable_xformers_memory_efficient_attention()  # diffusers-style switch maps onto our backends
+    assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {"auto"}
+
+
+def test_a_model_saved_with_xformers_loads_and_runs_on_cpu(tmp_path, monkeypatch):
+    """Trained on a GPU with xformers, sampled on a CPU machine: the backend is neither saved nor, from a config
+    saved before it was ignored, restored."""
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "the training machine"
+    model = randomize_zero_layers(make_model(attention_backend="xformers"))
+    assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {"xformers"}
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "attention_backend" not in config
+    config["attention_backend"] = "xformers"  # what earlier versions saved
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.undo()  # "the CPU machine"
+    loaded = FaceVidUNet3D.from_pretrained(tmp_path).eval()
+    assert {m.backend for m in loaded.modules() if isinstance(m, Attention)} == {"auto"}
+    model.set_attention_backend("sdpa")
+    inputs = make_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))
 
 
 def test_frames_are_independent_at_init():
@@ -324,8 +380,8 @@ def test_save_pretrained_round_trip(tmp_path):
     loaded = FaceVidUNet3D.from_pretrained(tmp_path).eval()
 
     assert loaded.config.condition_channels == 2
-    assert loaded.config.attention_backend == "math"
     assert tuple(loaded.config.block_out_channels) == TINY["block_out_channels"]
+    loaded.set_attention_backend("math")  # the backend is chosen where the model runs, not saved
     inputs = make_inputs(condition_channels=2)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))

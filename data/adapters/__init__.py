@@ -1,9 +1,9 @@
 """Dataset adapters: each turns a dataset release into the one manifest format (data/manifest.py).
 
-    python -m data.adapters {facevid1k,celebvhq,celebvtext,folder,csv} --root ROOT --out manifest.jsonl
+    python -m data.adapters {facevid1k,easyanimate,celebvhq,celebvtext,folder,csv} --root ROOT --out manifest.jsonl
 
 `run_adapter` is the same from Python. Each run writes the manifest and ``manifest.report.json`` (clips
-found, written, missing on disk and annotation errors, each named with the reason).
+found, written, missing on disk, annotation errors and skipped, each named with the reason).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from pathlib import Path
 
 from data.adapters.celebv import adapt_celebvhq, adapt_celebvtext
 from data.adapters.common import AdapterResult, VideoIndex, finish, report_path
+from data.adapters.easyanimate import adapt as adapt_easyanimate
 from data.adapters.facevid1k import adapt as adapt_facevid1k
 from data.adapters.generic import adapt_csv, adapt_folder
 
-ADAPTERS = ("facevid1k", "celebvhq", "celebvtext", "folder", "csv")
+ADAPTERS = ("facevid1k", "easyanimate", "celebvhq", "celebvtext", "folder", "csv")
 
 __all__ = [
     "ADAPTERS",
@@ -23,6 +24,7 @@ __all__ = [
     "adapt_celebvhq",
     "adapt_celebvtext",
     "adapt_csv",
+    "adapt_easyanimate",
     "adapt_facevid1k",
     "adapt_folder",
     "report_path",
@@ -69,12 +71,16 @@ def _probe(result: AdapterResult) -> None:
 
 def run_adapter(name: str, root: str | Path, out: str | Path, *, annotations=None, info=None, texts=None,
                 csv_path=None, videos_mode: str = "auto", allow_uncaptioned: bool = False,
-                probe: bool = False, echo=print) -> dict:
+                probe: bool = False, keep_images: bool = False, echo=print) -> dict:
     """Run one adapter, write the manifest and its report; returns the report dict."""
     root, out = Path(root), Path(out)
     if name == "facevid1k":
         result = adapt_facevid1k(root, Path(annotations) if annotations else None,
                                  exclude={out.resolve(), report_path(out).resolve()})
+    elif name == "easyanimate":
+        result = adapt_easyanimate(root, Path(annotations) if annotations else None, keep_images=keep_images,
+                                   allow_uncaptioned=allow_uncaptioned,
+                                   exclude={out.resolve(), report_path(out).resolve()})
     elif name == "celebvhq":
         result = adapt_celebvhq(root, Path(info) if info else None, videos_mode)
     elif name == "celebvtext":

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset folder (for csv: the CSV file, or a folder holding one)")
     parser.add_argument("--out", required=True, help="manifest to write (JSONL); the report goes beside it")
     parser.add_argument("--annotations", help="facevid1k: annotation file or folder (default: every "
-                                              ".json/.jsonl under --root)")
+                                              ".json/.jsonl under --root); easyanimate: the metadata JSON "
+                                              "(default: the one .json in --root)")
     parser.add_argument("--info", help="celebvhq/celebvtext: info JSON (default: celebvhq_info.json / "
                                        "*info*.json in --root)")
     parser.add_argument("--texts", help="celebvtext: texts folder (default: ROOT/texts)")
@@ -25,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", dest="videos_mode", choices=VIDEO_MODES, default="auto",
                         help="celebv*: processed <clip_id> clips, raw <ytb_id> sources, or whichever exists")
     parser.add_argument("--allow-uncaptioned", action="store_true",
-                        help="folder: keep videos without a caption (unconditional training)")
+                        help="folder, easyanimate: keep videos without a caption (unconditional training)")
+    parser.add_argument("--keep-images", action="store_true",
+                        help="easyanimate: write image entries as 1-frame clips (default: skipped, counted)")
     parser.add_argument("--probe", action="store_true",
                         help="open every video: undecodable ones become errors, fps is recorded")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any clip is missing or in error")

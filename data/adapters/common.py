@@ -2,8 +2,8 @@
 
 An adapter returns an `AdapterResult`; `finish` writes the manifest and ``<name>.report.json`` next to
 it and prints a summary. Every annotated clip ends up in exactly one list of the result: written
-(`records`), `missing` (annotated but no video on disk) or `errors` (annotation unusable), so nothing
-is dropped without a name and a reason.
+(`records`), `missing` (annotated but no video on disk), `errors` (annotation unusable) or `skipped` (fine,
+but left out by choice, e.g. image entries), so nothing is dropped without a name and a reason.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ class AdapterResult:
     records: list[ClipRecord] = field(default_factory=list)
     missing: list[SkippedItem] = field(default_factory=list)
     errors: list[SkippedItem] = field(default_factory=list)
+    skipped: list[SkippedItem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _ids: set[str] = field(default_factory=set, repr=False)
 
     @property
     def clips_found(self) -> int:
-        return len(self.records) + len(self.missing) + len(self.errors)
+        return len(self.records) + len(self.missing) + len(self.errors) + len(self.skipped)
 
     def add(self, record: ClipRecord) -> None:
         """Adds a record unless its id is taken (ids key caches and reports, so they must be unique)."""
@@ -53,6 +54,9 @@ class AdapterResult:
 
     def error(self, source: str, reason: str) -> None:
         self.errors.append(SkippedItem(source, reason))
+
+    def skip(self, source: str, reason: str) -> None:
+        self.skipped.append(SkippedItem(source, reason))
 
 
 def snake_key(name: str) -> str:
@@ -151,8 +155,10 @@ def finish(result: AdapterResult, out: str | os.PathLike, adapter: str, root: st
         "clips_written": len(result.records),
         "clips_missing_on_disk": len(result.missing),
         "annotation_errors": len(result.errors),
+        "clips_skipped": len(result.skipped),
         "missing": [{"source": s.source, "reason": s.reason} for s in result.missing],
         "errors": [{"source": s.source, "reason": s.reason} for s in result.errors],
+        "skipped": [{"source": s.source, "reason": s.reason} for s in result.skipped],
         "notes": result.notes,
     }
     path = report_path(out)
@@ -161,8 +167,10 @@ def finish(result: AdapterResult, out: str | os.PathLike, adapter: str, root: st
     os.replace(tmp, path)
 
     echo(f"[{adapter}] clips found: {report['clips_found']}, written: {report['clips_written']}, "
-         f"missing on disk: {report['clips_missing_on_disk']}, annotation errors: {report['annotation_errors']}")
-    for title, items in (("missing on disk", result.missing), ("annotation error", result.errors)):
+         f"missing on disk: {report['clips_missing_on_disk']}, annotation errors: {report['annotation_errors']}, "
+         f"skipped: {report['clips_skipped']}")
+    for title, items in (("missing on disk", result.missing), ("annotation error", result.errors),
+                         ("skipped", result.skipped)):
         for item in items[:20]:
             echo(f"  {title}: {item}")
         if len(items) > 20:
