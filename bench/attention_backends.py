@@ -5,7 +5,8 @@ them alike.
     .venv/bin/python bench/attention_backends.py [--threads 2] [--batch 4] [--repeats 10] [--latent-size 16]
 
 On a CPU the candidates are torch SDPA ("sdpa") and the plain matmul-softmax-matmul ("math"); on CUDA xformers
-is added when installed. The demo's attention runs over short sequences (8 frames in temporal attention, 16-64
+is added when installed. "auto" is SDPA everywhere (models/attention.py): a run where this bench shows xformers
+faster sets unet.attention_backend: xformers. The demo's attention runs over short sequences (8 frames in temporal attention, 16-64
 tokens in spatial attention, 48 text tokens), where the kernel launch cost matters more than the FLOPs.
 """
 

@@ -51,3 +51,62 @@ class ShardedEpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (clip index, bucket index), every batch from one bucket (data/buckets.py), for a DataLoader's
+    `batch_sampler`.
+
+    Per epoch each bucket's clips are shuffled from (seed, epoch, bucket) and cut into global batches
+    (batch_size x num_replicas); the global batches of all buckets are then shuffled together from (seed, epoch).
+    Step k of every rank comes from the same global batch, so ranks stay in lock-step on the same shape; rank r
+    takes its r-th share. A bucket's last partial global batch waits for a later epoch (another shuffle leaves
+    other clips out); a bucket with fewer clips than one global batch never forms one: it is listed in
+    `small_buckets`. `set_epoch(epoch, start_batch)` resumes exactly: the order depends only on (seed, epoch).
+    """
+
+    def __init__(self, bucket_of: list[int | None], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+        global_batch = batch_size * num_replicas
+        buckets = sorted({b for b in bucket_of if b is not None})
+        self.members = {b: np.array([i for i, x in enumerate(bucket_of) if x == b]) for b in buckets}
+        self.small_buckets = {b: len(m) for b, m in self.members.items() if len(m) < global_batch}
+        if all(len(m) < global_batch for m in self.members.values()):
+            raise ValueError(f"no bucket holds one global batch ({batch_size} x {num_replicas} ranks = "
+                             f"{global_batch} clips); clips per bucket: "
+                             f"{ {b: len(m) for b, m in self.members.items()} }")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        global_batch = self.batch_size * self.num_replicas
+        return sum(len(m) // global_batch for m in self.members.values())
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def epoch_batches(self) -> list[tuple[int, np.ndarray]]:
+        """(bucket, clip indices of one global batch) for every step of the current epoch, in order."""
+        global_batch = self.batch_size * self.num_replicas
+        batches = []
+        for bucket, members in self.members.items():
+            order = np.random.default_rng([self.seed, self.epoch, bucket]).permutation(members)
+            batches += [(bucket, order[k:k + global_batch])
+                        for k in range(0, len(order) - global_batch + 1, global_batch)]
+        return [batches[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(batches))]
+
+    def __iter__(self):
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for bucket, indices in self.epoch_batches()[self.start_batch:]:
+            yield [(int(i), bucket) for i in indices[share]]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch

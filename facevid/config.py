@@ -54,6 +54,12 @@ class DataConfig:
     cache_dtype: str = "fp16"  # fp16 | bf16 | fp32
     cache_windows_per_clip: int = 4  # frame windows stored per clip (evenly spaced over the clip)
     cache_shard_clips: int = 128  # clips per shard file; an interrupted build re-encodes at most one shard
+    # Frame / resolution buckets (data/buckets.py), "FRAMESxHEIGHTxWIDTH" in pixels, e.g. [16x256x256, 16x256x448,
+    # 24x256x256]: each clip trains at the largest bucket it fills, each batch from one bucket; the run writes
+    # buckets.json (clips per bucket, clips that fit none and why, buckets smaller than the global batch).
+    # Empty = every clip at data.num_frames x data.resolution^2. Stage t2v, task t2v / uncond, data.cache=none.
+    buckets: list[str] = field(default_factory=list)
+    bucket_max_crop: float = 0.25  # a clip fills a bucket only if cropping it to the bucket's aspect keeps >= 75%
 
 
 @dataclass
@@ -316,8 +322,10 @@ def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig
     return OmegaConf.merge(parent, raw)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), validate_files: bool = True) -> RunConfig:
+    """Schema <- YAML file (with its bases) <- `key=value` overrides, then validated. validate_files=False is for
+    tools that only read a recipe's settings (bench/gpu_check.py builds its UNet): types and keys are still
+    checked, but nothing the config names (manifest, weights, hub ids) needs to exist."""
     schema = OmegaConf.structured(RunConfig)
     layers = [_load_yaml_with_bases(Path(path))] if path else []
     dotlist = OmegaConf.create()
@@ -341,7 +349,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         if str(_get(cfg, key)).lower() in ("off", "false", "no"):
             parent, _, name = key.rpartition(".")
             setattr(_get(cfg, parent), name, off)
-    validate(cfg)
+    if validate_files:
+        validate(cfg)
     return cfg
 
 
@@ -544,6 +553,9 @@ def validate(cfg: RunConfig) -> None:
               f"must be a multiple of {multiple} (VAE factor {vae_factor} x UNet factor {unet_factor}); "
               f"e.g. {max(multiple, cfg.data.resolution // multiple * multiple)}")
 
+    if cfg.data.buckets:
+        _validate_buckets(cfg, (vae_factor or 1) * unet_factor)
+
     if cfg.data.cache != "none" and not cfg.data.cache_dir:
         _fail("data.cache_dir", None, f"data.cache={cfg.data.cache} needs a folder for the cache")
     if cfg.data.cache == "use" and not (Path(cfg.data.cache_dir) / "fingerprint.json").is_file():
@@ -612,6 +624,20 @@ def _validate_trainable(cfg: RunConfig) -> None:
         _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
     if not cfg.lora.target_modules:
         _fail("lora.target_modules", [], "needs at least one pattern, e.g. ['*.to_q', '*.to_v']")
+
+
+def _validate_buckets(cfg: RunConfig, multiple: int) -> None:
+    from data.buckets import parse_buckets  # imports torch: only when buckets are used
+
+    try:
+        parse_buckets(list(cfg.data.buckets), multiple_of=multiple)
+    except ValueError as err:
+        _fail("data.buckets", list(cfg.data.buckets), f"{err} (VAE factor x UNet factor = {multiple})")
+    if cfg.stage != "t2v" or cfg.task == "i2v" or cfg.data.cache != "none":
+        _fail("data.buckets", list(cfg.data.buckets), "buckets are for stage t2v, task t2v or uncond, with "
+              f"data.cache=none (got stage={cfg.stage}, task={cfg.task}, data.cache={cfg.data.cache})")
+    if not 0 <= cfg.data.bucket_max_crop < 1:
+        _fail("data.bucket_max_crop", cfg.data.bucket_max_crop, "must be in [0, 1)")
 
 
 def _validate_evaluation(cfg: RunConfig) -> None:

@@ -30,19 +30,19 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
 
 
-def pretrained_schedule_mismatches(scheduler_config: dict, cfg: DiffusionConfig) -> list[str]:
-    """`diffusion.KEY: run V, pretrained W` for each SCHEDULE_KEYS setting where the run's diffusion config differs
+def pretrained_schedule_mismatches(scheduler_config: dict, cfg: DiffusionConfig) -> dict[str, tuple]:
+    """{KEY: (run value, pretrained value)} for each SCHEDULE_KEYS setting where the run's diffusion config differs
     from a pretrained pipeline's scheduler config (keys it omits take diffusers' defaults, which it then used).
     zero_terminal_snr is not compared: rescaling the same betas to zero terminal SNR is a deliberate fine-tuning
     change (Lin et al. 2023 fine-tune Stable Diffusion that way)."""
     defaults = inspect.signature(DDPMScheduler.__init__).parameters
-    problems = []
+    mismatches = {}
     for key in SCHEDULE_KEYS:
         ours, theirs = getattr(cfg, key), scheduler_config.get(key, defaults[key].default)
         same = math.isclose(ours, theirs, rel_tol=1e-6) if isinstance(ours, float) else ours == theirs
         if not same:
-            problems.append(f"diffusion.{key}: run {ours!r}, pretrained {theirs!r}")
-    return problems
+            mismatches[key] = (ours, theirs)
+    return mismatches
 
 
 def check_pretrained_schedule(pretrained: str, subfolder: str | None, cfg: DiffusionConfig) -> None:
@@ -56,13 +56,14 @@ def check_pretrained_schedule(pretrained: str, subfolder: str | None, cfg: Diffu
     if found is None:
         return
     scheduler_config, where = found
-    problems = pretrained_schedule_mismatches(scheduler_config, cfg)
-    if problems:
-        fix = " ".join(f"diffusion.{key}={scheduler_config.get(key)}" for key in SCHEDULE_KEYS
-                       if any(p.startswith(f"diffusion.{key}:") for p in problems) and key in scheduler_config)
+    mismatches = pretrained_schedule_mismatches(scheduler_config, cfg)
+    if mismatches:
+        problems = "; ".join(f"diffusion.{key}: run {ours!r}, pretrained {theirs!r}"
+                             for key, (ours, theirs) in mismatches.items())
+        fix = " ".join(f"diffusion.{key}={theirs}" for key, (_, theirs) in mismatches.items())
         raise ConfigError(f"config key 'unet.pretrained' = {pretrained!r}: its noise schedule ({where}) differs "
-                          f"from the run's: {'; '.join(problems)}. Train with the pretrained schedule"
-                          f"{' (' + fix + ')' if fix else ''}, or start from another UNet.")
+                          f"from the run's: {problems}. Train with the pretrained schedule ({fix}), or start "
+                          "from another UNet.")
 
 
 def build_sampler(train_scheduler_config, name: str):

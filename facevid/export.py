@@ -1,15 +1,16 @@
 """Export a trained run as a diffusers pipeline folder (unet, vae, text_encoder, tokenizer, scheduler,
 model_index.json) that loads with `DiffusionPipeline.from_pretrained` elsewhere.
 
-- A backbone expressible as diffusers' UNet3DConditionModel (built with models.pretrained.UNET3D_LAYOUT, e.g.
-  initialised from ModelScope / zeroscope, task t2v or uncond) becomes a standard TextToVideoSDPipeline
-  folder: tools that consume that format use it unchanged, without FaceVid installed.
+- A backbone expressible as diffusers' UNet3DConditionModel (built with models.pretrained.UNET3D_LAYOUT: trained
+  from scratch with `unet.layout: modelscope`, or initialised from ModelScope / zeroscope; task t2v or uncond)
+  becomes a standard TextToVideoSDPipeline folder: tools that consume that format use it unchanged, without
+  FaceVid installed. That pipeline has no guidance rescale: its model card says so when the run uses one.
 - Anything else (FaceVid's own layout, image-to-video) keeps the FaceVidUNet3D weights and is driven by
   FaceVidDiffusersPipeline below. The folder's pipeline.py only re-exports that class, so with facevid
   installed `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it.
 
 Both kinds reproduce sample.py: the scheduler is the sampler sample.py builds (DPM-Solver++ 2M or DDIM on the
-run's training schedule), the tokenizer keeps the run's max_length and the text encoder's config says
+run's training schedule; the FaceVid kind also keeps sample.guidance_rescale), the tokenizer keeps the run's max_length and the text encoder's config says
 `use_attention_mask: true`, so diffusers' prompt encoding returns exactly the embeddings FaceVid trained with.
 """
 

@@ -7,6 +7,11 @@ Exact resume: the data order depends only on (seed, epoch) (data/sampler.py), ea
 choices only on (seed, epoch, index) (data/dataset.py), and all training noise comes from one
 torch.Generator per rank whose state is checkpointed. A resumed run therefore repeats the same
 batches and the same noise as an uninterrupted one.
+
+Failures: an optimizer step whose loss or gradients are NaN/inf is never applied, and more than
+train.max_nonfinite_steps of them in a row stop the run (NonFiniteLossError); weights are checked finite
+before every checkpoint, so rotation never trades the last good checkpoint for a NaN one. A checkpoint that
+cannot be written (full disk) raises CheckpointWriteError and leaves the previous one as the latest.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -30,6 +36,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from data.buckets import bucketed_training_data, collate_bucketed
 from data.cache import LatentCache, check_fingerprint, text_key
 from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips
 from data.manifest import SkippedItem, read_manifest
@@ -203,23 +210,50 @@ class Trainer:
         if not records:
             raise RuntimeError(f"no usable clip in {manifest} ({len(skipped)} skipped)")
         logger.info("dataset: %d clips from %s", len(records), manifest)
-        if cfg.data.cache == "none":
+        batching = dict(batch_size=cfg.train.batch_size, collate_fn=collate_clips, drop_last=True)
+        if cfg.data.buckets:
+            self.dataset, self.sampler = self._bucketed_data(records)
+            batching = dict(batch_sampler=self.sampler, collate_fn=collate_bucketed)
+        elif cfg.data.cache == "none":
             self.dataset = VideoClipDataset(
                 records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
                 resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
             )
         else:
             self.dataset = self._cached_dataset(records)
-        self.sampler = ShardedEpochSampler(
-            len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
-            rank=acc.process_index, seed=cfg.seed,
-        )
+        if not cfg.data.buckets:
+            self.sampler = ShardedEpochSampler(
+                len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
+                rank=acc.process_index, seed=cfg.seed,
+            )
+            batching["sampler"] = self.sampler
         self.loader = DataLoader(
-            self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler, collate_fn=collate_clips,
-            num_workers=cfg.data.num_workers, drop_last=True, worker_init_fn=_ignore_stop_signals_in_worker,
+            self.dataset, **batching,
+            num_workers=cfg.data.num_workers, worker_init_fn=_ignore_stop_signals_in_worker,
             # Workers get their seeds from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(cfg.seed),
         )
+
+    def _bucketed_data(self, records):
+        """data.buckets: each clip at the largest bucket it fills; buckets.json says where every clip went."""
+        cfg, acc = self.cfg, self.accelerator
+        dataset, sampler, report = bucketed_training_data(
+            records, list(cfg.data.buckets), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.seed,
+            cfg.data.frame_stride, cfg.data.target_fps, cfg.data.bucket_max_crop, cfg.data.flip)
+        if acc.is_main_process:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "buckets.json").write_text(json.dumps(report, indent=2) + "\n")
+            logger.info("buckets: clips per bucket %s, %d steps per epoch", report["clips_per_bucket"],
+                        report["steps_per_epoch"])
+            if report["unfit"]:
+                logger.warning("%d clip(s) fit no bucket and are left out (all listed in buckets.json):\n  %s",
+                               report["unfit"], "\n  ".join(f"{u['source']}: {u['reason']}"
+                                                           for u in report["unfit_clips"][:20]))
+            if report["buckets_smaller_than_global_batch"]:
+                logger.warning("buckets with fewer clips than one global batch (%d) never form a batch; their "
+                               "%d clip(s) are not trained on: %s", report["global_batch"],
+                               report["clips_in_small_buckets"], report["buckets_smaller_than_global_batch"])
+        return dataset, sampler
 
     def _resolve_playback_fps(self, records) -> None:
         """sample.fps null = the fps the model is trained at; config.yaml then records it for sample.py."""
@@ -404,7 +438,8 @@ class Trainer:
             if not os.environ.get("WANDB_API_KEY") and not wandb.api.api_key:
                 os.environ.setdefault("WANDB_MODE", "offline")
             if self.state.tracker_run_id is None:
-                self.state.tracker_run_id = wandb.util.generate_id()
+                # wandb's own id helper moved between releases; any 8 lowercase hex characters are a valid run id.
+                self.state.tracker_run_id = secrets.token_hex(4)
             init_kwargs["wandb"] = {"id": self.state.tracker_run_id, "resume": "allow",
                                     "name": self.run_dir.name, "dir": str(self.run_dir.resolve())}
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -538,7 +573,9 @@ class Trainer:
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
                         step_finite = self._step_finite(grad_norm, window_finite)
-                    if step_finite:  # a non-finite step is never applied: the weights stay as they were
+                    # A non-finite step is never applied. Under fp16 the GradScaler skips it by itself, and must
+                    # see it (to lower its scale and reset its per-step state).
+                    if step_finite or acc.scaler is not None:
                         self.optimizer.step()
                     if acc.sync_gradients:
                         self.lr_scheduler.step()

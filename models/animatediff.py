@@ -7,6 +7,8 @@ v3 also after the mid block's attention: exactly FaceVid's UNetLayer temporal sl
     model = from_unet2d_and_motion(unet2d, load_motion_module(path))
 
 is the AnimateDiff video model: tests/test_animatediff.py shows it gives diffusers' UNetMotionModel outputs.
+`to_motion_adapter(model)` goes back: fine-tuned motion modules as a MotionAdapter (or, through
+`diffusers_to_original`, an original-format checkpoint) for AnimateDiff tooling.
 
 Two weight formats are read, both into one canonical form (diffusers' MotionAdapter keys, positions dropped):
 - a diffusers MotionAdapter folder (config.json + diffusion_pytorch_model.safetensors / .bin), or a single file
@@ -30,6 +32,7 @@ identity (zero proj_out), so the model still computes what AnimateDiff v1 comput
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,8 @@ from models.pretrained import (
     key_map,
 )
 from models.unet3d import ANIMATEDIFF_HEADS, TEMPORAL_NORMS, FaceVidUNet3D, interleaved_sinusoids
+
+logger = logging.getLogger("facevid")
 
 # The FaceVidUNet3D options that make every temporal slot an AnimateDiff motion module.
 ANIMATEDIFF_LAYOUT = {
@@ -140,8 +145,9 @@ def _check_supported(state: dict[str, torch.Tensor], source: str) -> None:
     for key in state:
         if ".motion_modules." not in key:
             raise UnsupportedBackboneError(
-                f"{source}: key {key!r} is not a motion-module weight (PIA / SparseCtrl / LoRA extras are not "
-                "supported; expected only {down_blocks|up_blocks|mid_block}.*.motion_modules.* keys)")
+                f"{source}: key {key!r} is not a motion-module weight (a whole-UNet checkpoint, or PIA / "
+                "SparseCtrl / LoRA extras, which are not supported; expected only "
+                "{down_blocks|up_blocks|mid_block}.*.motion_modules.* keys)")
         if ".transformer_blocks." in key and ".transformer_blocks.0." not in key:
             raise UnsupportedBackboneError(
                 f"{source}: key {key!r}: motion modules with more than one transformer block are not supported")
@@ -221,7 +227,10 @@ def load_motion_module(path: str | Path) -> MotionModule:
         return module
     if not path.is_file():
         raise UnsupportedBackboneError(f"motion module {path} not found (a MotionAdapter folder or a weight file)")
-    return motion_module_from_state(_load_file(path), str(path))
+    module = motion_module_from_state(_load_file(path), str(path))
+    logger.info("motion module %s: %s, position tables of %s frames (the longest clips it was trained on)", path,
+                "with a mid-block module" if module.has_mid_block else "no mid-block module (v1)", module.max_frames)
+    return module
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -279,3 +288,27 @@ def from_unet2d_and_motion(unet2d, motion: MotionModule, condition_channels: int
     _load_mapped(model, unet2d.state_dict(), key_map(model, temporal=False), temporal=False)
     load_motion_weights(model, motion)
     return model.to(unet2d.dtype)
+
+
+def to_motion_adapter(model: FaceVidUNet3D, max_frames: int = 32):
+    """The temporal layers of an ANIMATEDIFF_LAYOUT model (e.g. fine-tuned on faces) as a diffusers MotionAdapter,
+    for AnimateDiff tooling: `adapter.save_pretrained(folder)`, or the original checkpoint keys with
+    `diffusers_to_original(adapter.state_dict(), max_frames)`. diffusers runs the modules with GroupNorm pooled
+    over frames; a model trained with temporal_norm="frame" is reproduced exactly only by the original code."""
+    from diffusers import MotionAdapter
+
+    config = model.config
+    if config.temporal_block != "animatediff":
+        raise UnsupportedBackboneError(f"temporal_block={config.temporal_block!r}: only a model whose temporal "
+                                       "layers are AnimateDiff motion modules exports as a MotionAdapter")
+    adapter = MotionAdapter(block_out_channels=tuple(config.block_out_channels),
+                            motion_layers_per_block=config.layers_per_block,
+                            motion_norm_num_groups=config.norm_num_groups, motion_max_seq_length=max_frames,
+                            use_motion_mid_block=True)
+    state = model.state_dict()
+    weights = {theirs: state[ours] for ours, theirs in motion_key_map(model).items()}
+    missing, unexpected = adapter.load_state_dict(weights, strict=False)
+    left = [key for key in missing if not _is_position_table(key)]  # diffusers builds its own tables
+    if left or unexpected:
+        raise UnsupportedBackboneError(f"MotionAdapter mismatch: missing {left[:4]}, unexpected {unexpected[:4]}")
+    return adapter.to(model.dtype)

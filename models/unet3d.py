@@ -23,7 +23,8 @@ A few options (all off by default) mirror diffusers' UNet3DConditionModel (Model
 layer, so its weights load here and ours export to it (models/pretrained.py): `ff_activation="geglu"`,
 `temporal_conv` (a TemporalConvLayer after every ResnetBlock), `temporal_block="transformer"` (its
 TransformerTemporalModel), `input_temporal_transformer` (its `transformer_in`), `norm_eps`, and
-`cross_attention_mask=False` (those models attend to every text token, padding included).
+`cross_attention_mask=False` (those models attend to every text token, padding included). The run config's
+`unet.layout: modelscope` sets them all (models.pretrained.layout_options).
 `temporal_block="animatediff"` mirrors an AnimateDiff motion module in the same slot (models/animatediff.py).
 """
 

@@ -88,7 +88,7 @@ def _clip_text_config(hidden: int = 32, layers: int = 2) -> dict:
     # CLIP ViT-L/14's text tower, narrowed (real: 768 wide, 12 layers, 12 heads); ids as in OpenAI's vocabulary.
     return dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
-                bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS, pad_token_id=1)
+                bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS, pad_token_id=CLIP_EOS)  # CLIP pads with <|endoftext|>
 
 
 def clip_text_encoder(folder: Path, hidden: int = 32) -> Path:

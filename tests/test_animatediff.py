@@ -21,8 +21,9 @@ from models.animatediff import (
     motion_key_map,
     motion_module_from_state,
     original_to_diffusers,
+    to_motion_adapter,
 )
-from models.pretrained import UnsupportedBackboneError, from_unet2d, load_pretrained_unet
+from models.pretrained import UnsupportedBackboneError, from_unet2d, key_map, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D
 
 TEXT_DIM = 24
@@ -205,11 +206,15 @@ def test_mismatched_or_unsupported_modules_are_refused(tmp_path):
         load_motion_module(tmp_path / "four_heads")
     with pytest.raises(UnsupportedBackboneError, match="not found"):
         load_motion_module(tmp_path / "missing.ckpt")
+    whole_unet = {**diffusers_to_original(two_layers.state_dict()), **unet.state_dict()}
+    with pytest.raises(UnsupportedBackboneError, match="'conv_in.weight' is not a motion-module weight.*whole-UNet"):
+        motion_module_from_state(whole_unet, "full.ckpt")
 
 
 def test_training_run_starts_from_sd_unet_and_original_motion_checkpoint(tmp_path_factory, tmp_path):
-    """unet.pretrained (an image UNet) + unet.motion_module (an original-format .ckpt) through the production
-    Trainer: the run trains the motion modules and saves a FaceVidUNet3D that keeps the AnimateDiff layout."""
+    """unet.pretrained (an image UNet) + unet.motion_module (an original-format .ckpt) + train.trainable=temporal
+    through the production Trainer: the run trains only the motion modules and saves a FaceVidUNet3D that keeps
+    the AnimateDiff layout."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**UNET2D, "block_out_channels": (32, 32), "norm_num_groups": 32,
                                    "cross_attention_dim": 384})  # the bundled text encoder's width
@@ -218,7 +223,7 @@ def test_training_run_starts_from_sd_unet_and_original_motion_checkpoint(tmp_pat
     unet.save_pretrained(tmp_path / "sd_unet")
     torch.save(diffusers_to_original(adapter.state_dict(), max_frames=24), tmp_path / "mm_sd_v15.ckpt")
     run = task_runs.trained_run(tmp_path_factory, "t2v_animatediff", f"unet.pretrained={tmp_path / 'sd_unet'}",
-                                f"unet.motion_module={tmp_path / 'mm_sd_v15.ckpt'}")
+                                f"unet.motion_module={tmp_path / 'mm_sd_v15.ckpt'}", "train.trainable=temporal")
     trained = FaceVidUNet3D.from_pretrained(run / "unet")
     assert trained.config.temporal_block == "animatediff" and trained.config.temporal_norm == "frame"
     state = trained.state_dict()
@@ -227,19 +232,48 @@ def test_training_run_starts_from_sd_unet_and_original_motion_checkpoint(tmp_pat
     assert all(state[ours].shape == start[theirs].shape for ours, theirs in mapping.items())
     changed = [ours for ours, theirs in mapping.items() if not torch.equal(state[ours], start[theirs])]
     assert len(changed) > len(mapping) // 2  # two steps of AdamW move the motion weights
+    # train.trainable=temporal (AnimateDiff's recipe): the image UNet's weights stay exactly as loaded.
+    image = unet.state_dict()
+    spatial = key_map(trained, temporal=False)
+    assert spatial and all(torch.equal(state[ours].reshape(image[theirs].shape), image[theirs])
+                           for ours, theirs in spatial.items())
 
 
 def test_shipped_config_validates_its_motion_module(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "animatediff_motion_256.yaml"
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("")
+    for folder in ("sd", "vae"):
+        (tmp_path / folder).mkdir()
+    # Local stand-ins for the recipe's hub models (offline tests cannot reach the hub).
+    local = [f"data.manifest={manifest}", f"unet.pretrained={tmp_path / 'sd'}", f"vae.pretrained={tmp_path / 'vae'}",
+             "text_encoder.pretrained=bundled:all-MiniLM-L6-v2", "text_encoder.subfolder=null"]
     with pytest.raises(ConfigError, match="unet.motion_module.*mm_sd_v15_v2.ckpt.*not found"):
-        load_config(config, [f"data.manifest={manifest}"])
+        load_config(config, local)
     (tmp_path / "mm.ckpt").write_bytes(b"")
-    cfg = load_config(config, [f"data.manifest={manifest}", f"unet.motion_module={tmp_path / 'mm.ckpt'}"])
+    local.append(f"unet.motion_module={tmp_path / 'mm.ckpt'}")
+    cfg = load_config(config, local)
     assert (cfg.unet.pretrained_format, cfg.unet.subfolder, cfg.unet.motion_module_norm) == ("unet2d", "unet", "frame")
+    assert cfg.train.trainable == "temporal"  # AnimateDiff's recipe: only the motion modules train
     with pytest.raises(ConfigError, match="unet.motion_module.*needs unet.pretrained"):
-        load_config(config, [f"data.manifest={manifest}", f"unet.motion_module={tmp_path / 'mm.ckpt'}",
-                             "unet.pretrained=null"])
+        load_config(config, [*local, "unet.pretrained=null"])
     with pytest.raises(ConfigError, match="unet.motion_module_norm"):
-        load_config(config, [f"data.manifest={manifest}", "unet.motion_module_norm=pooled"])
+        load_config(config, [*local, "unet.motion_module_norm=pooled"])
+
+
+def test_fine_tuned_motion_modules_export_to_diffusers_and_original_keys(tmp_path):
+    unet, adapter = tiny()
+    model = from_unet2d_and_motion(unet, motion_module_from_state(adapter.state_dict(), "adapter"),
+                                   temporal_norm="video")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # stands in for fine-tuning: new motion weights, image weights unchanged
+        for name, param in model.named_parameters():
+            if ".temporal." in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    exported = to_motion_adapter(model)
+    torch.testing.assert_close(reference_output(unet, exported), output(model), **TOLERANCE)
+    torch.save(diffusers_to_original(exported.state_dict(), max_frames=32), tmp_path / "mm_faces.ckpt")
+    again = from_unet2d_and_motion(unet, load_motion_module(tmp_path / "mm_faces.ckpt"), temporal_norm="video")
+    torch.testing.assert_close(output(again), output(model), **TOLERANCE)
+    with pytest.raises(UnsupportedBackboneError, match="temporal_block='attention'"):
+        to_motion_adapter(FaceVidUNet3D(block_out_channels=(32, 32), attention_levels=(False, True)))

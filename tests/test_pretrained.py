@@ -210,12 +210,13 @@ def test_a_pretrained_pipeline_with_another_noise_schedule_is_refused(modelscope
                     "pretrained 0.012", "diffusion.prediction_type: run 'v_prediction', pretrained 'epsilon'"):
         assert problem in message
     assert "beta_schedule" not in message and "scheduler_config.json" in message
-    assert "diffusion.beta_start=0.00085 diffusion.beta_end=0.012" in message  # how to fix it
+    # How to fix it:
+    assert "diffusion.beta_start=0.00085 diffusion.beta_end=0.012 diffusion.prediction_type=epsilon" in message
     # The unet/ folder itself finds its pipeline's scheduler in the parent folder.
     found, where = pretrained_scheduler_config(str(modelscope_pipeline_folder / "unet"))
     assert found["beta_end"] == 0.012 and where.endswith("scheduler/scheduler_config.json")
     matching = DiffusionConfig(beta_start=0.00085, beta_end=0.012, prediction_type="epsilon", min_snr_gamma=None)
-    assert pretrained_schedule_mismatches(found, matching) == []
+    assert pretrained_schedule_mismatches(found, matching) == {}
     check_pretrained_schedule(str(modelscope_pipeline_folder), None, matching)  # no error
     # A bare UNet folder without a pipeline around it has no schedule to compare.
     assert pretrained_scheduler_config(str(task_runs.tiny_unet3d(tmp_path_factory))) is None

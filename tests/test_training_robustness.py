@@ -131,10 +131,12 @@ def test_train_cli_exits_non_zero_with_the_message(manifest, vae, tmp_path, caps
     assert code == 1 and "error: step" in err and "not finite" in err and "Traceback" not in err
 
 
-def test_nonfinite_steps_within_the_budget_are_skipped(manifest, vae, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_nonfinite_steps_within_the_budget_are_skipped(manifest, vae, tmp_path, accumulation):
     run = tmp_path / "skip"
-    cfg = run_config(manifest, vae, run, "train.max_steps=4", "train.max_nonfinite_steps=1")
-    stage = _InjectedStage(cfg, nan_at={2})
+    cfg = run_config(manifest, vae, run, "train.max_steps=4", "train.max_nonfinite_steps=1",
+                     f"train.gradient_accumulation_steps={accumulation}")
+    stage = _InjectedStage(cfg, nan_at={accumulation + 1})  # the first micro-batch of step 2
     fit(cfg, stage)
     rows = {row["step"]: row for row in metric_rows(run) if "loss" in row}
     assert sorted(rows) == [1, 2, 3, 4]
