@@ -28,10 +28,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,curation]"
 	touch $(STAMP)
 
-# The demo's three stages. $(1): the VAE stage's config, $(2): the text-to-video config, $(3): its run folder.
+# The demo's data and three stages. $(1): the VAE stage's config, $(2): the text-to-video config, $(3): its run
+# folder, $(4): the FaceVid-Synth folder its configs' data.manifest names, $(5): extra data.synth flags.
+# FaceVid-Synth: 512 clips of 16 frames at 64 px, 12 fps (returns at once when the folder already holds them).
 # The prompts come in pairs one action word apart; --same-seed gives both the same noise.
 define demo_stages
-	@$(call timed,VAE stage (incl. FaceVid-Synth generation),$(OFFLINE) $(LAUNCH) train.py --config configs/$(1))
+	@$(call timed,FaceVid-Synth generation,$(PY) -m data.synth --out $(4) --num-clips 512 --frames 16 --resolution 64 --fps 12 $(5))
+	@$(call timed,VAE stage,$(OFFLINE) $(LAUNCH) train.py --config configs/$(1))
 	@$(call timed,text-to-video stage,$(OFFLINE) $(LAUNCH) train.py --config configs/$(2))
 	@$(call timed,sampling,$(OFFLINE) $(PY) sample.py --run $(3) --prompts-file configs/demo_prompts.txt --same-seed --out $(3)/samples/demo)
 endef
@@ -39,13 +42,14 @@ endef
 demo: $(STAMP)
 	@# The demo retrains its VAE, so latents cached from an earlier demo no longer match: start clean.
 	@rm -rf runs/demo runs/demo-vae outputs/facevid_synth_cache
-	$(call demo_stages,demo_vae.yaml,demo.yaml,runs/demo)
+	@# --aligned-motion: every talking mouth etc. in step, so the action follows from the words alone
+	$(call demo_stages,demo_vae.yaml,demo.yaml,runs/demo,outputs/facevid_synth,--aligned-motion)
 
 # The longer CPU recipe (54 min on a fresh 2-core clone; README, Evaluation): a sharper VAE, ten times the
 # UNet steps, motion scaling and a motion-weighted loss.
 demo-long: $(STAMP)
 	@rm -rf runs/demo-long runs/demo-long-vae outputs/facevid_synth_cache_long
-	$(call demo_stages,demo_long_vae.yaml,demo_long.yaml,runs/demo-long)
+	$(call demo_stages,demo_long_vae.yaml,demo_long.yaml,runs/demo-long,outputs/facevid_synth_random,)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from facevid.cache_builder import build_cache
 from facevid.config import ConfigError, load_config
-from facevid.trainer import build_accelerator, ensure_manifest, setup_logging
+from facevid.trainer import build_accelerator, setup_logging
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     accelerator = build_accelerator(cfg, Path(cfg.output_dir))
     setup_logging(accelerator)
     try:
-        ensure_manifest(cfg, accelerator)
         report = build_cache(cfg, accelerator)
     except ConfigError as err:  # found once the manifest is read or the cache opened
         print(f"error: {err}", file=sys.stderr)

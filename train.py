@@ -1,13 +1,14 @@
 """Train a FaceVid stage: `accelerate launch train.py --config configs/demo.yaml [key=value ...]`.
 
-Parses and validates the config (before any work starts), then hands it to the Trainer.
+Parses and validates the config (before any work starts), then composes the run: the stage (the core's, or
+a plug-in's: plugin.module), the evaluation callback when eval.every > 0, and the Trainer.
 """
 
 import argparse
 import sys
 
 from facevid.config import ConfigError, load_config
-from facevid.stages import STAGES
+from facevid.stages import build_stage
 from facevid.trainer import CheckpointWriteError, NonFiniteLossError, Trainer
 
 
@@ -23,8 +24,13 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    evaluation = None
+    if cfg.eval.every:
+        from evaluation.training import TrainingEvaluation
+
+        evaluation = TrainingEvaluation(cfg)
     try:
-        Trainer(cfg, STAGES[cfg.stage](cfg)).fit()
+        Trainer(cfg, build_stage(cfg), evaluation=evaluation).fit()
     except ConfigError as err:  # found once the data is read (e.g. a cache built for another setup)
         print(f"error: {err}", file=sys.stderr)
         return 2

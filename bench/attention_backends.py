@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import interleaved_median_seconds  # noqa: E402
+from demo.aids import DemoUNet3D  # noqa: E402
 from models.attention import xformers_available  # noqa: E402
-from models.unet3d import FaceVidUNet3D  # noqa: E402
 
 # configs/demo.yaml's UNet, 4-channel latents of 8 frames and 48 MiniLM tokens.
 DEMO_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), attention_levels=(False, True, True),
-                 attention_head_dim=32, cross_attention_dim=384, pooled_text_conditioning=True, text_layout=True)
+                 attention_head_dim=32, cross_attention_dim=384, pooled_text_conditioning=True)
 
 
 def main() -> None:
@@ -44,10 +44,10 @@ def main() -> None:
     side = args.latent_size
     unet_kwargs = {**DEMO_UNET, "text_layout_size": side}  # the demo's layout grid is the latent's own size
     torch.manual_seed(0)
-    reference = FaceVidUNet3D(**unet_kwargs).to(device)
+    reference = DemoUNet3D(**unet_kwargs).to(device)
     models = {}
     for backend in backends:
-        model = FaceVidUNet3D(**unet_kwargs).to(device)
+        model = DemoUNet3D(**unet_kwargs).to(device)
         model.load_state_dict(reference.state_dict())
         model.set_attention_backend(backend)
         models[backend] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))

@@ -33,12 +33,15 @@ from facevid.stages import TextToVideoStage  # noqa: E402
 from facevid.trainer import Trainer  # noqa: E402
 from models.vae import build_tiny_vae  # noqa: E402
 
+# The demo's FaceVid-Synth clips, as the Makefile generates them.
+DEMO_SYNTH = {"num_frames": 16, "resolution": 64, "fps": 12.0}
 
-def demo_vae(work: Path) -> Path:
+
+def demo_vae(work: Path, manifest: Path) -> Path:
     trained = REPO / "runs" / "demo-vae" / "vae"
     if trained.is_dir():
         return trained
-    cfg = load_config(REPO / "configs" / "demo_vae.yaml")
+    cfg = load_config(REPO / "configs" / "demo_vae.yaml", [f"data.manifest={manifest}"])
     vae = build_tiny_vae(cfg.vae.block_out_channels, cfg.vae.layers_per_block, cfg.vae.latent_channels)
     vae.save_pretrained(work / "vae")
     return work / "vae"
@@ -86,14 +89,15 @@ def main() -> None:
                         help="training resolution (the README's figures: 64; the demo itself trains at 32)")
     args = parser.parse_args()
     size = f"data.resolution={args.resolution}"
-    demo = load_config(REPO / "configs" / "demo.yaml", ["vae.pretrained=null", "stage=vae", "data.cache=none", size])
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        vae = demo_vae(work)
-        s = demo.data.synth
-        manifest = synth.generate(work / "synth", num_clips=args.clips, num_frames=s.num_frames,
-                                  resolution=s.resolution, fps=s.fps, seed=s.seed, progress=False)
+        s = DEMO_SYNTH
+        manifest = synth.generate(work / "synth", num_clips=args.clips, num_frames=s["num_frames"],
+                                  resolution=s["resolution"], fps=s["fps"], seed=0, progress=False)
+        demo = load_config(REPO / "configs" / "demo.yaml", ["vae.pretrained=null", "stage=vae", "data.cache=none",
+                                                            f"data.manifest={manifest}", size])
+        vae = demo_vae(work, manifest)
 
         rows = []
         for processes in (1, 2):
@@ -108,8 +112,8 @@ def main() -> None:
         # Latent bytes: posterior mean + std, fp16, per window (with the demo's one window per clip).
         rss = {}
         for count in (100, 1000):
-            many = synth.generate(work / f"synth{count}", num_clips=count, num_frames=s.num_frames,
-                                  resolution=s.resolution, fps=s.fps, seed=7, progress=False)
+            many = synth.generate(work / f"synth{count}", num_clips=count, num_frames=s["num_frames"],
+                                  resolution=s["resolution"], fps=s["fps"], seed=7, progress=False)
             _, rss[count] = build_cache_subprocess(many, vae, work / f"rss{count}", 1, size)
 
     print(f"\nFaceVid cache benchmark: demo config ({demo.data.resolution} px, {frames} frames, VAE factor 4, "

@@ -45,8 +45,10 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.timing import interleaved_median_seconds  # noqa: E402
+from data import synth  # noqa: E402
 from facevid.config import load_config  # noqa: E402
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler  # noqa: E402
+from facevid.diffusion import build_noise_scheduler  # noqa: E402
+from facevid.objective import Objective  # noqa: E402
 from facevid.stages import build_unet  # noqa: E402
 from models.attention import xformers_available  # noqa: E402
 
@@ -90,7 +92,7 @@ def peak_tflops(args, device: torch.device) -> tuple[float | None, str]:
 
 
 class UNetStep:
-    """The recipe's training step on random latents: DiffusionObjective.loss (v-prediction, zero-terminal SNR,
+    """The recipe's training step on random latents: Objective.loss (v-prediction, zero-terminal SNR,
     offset noise, min-SNR as configured) -> backward -> fused AdamW, under autocast."""
 
     def __init__(self, cfg, device, batch: int, frames: int, latent_size: int, text_width: int, dtype):
@@ -100,7 +102,7 @@ class UNetStep:
             self.model.enable_gradient_checkpointing()
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.learning_rate, fused=True)
-        self.objective = DiffusionObjective(build_noise_scheduler(cfg.diffusion), cfg.diffusion)
+        self.objective = Objective.from_config(cfg.diffusion, build_noise_scheduler(cfg.diffusion))
         self.device, self.dtype = device, dtype
         generator = torch.Generator().manual_seed(0)
         tokens = cfg.text_encoder.max_length
@@ -216,10 +218,12 @@ def ddp_check(args, on_cpu: bool = False) -> bool:
     DDP at the recipe's size. on_cpu (--ddp-on-cpu, for tests): gloo DDP on 2 CPU processes at the reduced size."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as tmp:
         run = Path(tmp) / "run"
+        # 25 fps FaceVid-Synth: the recipe's target_fps 6.25 reads every 4th frame (16 of 64 at full size).
+        clips = dict(num_clips=4, num_frames=16, resolution=64) if on_cpu else dict(num_clips=16, num_frames=64,
+                                                                                     resolution=256)
+        manifest = synth.generate(Path(tmp) / "synth", fps=25, progress=False, **clips)
         overrides = [
-            f"output_dir={run}", f"data.manifest={Path(tmp) / 'synth' / 'manifest.jsonl'}",
-            # 25 fps FaceVid-Synth: the recipe's target_fps 6.25 reads every 4th frame (16 of 64 at full size).
-            "data.synth.num_clips=16", "data.synth.num_frames=64", "data.synth.resolution=256", "data.synth.fps=25",
+            f"output_dir={run}", f"data.manifest={manifest}",
             f"train.max_steps={args.ddp_steps}", "train.replica_check_every=1", "train.log_every=1",
             "train.checkpoint_every=100000", "train.validate_every=0", "sample.num_inference_steps=2",
             "train.lr_warmup_steps=1",
@@ -228,8 +232,7 @@ def ddp_check(args, on_cpu: bool = False) -> bool:
         ] + ([f"vae.pretrained={args.vae}"] if args.vae else []) + (
             [f"text_encoder.pretrained={args.text_encoder}"] if args.text_encoder else [])
         if on_cpu:
-            overrides += REDUCED + ["data.synth.num_clips=4", "data.synth.num_frames=16", "data.synth.resolution=64",
-                                    "data.resolution=64", "data.num_frames=4", "data.num_workers=0",
+            overrides += REDUCED + ["data.resolution=64", "data.num_frames=4", "data.num_workers=0",
                                     "train.batch_size=1"]
         launch = "cpu_2proc.yaml" if on_cpu else "multi_gpu.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -1,4 +1,4 @@
-"""How big is the motion in a dataset's latents, next to the VAE's posterior noise? Guides diffusion.motion_scale.
+"""How big is the motion in a dataset's latents, next to the VAE's posterior noise? Guides the demo's motion_scale.
 
     .venv/bin/python bench/latent_motion.py --cache outputs/facevid_synth_cache \
         --manifest outputs/facevid_synth/manifest.jsonl --vae runs/demo-vae/vae [--group-by action]
@@ -7,7 +7,7 @@ Reads every clip's cached posterior (mean, std) and prints, in the diffusion mod
 (x the VAE's scaling factor): the RMS deviation of the frames from the clip's mean frame ("motion"), and the
 posterior's std (the noise vae.sample_posterior adds to every frame independently), per value of a manifest
 attribute. Motion far below the posterior noise is motion the model can hardly see; motion_scale=s
-multiplies it by s for training. The last line is the motion's std over all clips, the value diffusion.motion_std
+multiplies it by s for training. The last line is the motion's std over all clips, the value the demo's motion_std
 wants (times motion_scale).
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
         print(f"{group:>16} {len(m):>8} {sum(m) / len(m):>11.4f} {sum(n) / len(n):>14.4f}")
     every_m, every_n = sum(motion.values(), []), sum(noise.values(), [])
     print(f"{'all':>16} {len(every_m):>8} {sum(every_m) / len(every_m):>11.4f} {sum(every_n) / len(every_n):>14.4f}")
-    # The std of every latent element's motion, over all clips: what diffusion.motion_std wants (x motion_scale).
+    # The std of every latent element's motion, over all clips: what the demo's motion_std wants (x motion_scale).
     print(f"motion std over all windows: {(sum(m * m for m in every_m) / len(every_m)) ** 0.5:.4f}")
 
 

@@ -29,12 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import synth  # noqa: E402
 from data.cache import LatentCache  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
-from facevid.diffusion import (  # noqa: E402
-    build_noise_scheduler,
-    frame_motion,
-    motion_preconditioned_velocity,
-    scale_motion,
-)
+from demo.aids import frame_motion  # noqa: E402
+from facevid.diffusion import build_noise_scheduler  # noqa: E402
 from facevid.pipeline import FaceVidPipeline  # noqa: E402
 
 TIMESTEPS = (100, 250, 400, 550, 700, 850, 999)
@@ -70,12 +66,13 @@ def main() -> None:
     scheduler = build_noise_scheduler(cfg.diffusion)
     scale = pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"run {args.run}: {pipe.weights}, motion_scale {cfg.diffusion.motion_scale}, motion_std {pipe.motion_std}, "
+    objective = pipe.objective
+    print(f"run {args.run}: {pipe.weights}, objective {objective.parameterization.to_dict()}, "
           f"{args.clips} clips per action")
     print(f"{'action':>14} {'caption':>9} " + " ".join(f"t={t:<5}" for t in TIMESTEPS))
     for action, clips in sorted(by_action.items()):
         clean = torch.stack([cache.latent(r.clip_id, *cache.windows[r.clip_id][0])[0].float() for r in clips])
-        clean = scale_motion(clean * scale, cfg.diffusion.motion_scale)
+        clean = objective.parameterization.to_model_space(clean * scale)
         swap = "talking" if action == "still" else "still"
         # Same template and synonyms for both captions (one rng seed per clip): only the action words differ.
         captions = {
@@ -94,8 +91,7 @@ def main() -> None:
             for name, (text, mask) in texts.items():
                 with torch.no_grad():
                     output = pipe.unet(noisy, torch.full((len(clips),), t), text, mask)
-                if pipe.motion_std is not None:
-                    output = motion_preconditioned_velocity(output, noisy, alpha, pipe.motion_std)
+                output = objective.prediction(output, noisy, alpha)
                 if cfg.diffusion.prediction_type == "v_prediction":
                     predicted = alpha.sqrt() * noisy - (1 - alpha).sqrt() * output
                 else:  # epsilon

@@ -19,6 +19,7 @@ relative to the clip's mean (an open mouth is dark), and prints
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -73,6 +74,11 @@ def main() -> None:
     pipe = FaceVidPipeline.from_run(args.run)
     cfg = pipe.run_config
     data = cfg.data
+    # How the run's FaceVid-Synth clips were drawn (data/synth.py records it next to the manifest).
+    info_file = Path(data.manifest).parent / "synth_info.json"
+    if not info_file.is_file():
+        sys.exit(f"{data.manifest} is not a FaceVid-Synth folder ({info_file.name} missing)")
+    drawn = json.loads(info_file.read_text())
     rng = np.random.default_rng(args.seed)
     people = [(synth.sample_attributes(rng), int(rng.integers(2**31))) for _ in range(args.pairs)]
     captions = {action: [synth.caption_for(dict(a, action=action), np.random.default_rng(s)) for a, s in people]
@@ -81,8 +87,8 @@ def main() -> None:
     real, generated = {}, {}
     for action, prompts in captions.items():
         real[action] = np.stack([center_crop_resize(synth.render_clip(
-            dict(a, action=action), data.synth.num_frames, data.synth.resolution, s,
-            data.synth.aligned_motion)[window], data.resolution) for a, s in people])
+            dict(a, action=action), drawn["num_frames"], drawn["resolution"], s,
+            drawn["aligned_motion"])[window], data.resolution) for a, s in people])
         generated[action] = pipe(prompts, seed=[args.seed + i for i in range(len(prompts))],
                                  num_frames=data.num_frames, resolution=data.resolution,
                                  num_inference_steps=cfg.sample.num_inference_steps,

@@ -10,7 +10,7 @@ recover all attributes even from a blurry 64x64 reconstruction; per-clip jitter 
 motion phase and speed) makes clips differ. With aligned_motion, every periodic action keeps one rhythm
 and starts from the same pose (a talking mouth opens from closed at frame 0, every clip at the same
 speed), so that an action's average clip is itself that action: the timing then follows from the words
-alone, which a small model learns far sooner than timing chosen by the noise (README, Evaluation).
+alone, which a small model learns far sooner than timing chosen by the noise (docs/experiments.md).
 
 Conventions: image coordinates in pixels, y pointing down; "turning left" means the face turns
 towards the left of the frame (the viewer's left).
@@ -282,6 +282,76 @@ def _motion(action: str, num_frames: int, rng, aligned: bool = False) -> dict:
     return {name: curve if np.ptp(curve) > 0 else curve[:1] for name, curve in pose.items()}
 
 
+def draw_face(canvas, x, y, *, cx, cy, features_x, features_y, rx0, ry, skin, hair, emotion: str, glasses: bool,
+              beard: bool, yaw=0.0, eyes=1.0, mouth=0.0, upper: bool = True, lower: bool = True):
+    """Paint a face onto `canvas`, from its skin outline to the glasses: beard, fringe, eyes, brows, nose, lips.
+
+    The face outline is centred at (cx, cy) with radii (rx0 narrowed by the turn, ry); eyes, nose and mouth
+    are placed from (features_x, features_y). Pose: yaw (-1 left .. 1 right), eyes (1 open .. 0 shut), mouth
+    (0 closed .. 1 talking, open); each a scalar or per-frame (T, 1, 1). `upper` / `lower`: whether to draw
+    the parts above (fringe, eyes, brows, glasses) and below (beard, lips) the nose, for callers that only
+    need a window of the face. render_clip draws every clip's face with it; evaluation/probe.py redraws
+    faces with it for its analysis-by-synthesis fits.
+    """
+    turned = np.abs(yaw)
+    rx = rx0 * (1.0 - 0.15 * turned)  # the face narrows as it turns away
+    hair_x = cx - 0.25 * rx0 * yaw  # the back of the head shows on the side turned away
+    shape = EMOTION_SHAPES[emotion]
+    jaw_drop = JAW_DROP * ry * mouth  # the chin follows the mouth when talking
+    canvas = _paint(canvas, _ellipse(x, y, cx, cy + jaw_drop, rx, ry + jaw_drop), skin)
+
+    mouth_y = features_y + (MOUTH_Y + 0.4 * shape["bend"]) * ry
+    mouth_x = features_x + 0.1 * rx0 * yaw
+    if beard and lower:
+        below_nose = _coverage(mouth_y - 0.14 * ry - y)
+        lower_face = _ellipse(x, y, cx, cy + 0.04 * ry, 1.04 * rx, 1.04 * ry) * below_nose
+        # Bare skin around the lips keeps the mouth (and so the emotion) visible on a dark beard.
+        lips_area = _ellipse(x, y, mouth_x, mouth_y + shape["opening"] * 0.4 * ry,
+                             (shape["half_width"] + 0.12) * rx0, (0.13 + shape["opening"] * 0.7) * ry)
+        canvas = _paint(canvas, lower_face * (1.0 - lips_area), hair * 0.85)
+
+    if upper:  # fringe: the hair ellipse above a hairline that comes down at the temples
+        hairline = cy - 0.52 * ry + 0.3 * ry * ((x - cx) / rx0) ** 2
+        fringe = _ellipse(x, y, hair_x, cy - 0.1 * ry, 1.12 * rx0, 1.06 * ry) * _coverage(y - hairline)
+        canvas = _paint(canvas, fringe, hair)
+
+    eye_y = features_y - 0.1 * ry
+    brow_y = eye_y - 0.26 * ry
+    eye_centres = []
+    for side in (-1.0, 1.0):  # image left, image right
+        if not upper:
+            break
+        squeeze = 1.0 - 0.45 * np.maximum(side * yaw, 0.0)  # the eye on the far side foreshortens
+        ex = features_x + side * 0.42 * rx * (1.0 - 0.2 * turned)
+        eye_centres.append((ex, squeeze))
+        eye_h = np.maximum(0.12 * ry * eyes, 0.025 * ry)
+        canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.2 * rx0 * squeeze, eye_h), EYE_WHITE_RGB)
+        canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.1 * rx0 * squeeze, eye_h), IRIS_RGB)
+        inner_x, outer_x = ex - side * 0.16 * rx0 * squeeze, ex + side * 0.2 * rx0 * squeeze
+        brow = _segment(x, y, inner_x, brow_y - shape["brow_inner"] * ry, outer_x,
+                        brow_y - shape["brow_outer"] * ry, 0.09 * ry)
+        canvas = _paint(canvas, brow, hair * 0.75)
+
+    nose = _ellipse(x, y, features_x + 0.12 * rx0 * yaw, features_y + 0.15 * ry, 0.08 * rx0, 0.15 * ry)
+    canvas = _paint(canvas, nose, skin * 0.8)
+    if lower:
+        lips = _mouth(x, y, mouth_x, mouth_y, shape["half_width"] * rx * (1 - 0.2 * turned),
+                      shape["bend"] * ry, LIP_THICKNESS * ry, mouth_opening(shape, mouth) * ry)
+        canvas = _paint(canvas, lips, MOUTH_RGB)
+
+    if glasses and upper:
+        rim_w = max(0.09 * rx0, 1.0)
+        for ex, squeeze in eye_centres:
+            lens = _ellipse(x, y, ex, eye_y, 0.32 * rx0 * squeeze, 0.22 * ry)
+            canvas = _paint(canvas, lens, LENS_RGB, 0.35)
+            canvas = _paint(canvas, _ring(x, y, ex, eye_y, 0.32 * rx0 * squeeze, 0.22 * ry, rim_w), FRAME_RGB)
+        (left_x, left_s), (right_x, right_s) = eye_centres
+        bridge = _segment(x, y, left_x + 0.32 * rx0 * left_s, eye_y, right_x - 0.32 * rx0 * right_s, eye_y,
+                          rim_w)
+        canvas = _paint(canvas, bridge, FRAME_RGB)
+    return canvas
+
+
 def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, seed: int,
                 aligned_motion: bool = False) -> np.ndarray:
     """Draw one clip as uint8 ``(num_frames, resolution, resolution, 3)``; deterministic for a seed.
@@ -295,16 +365,14 @@ def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, se
     y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5)[:, None]  # each (1, H, W)
     skin = _tint(SKIN_RGB[attributes["skin_tone"]], rng)
     hair = _tint(HAIR_RGB[attributes["hair_color"]], rng)
-    shape = EMOTION_SHAPES[attributes["emotion"]]
     pose = _motion(attributes["action"], num_frames, motion_rng, aligned_motion)
-    yaw, turned = pose["yaw"], np.abs(pose["yaw"])
+    yaw = pose["yaw"]
 
     # Head: about half the frame high; per-clip jitter of position and size.
     scale = size * rng.uniform(0.94, 1.06)
     rx0, ry = 0.185 * scale, 0.245 * scale
     cx = size * (0.5 + rng.uniform(-0.04, 0.04)) + 0.06 * size * yaw
     cy = size * (0.42 + rng.uniform(-0.03, 0.03)) + 0.06 * size * pose["nod"]
-    rx = rx0 * (1.0 - 0.15 * turned)  # the face narrows as it turns away
     features_x = cx + 0.45 * rx0 * yaw  # eyes, nose and mouth slide towards the turn
     features_y = cy + 0.03 * size * pose["nod"]  # and dip a little further when nodding down
 
@@ -319,55 +387,9 @@ def render_clip(attributes: dict[str, str], num_frames: int, resolution: int, se
     neck = _rounded_box(x, y, body_x, cy + 1.05 * ry, 0.42 * rx0, 0.6 * ry, 0.1 * rx0)
     canvas = _paint(canvas, neck, skin * 0.85)
     canvas = _paint(canvas, _ellipse(x, y, hair_x, cy - 0.1 * ry, 1.12 * rx0, 1.06 * ry), hair)
-    jaw_drop = JAW_DROP * ry * pose["mouth"]  # the chin follows the mouth when talking
-    canvas = _paint(canvas, _ellipse(x, y, cx, cy + jaw_drop, rx, ry + jaw_drop), skin)
-
-    mouth_y = features_y + (MOUTH_Y + 0.4 * shape["bend"]) * ry
-    mouth_x = features_x + 0.1 * rx0 * yaw
-    if attributes["beard"] == "beard":
-        below_nose = _coverage(mouth_y - 0.14 * ry - y)
-        lower_face = _ellipse(x, y, cx, cy + 0.04 * ry, 1.04 * rx, 1.04 * ry) * below_nose
-        # Bare skin around the lips keeps the mouth (and so the emotion) visible on a dark beard.
-        lips_area = _ellipse(x, y, mouth_x, mouth_y + shape["opening"] * 0.4 * ry,
-                             (shape["half_width"] + 0.12) * rx0, (0.13 + shape["opening"] * 0.7) * ry)
-        canvas = _paint(canvas, lower_face * (1.0 - lips_area), hair * 0.85)
-
-    # Fringe: the hair ellipse above a hairline that comes down at the temples.
-    hairline = cy - 0.52 * ry + 0.3 * ry * ((x - cx) / rx0) ** 2
-    fringe = _ellipse(x, y, hair_x, cy - 0.1 * ry, 1.12 * rx0, 1.06 * ry) * _coverage(y - hairline)
-    canvas = _paint(canvas, fringe, hair)
-
-    eye_y = features_y - 0.1 * ry
-    brow_y = eye_y - 0.26 * ry
-    eye_centres = []
-    for side in (-1.0, 1.0):  # image left, image right
-        squeeze = 1.0 - 0.45 * np.maximum(side * yaw, 0.0)  # the eye on the far side foreshortens
-        ex = features_x + side * 0.42 * rx * (1.0 - 0.2 * turned)
-        eye_centres.append((ex, squeeze))
-        eye_h = np.maximum(0.12 * ry * pose["eyes"], 0.025 * ry)
-        canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.2 * rx0 * squeeze, eye_h), EYE_WHITE_RGB)
-        canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.1 * rx0 * squeeze, eye_h), IRIS_RGB)
-        inner_x, outer_x = ex - side * 0.16 * rx0 * squeeze, ex + side * 0.2 * rx0 * squeeze
-        brow = _segment(x, y, inner_x, brow_y - shape["brow_inner"] * ry, outer_x,
-                        brow_y - shape["brow_outer"] * ry, 0.09 * ry)
-        canvas = _paint(canvas, brow, hair * 0.75)
-
-    nose = _ellipse(x, y, features_x + 0.12 * rx0 * yaw, features_y + 0.15 * ry, 0.08 * rx0, 0.15 * ry)
-    canvas = _paint(canvas, nose, skin * 0.8)
-    lips = _mouth(x, y, mouth_x, mouth_y, shape["half_width"] * rx * (1 - 0.2 * turned),
-                  shape["bend"] * ry, LIP_THICKNESS * ry, mouth_opening(shape, pose["mouth"]) * ry)
-    canvas = _paint(canvas, lips, MOUTH_RGB)
-
-    if attributes["glasses"] == "glasses":
-        rim_w = max(0.09 * rx0, 1.0)
-        for ex, squeeze in eye_centres:
-            lens = _ellipse(x, y, ex, eye_y, 0.32 * rx0 * squeeze, 0.22 * ry)
-            canvas = _paint(canvas, lens, LENS_RGB, 0.35)
-            canvas = _paint(canvas, _ring(x, y, ex, eye_y, 0.32 * rx0 * squeeze, 0.22 * ry, rim_w), FRAME_RGB)
-        (left_x, left_s), (right_x, right_s) = eye_centres
-        bridge = _segment(x, y, left_x + 0.32 * rx0 * left_s, eye_y, right_x - 0.32 * rx0 * right_s, eye_y,
-                          rim_w)
-        canvas = _paint(canvas, bridge, FRAME_RGB)
+    canvas = draw_face(canvas, x, y, cx=cx, cy=cy, features_x=features_x, features_y=features_y, rx0=rx0, ry=ry,
+                       skin=skin, hair=hair, emotion=attributes["emotion"], glasses=attributes["glasses"] == "glasses",
+                       beard=attributes["beard"] == "beard", yaw=yaw, eyes=pose["eyes"], mouth=pose["mouth"])
 
     canvas = canvas * LIGHTING_GAIN[attributes["lighting"]]
     canvas = np.broadcast_to(canvas, (num_frames, size, size, 3))

@@ -9,7 +9,7 @@
   uint8 (N, 3, H, W) images; it resizes to 299 itself. The pytorch-fid state dict is not accepted.
 - CLIP: any transformers CLIPModel (hub id or local folder) with its CLIPProcessor.
 
-A missing file is an error that names the file, the CLI flag and the EvalConfig field: a metric is
+A missing file is an error that names the file, the CLI flag and the eval config key: a metric is
 never computed with a substitute.
 """
 
@@ -45,9 +45,9 @@ class _Weights:
     what: str
 
 
-_I3D = _Weights("FVD", "--i3d", "EvalConfig.i3d", I3D_FILE, I3D_URL,
+_I3D = _Weights("FVD", "--i3d", "eval.i3d", I3D_FILE, I3D_URL,
                 "the I3D TorchScript of StyleGAN-V / content-debiased FVD")
-_INCEPTION = _Weights("FID", "--inception", "EvalConfig.inception", INCEPTION_FILE, INCEPTION_URL,
+_INCEPTION = _Weights("FID", "--inception", "eval.inception", INCEPTION_FILE, INCEPTION_URL,
                       "the FID Inception TorchScript of StyleGAN2-ADA / StyleGAN-V / clean-fid")
 
 
@@ -157,7 +157,7 @@ class ClipFeatures:
                 f"the CLIP score needs a CLIPModel with its processor: '{name_or_path}' could not be loaded "
                 f"({str(err).splitlines()[0][:160]}). Pass a local folder (CLIPModel.save_pretrained + "
                 f"CLIPProcessor.save_pretrained) or a hub id reachable from here with --clip "
-                f"(EvalConfig.clip); or leave clip out of --metrics.") from err
+                f"(eval.clip); or leave clip out of --metrics.") from err
         self.name = name_or_path
         self.context_length = self.model.config.text_config.max_position_embeddings
         self.device, self.batch_size = torch.device(device), batch_size

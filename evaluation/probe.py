@@ -13,7 +13,7 @@ survives VAE blur, colour casts, noise and video compression. Clips of any size 
    skin x 0.85 that blur cannot mix with facial features). Nearest palette entry wins.
 4. Hair length: hair or background beside the jaw, where only long hair reaches.
 5. Glasses, beard, emotion: analysis by synthesis on a frontal, eyes-open, mouth-closed image.
-   The face interior is redrawn with data/synth.py's own drawing primitives for each hypothesis
+   The face interior is redrawn with data/synth.py's own face renderer (draw_face) for each hypothesis
    (with / without glasses; 4 emotions x beard / no beard), fitted over small shifts and blurs;
    the best fit wins. The eye fit also pins the face's position to half a pixel.
 6. Action: vertical head motion (nodding); the drift of the mirror-symmetry axis of the eyes and
@@ -29,7 +29,6 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from data import synth
-from data.synth import _coverage, _ellipse, _mouth, _paint, _ring, _segment
 
 SIZE = 64  # every clip is probed at 64x64: the geometry below is in these pixels
 # Nominal head radii (render_clip: 0.185 and 0.245 x resolution, each clip within +-6%).
@@ -342,46 +341,14 @@ def _render_kwargs(verdict: dict[str, str]) -> dict:
 
 def _render_face(x, y, fx, fy, skin, hair, glasses=False, beard=False, emotion="neutral", talk=0.0,
                  eyes_open=1.0):
-    """Colour of a frontal face centred at (fx, fy) on the pixel grid (x, y), drawn as render_clip
-    draws it (same primitives, nominal size): skin, beard, fringe, eyes, brows, nose, mouth, glasses."""
-    rx0, ry = RX0, RY
-    shape = synth.EMOTION_SHAPES[emotion]
-    upper = float(y.min()) < fy + 0.2 * ry  # only draw what reaches the grid: fits use small windows
-    lower = float(y.max()) > fy + 0.2 * ry
+    """Colour of a frontal face centred at (fx, fy) on the pixel grid (x, y), at nominal size, on hair: what
+    render_clip draws there (data/synth.py's draw_face)."""
     canvas = np.broadcast_to(np.float32(hair), x.shape + (3,))
-    canvas = _paint(canvas, _ellipse(x, y, fx, fy, rx0, ry), skin)
-    mouth_y = fy + (synth.MOUTH_Y + 0.4 * shape["bend"]) * ry
-    if beard and lower:
-        lower_face = _ellipse(x, y, fx, fy + 0.04 * ry, 1.04 * rx0, 1.04 * ry) * _coverage(mouth_y - 0.14 * ry - y)
-        lips_area = _ellipse(x, y, fx, mouth_y + shape["opening"] * 0.4 * ry, (shape["half_width"] + 0.12) * rx0,
-                             (0.13 + shape["opening"] * 0.7) * ry)
-        canvas = _paint(canvas, lower_face * (1.0 - lips_area), hair * 0.85)
-    if upper:
-        hairline = fy - 0.52 * ry + 0.3 * ry * ((x - fx) / rx0) ** 2
-        fringe = _ellipse(x, y, fx, fy - 0.1 * ry, 1.12 * rx0, 1.06 * ry) * _coverage(y - hairline)
-        canvas = _paint(canvas, fringe, hair)
-    eye_y, brow_y = fy - 0.1 * ry, fy - 0.36 * ry
-    eye_h = max(0.12 * ry * eyes_open, 0.025 * ry)
-    eye_xs = [fx - 0.42 * rx0, fx + 0.42 * rx0]
-    for side, ex in zip((-1.0, 1.0), eye_xs) if upper else ():
-        canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.2 * rx0, eye_h), synth.EYE_WHITE_RGB)
-        canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.1 * rx0, eye_h), synth.IRIS_RGB)
-        brow = _segment(x, y, ex - side * 0.16 * rx0, brow_y - shape["brow_inner"] * ry, ex + side * 0.2 * rx0,
-                        brow_y - shape["brow_outer"] * ry, 0.09 * ry)
-        canvas = _paint(canvas, brow, hair * 0.75)
-    canvas = _paint(canvas, _ellipse(x, y, fx, fy + 0.15 * ry, 0.08 * rx0, 0.15 * ry), skin * 0.8)
-    if lower:
-        lips = _mouth(x, y, fx, mouth_y, shape["half_width"] * rx0, shape["bend"] * ry, synth.LIP_THICKNESS * ry,
-                      synth.mouth_opening(shape, talk) * ry)
-        canvas = _paint(canvas, lips, synth.MOUTH_RGB)
-    if glasses and upper:
-        rim = max(0.09 * rx0, 1.0)
-        for ex in eye_xs:
-            canvas = _paint(canvas, _ellipse(x, y, ex, eye_y, 0.32 * rx0, 0.22 * ry), synth.LENS_RGB, 0.35)
-            canvas = _paint(canvas, _ring(x, y, ex, eye_y, 0.32 * rx0, 0.22 * ry, rim), synth.FRAME_RGB)
-        bridge = _segment(x, y, eye_xs[0] + 0.32 * rx0, eye_y, eye_xs[1] - 0.32 * rx0, eye_y, rim)
-        canvas = _paint(canvas, bridge, synth.FRAME_RGB)
-    return canvas
+    # Only draw what reaches the grid: the fits use small windows above or below the nose.
+    upper, lower = float(y.min()) < fy + 0.2 * RY, float(y.max()) > fy + 0.2 * RY
+    return synth.draw_face(canvas, x, y, cx=fx, cy=fy, features_x=fx, features_y=fy, rx0=RX0, ry=RY, skin=skin,
+                           hair=hair, emotion=emotion, glasses=glasses, beard=beard, eyes=eyes_open, mouth=talk,
+                           upper=upper, lower=lower)
 
 
 def _window(fx: float, fy: float, window) -> tuple[slice, slice]:

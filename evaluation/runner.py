@@ -25,41 +25,18 @@ from evaluation.prompts import (
     render_reference,
 )
 from facevid.config import EVAL_METRICS as METRICS
+from facevid.config import EvaluationConfig
 
 logger = logging.getLogger("facevid")
 
 
 
-@dataclass
-class EvalConfig:
-    metrics: tuple[str, ...] = METRICS
-    # Weights (see evaluation/features.py): local TorchScript files, a CLIPModel hub id or folder.
-    i3d: str = "weights/i3d_torchscript.pt"
-    inception: str = "weights/inception-2015-12-05.pt"
-    clip: str = "openai/clip-vit-base-patch32"
-    # Generation; None = the run's own setting (data.num_frames, data.resolution, sample.*).
-    num_frames: int | None = None
-    resolution: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str | None = None
-    negative_prompt: str | None = None
-    seed: int = 0  # video i is sampled with seed + i, whatever the batching
-    batch_size: int = 8
-    # Prompt set when none is given: this many held-out FaceVid-Synth prompts.
-    synth_heldout: int = 64
-    heldout_seed: int = 0
-    train_manifest: str | None = None  # whose attribute combinations count as seen; default the run's data.manifest
-    reference_manifest: str | None = None  # real clips for FVD / FID when the prompts have none
-    device: str = "cpu"
-    contact_sheet_videos: int = 8
-    save_videos: bool = False
-
-    def __post_init__(self):
-        self.metrics = tuple(self.metrics)
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown or not self.metrics:
-            raise ValueError(f"unknown metric(s) {unknown or '(none given)'}: choose from {', '.join(METRICS)}")
+def check_metrics(metrics) -> tuple[str, ...]:
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or '(none given)'}: choose from {', '.join(METRICS)}")
+    return metrics
 
 
 @dataclass
@@ -72,15 +49,16 @@ class Extractors:
     metrics: tuple[str, ...] = field(default_factory=tuple)
 
 
-def load_extractors(config: EvalConfig, loaded: Extractors | None = None) -> Extractors:
+def load_extractors(config: EvaluationConfig, loaded: Extractors | None = None, device: str = "cpu") -> Extractors:
     """Load what the configured metrics need (keeping what `loaded` already holds); every missing
     weight file is reported at once, before any video is generated."""
-    loaders = {"fvd": ("i3d", lambda: I3DFeatures(config.i3d, config.device)),
-               "fid": ("inception", lambda: InceptionFeatures(config.inception, config.device)),
-               "clip": ("clip", lambda: ClipFeatures(config.clip, config.device))}
+    metrics = check_metrics(config.metrics)
+    loaders = {"fvd": ("i3d", lambda: I3DFeatures(config.i3d, device)),
+               "fid": ("inception", lambda: InceptionFeatures(config.inception, device)),
+               "clip": ("clip", lambda: ClipFeatures(config.clip, device))}
     extractors = Extractors() if loaded is None else loaded
     errors = []
-    for metric in config.metrics:
+    for metric in metrics:
         if metric in loaders and getattr(extractors, loaders[metric][0]) is None:
             name, load = loaders[metric]
             try:
@@ -89,14 +67,14 @@ def load_extractors(config: EvalConfig, loaded: Extractors | None = None) -> Ext
                 errors.append(str(err))
     if errors:
         raise MissingWeightsError("\n".join(errors))
-    extractors.metrics = tuple(dict.fromkeys(extractors.metrics + config.metrics))
+    extractors.metrics = tuple(dict.fromkeys(extractors.metrics + metrics))
     return extractors
 
 
 # ----------------------------------------------------------------------------- videos
 
 
-def generate_videos(pipeline, prompts: Sequence[str], config: EvalConfig, run_config) -> np.ndarray:
+def generate_videos(pipeline, prompts: Sequence[str], config: EvaluationConfig, run_config) -> np.ndarray:
     """uint8 (N, T, H, W, 3); video i uses seed config.seed + i, so batching does not change it."""
     s, d = run_config.sample, run_config.data
     pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -205,9 +183,9 @@ def vae_round_trip(pipeline, videos: np.ndarray) -> np.ndarray:
 
 
 def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPrompt] | None = None,
-                 config: EvalConfig | None = None, extractors: Extractors | None = None,
+                 config: EvaluationConfig | None = None, extractors: Extractors | None = None,
                  out_dir: str | Path | None = None, step: int | None = None, eval_set: str | None = None,
-                 model_name: str | None = None, write: bool = True) -> dict:
+                 model_name: str | None = None, write: bool = True, device: str = "cpu") -> dict:
     """Evaluate a text-to-video run; returns the result written to OUT/metrics.json.
 
     run_dir: the run (its config.yaml names the training manifest, sampling defaults and weights).
@@ -226,13 +204,13 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
     """
     from evaluation.report import write_report
 
-    config = config or EvalConfig()
+    config = config or EvaluationConfig()
     run_dir = Path(run_dir)
-    extractors = load_extractors(config, extractors)  # first: a missing weight file fails fast
+    extractors = load_extractors(config, extractors, device)  # first: a missing weight file fails fast
     if pipeline is None:
         from facevid.pipeline import FaceVidPipeline
 
-        pipeline = FaceVidPipeline.from_run(run_dir, device=config.device)
+        pipeline = FaceVidPipeline.from_run(run_dir, device=device)
     run_config = getattr(pipeline, "run_config", None)
     if run_config is None:
         from facevid.config import load_config
@@ -243,7 +221,7 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
         seen = Path(config.train_manifest or training_manifest)
         if not seen.is_file():
             raise FileNotFoundError(f"held-out prompts need the training manifest to find unseen attribute "
-                                    f"combinations: {seen} not found (--train-manifest / EvalConfig.train_manifest, "
+                                    f"combinations: {seen} not found (--train-manifest / eval.train_manifest, "
                                     f"default the run's data.manifest)")
         prompts = heldout_prompts(config.synth_heldout, manifest_attributes(seen), config.heldout_seed)
         eval_set = eval_set or f"FaceVid-Synth held-out ({len(prompts)})"
@@ -269,7 +247,7 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
         started = time.time()
         if metric in ("fvd", "fid") and real is None:
             raise ValueError(f"{metric.upper()} needs real clips: these prompts have none; give a reference "
-                             f"manifest (--reference / EvalConfig.reference_manifest)")
+                             f"manifest (--reference / eval.reference_manifest)")
         if metric in ("fvd", "fid"):
             compute, extractor = {"fvd": (M.fvd, extractors.i3d), "fid": (M.fid, extractors.inception)}[metric]
             results[metric] = compute(extractor, real, generated)

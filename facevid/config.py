@@ -38,20 +38,6 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class SynthDataConfig:
-    """Generate FaceVid-Synth into the manifest's folder when the manifest does not exist yet."""
-
-    num_clips: int = 0  # 0 = never generate
-    num_frames: int = 16
-    resolution: int = 64
-    fps: float = 12.0
-    seed: int = 0
-    # Every periodic action at one rhythm, from the rest pose at frame 0 (data/synth.py): its average clip is
-    # the action itself, which unet.text_motion_frames learns at the demo's budget.
-    aligned_motion: bool = False
-
-
-@dataclass
 class DataConfig:
     manifest: str = MISSING  # JSONL manifest (see data/manifest.py)
     resolution: int = 64  # square crop, in pixels
@@ -79,7 +65,6 @@ class DataConfig:
     # spatial layers with its temporal layers skipped. 0 = video batches only. Stage t2v, task t2v / uncond, no
     # data.buckets. The latent cache stores still images as 1-frame windows.
     image_batch_share: float = 0.0
-    synth: SynthDataConfig = field(default_factory=SynthDataConfig)
 
 
 @dataclass
@@ -105,10 +90,6 @@ class VAEConfig:
     # Stage vae trains on random square crops of this size (null = whole frames). The VAE is
     # convolutional, so it then runs at any size; 32 px crops of 64 px frames make a step 4x cheaper.
     train_crop: Optional[int] = None
-    # Stage vae: weight of an extra MSE on the reconstruction error's horizontal and vertical pixel
-    # differences. Plain MSE leaves edges (eyes, mouth, hairline) blurred long after the flat areas fit;
-    # this pulls them in sooner (README, Evaluation). 0 = plain MSE.
-    edge_loss_weight: float = 0.0
 
 
 @dataclass
@@ -154,13 +135,6 @@ class UNetConfig:
     attention_head_dim: int = 32
     norm_num_groups: int = 32
     pooled_text_conditioning: bool = False  # mean text state added to the timestep embedding (see FaceVidUNet3D)
-    # Pooled text -> coarse clean-latent prior added to the output (see FaceVidUNet3D). Off by default: measured
-    # only on the demo, where it needs low guidance (1.5; at 4 guidance overshoots the prior's colours).
-    text_layout: bool = False
-    text_layout_size: int = 16
-    # > 0: the layout also gets a per-frame part from the text, this many frames (see FaceVidUNet3D). Learns an
-    # action's timing only where every clip of it moves in step (FaceVid-Synth: data.synth.aligned_motion).
-    text_motion_frames: int = 0
     attention_backend: str = "auto"  # auto | sdpa | math | xformers
     # facevid = FaceVid's own layers; modelscope = the options that make the UNet exactly diffusers'
     # UNet3DConditionModel (models/pretrained.py: UNET3D_LAYOUT), so export.py writes a standard
@@ -180,20 +154,8 @@ class DiffusionConfig:
     offset_noise: float = 0.0  # e.g. 0.05: lets the model change overall brightness
     min_snr_gamma: Optional[float] = 5.0  # min-SNR loss weighting; null = plain MSE
     # Correlation between the noise of any two frames, in [0, 1): 0 = independent frames; the sampler uses
-    # the same (facevid/diffusion.py: video_noise).
+    # the same (facevid/objective.py: MixedFrameNoise).
     frame_noise_correlation: float = 0.0
-    # The model denoises clips whose frames' deviation from the clip's mean frame is multiplied by this
-    # (facevid/diffusion.py: scale_motion); samples are scaled back before decoding. 1 = plain latents.
-    motion_scale: float = 1.0
-    # Extra loss weight where the clip moves: each latent location's MSE is multiplied by 1 + this x its motion
-    # relative to the clip's largest (facevid/diffusion.py: motion_weights), so a talking mouth counts as much
-    # as a nodding head. 0 = plain MSE.
-    motion_loss_weight: float = 0.0
-    # The std of the frames' deviation from the clip's mean frame in the latents the model denoises (after
-    # motion_scale; bench/latent_motion.py prints it): the UNet's output for that motion is preconditioned for
-    # data of this std, so an unsure model predicts still frames rather than flickering ones
-    # (facevid/diffusion.py: motion_preconditioned_velocity). Needs v_prediction. null = plain v-prediction.
-    motion_std: Optional[float] = None
 
 
 @dataclass
@@ -266,17 +228,40 @@ class LoRAConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Evaluation during training (evaluation/runner.py; evaluate.py does the same on a finished run)."""
+    """Evaluation (evaluation/runner.py): during training (eval.every), and by evaluate.py on a finished run,
+    which fills the same fields from its flags."""
 
     every: int = 0  # optimizer steps between evaluations (and once at the end); 0 = never during training
     metrics: list[str] = field(default_factory=lambda: ["alignment"])  # from fvd, fid, clip, alignment
     synth_heldout: int = 64  # held-out FaceVid-Synth prompts (when prompts_file is not given)
+    heldout_seed: int = 0
+    train_manifest: Optional[str] = None  # whose attribute combinations count as seen (default: data.manifest)
     prompts_file: Optional[str] = None  # one prompt per line instead
     reference_manifest: Optional[str] = None  # real clips for FVD / FID (default: data.manifest)
     i3d: str = "weights/i3d_torchscript.pt"  # FVD
     inception: str = "weights/inception-2015-12-05.pt"  # FID
     clip: str = "openai/clip-vit-base-patch32"  # CLIP score: hub id or local folder
     batch_size: int = 8
+    # Generation; null = the run's own setting (data.num_frames, data.resolution, sample.*).
+    num_frames: Optional[int] = None
+    resolution: Optional[int] = None
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    scheduler: Optional[str] = None
+    negative_prompt: Optional[str] = None
+    seed: int = 0  # video i is sampled with seed + i, whatever the batching
+    contact_sheet_videos: int = 8
+    save_videos: bool = False  # also write every generated video as mp4
+
+
+@dataclass
+class PluginConfig:
+    """Code outside the core that plugs into its extension points (the stages' build_unet / build_objective /
+    extra_loss, the objective's parts): `module` is imported, validates `options` (its `validate(cfg)`) and
+    may replace the stage classes (its `STAGES`). The CPU demo's aids are one: module `demo` (demo/aids.py)."""
+
+    module: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -297,6 +282,7 @@ class RunConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvaluationConfig = field(default_factory=EvaluationConfig)
+    plugin: PluginConfig = field(default_factory=PluginConfig)
 
 
 EVAL_METRICS = ("fvd", "fid", "clip", "alignment")
@@ -524,8 +510,7 @@ def vae_downscale_factor(cfg: RunConfig) -> int | None:
 
 # UNet-only keys and the value that means "not used": refused with unet.backbone=dit rather than ignored.
 _UNET_ONLY_KEYS = {"unet.motion_module": None, "unet.layout": "facevid",
-                   "unet.temporal_conv": False, "unet.temporal_feed_forward": False, "unet.text_layout": False,
-                   "unet.text_motion_frames": 0}
+                   "unet.temporal_conv": False, "unet.temporal_feed_forward": False}
 
 
 def _validate_dit(cfg: RunConfig) -> None:
@@ -547,8 +532,9 @@ def validate(cfg: RunConfig) -> None:
     positive_ints = [
         "data.resolution", "data.num_frames", "data.frame_stride", "text_encoder.max_length",
         "vae.chunk_frames", "data.cache_windows_per_clip", "data.cache_shard_clips", "vae.latent_channels",
-        "unet.layers_per_block", "unet.text_layout_size", "unet.dit.patch_size", "unet.dit.temporal_patch_size",
-        "unet.dit.hidden_size", "unet.dit.depth", "unet.dit.num_heads", "unet.dit.mlp_ratio", "unet.attention_head_dim", "unet.norm_num_groups",
+        "unet.layers_per_block", "unet.attention_head_dim", "unet.norm_num_groups", "unet.dit.patch_size",
+        "unet.dit.temporal_patch_size", "unet.dit.hidden_size", "unet.dit.depth", "unet.dit.num_heads",
+        "unet.dit.mlp_ratio",
         "diffusion.num_train_timesteps",
         "sample.num_inference_steps", "train.batch_size", "train.gradient_accumulation_steps",
         "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
@@ -557,15 +543,11 @@ def validate(cfg: RunConfig) -> None:
     for key in positive_ints:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
-    for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every", "data.synth.num_clips",
-                "train.replica_check_every", "train.val_loss_clips", "train.max_nonfinite_steps", "eval.every",
-                "vae.layers_per_block",
-                "vae.kl_weight", "vae.edge_loss_weight", "diffusion.motion_loss_weight", "unet.text_motion_frames"]:
+    for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every",
+                "train.replica_check_every", "train.val_loss_clips", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
+                "vae.kl_weight"]:
         if _get(cfg, key) < 0:
             _fail(key, _get(cfg, key), "must be >= 0")
-    if cfg.unet.text_motion_frames and not cfg.unet.text_layout and not cfg.unet.pretrained:
-        _fail("unet.text_motion_frames", cfg.unet.text_motion_frames,
-              "is a part of the text layout: set unet.text_layout=true, or 0")
     for key in ["train.learning_rate", "train.max_grad_norm"]:
         if not _get(cfg, key) > 0:
             _fail(key, _get(cfg, key), "must be > 0")
@@ -580,18 +562,6 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.diffusion.frame_noise_correlation < 1.0:
         _fail("diffusion.frame_noise_correlation", cfg.diffusion.frame_noise_correlation,
               "must be in [0, 1) (0 = independent noise per frame)")
-    if not cfg.diffusion.motion_scale > 0:
-        _fail("diffusion.motion_scale", cfg.diffusion.motion_scale, "must be > 0 (1 = plain latents)")
-    if cfg.diffusion.motion_scale != 1.0 and cfg.task == "i2v":
-        _fail("diffusion.motion_scale", cfg.diffusion.motion_scale, "must be 1 for task i2v: its sampler writes "
-              "the given first frame into the latents, which motion scaling would change")
-    if cfg.diffusion.motion_std is not None:
-        if not cfg.diffusion.motion_std > 0:
-            _fail("diffusion.motion_std", cfg.diffusion.motion_std, "must be > 0 (e.g. 0.1, what "
-                  "bench/latent_motion.py prints for the data), or null for plain v-prediction")
-        if cfg.diffusion.prediction_type != "v_prediction":
-            _fail("diffusion.motion_std", cfg.diffusion.motion_std, "needs diffusion.prediction_type=v_prediction "
-                  "(it preconditions the v-prediction parameterisation)")
     if cfg.data.target_fps is not None and cfg.data.target_fps <= 0:
         _fail("data.target_fps", cfg.data.target_fps, "must be > 0, or null to use data.frame_stride")
     if cfg.diffusion.zero_terminal_snr and cfg.diffusion.prediction_type != "v_prediction":
@@ -651,20 +621,9 @@ def validate(cfg: RunConfig) -> None:
                   f"are missing. Finish it with `accelerate launch cache.py --config <your config>` (it resumes "
                   f"where it stopped) or train with data.cache=auto")
 
-    manifest = Path(cfg.data.manifest)
-    if not manifest.is_file() and cfg.data.synth.num_clips == 0:
-        _fail("data.manifest", cfg.data.manifest, "file not found (or set data.synth.num_clips > 0 to "
-              "generate FaceVid-Synth there)")
-    folder = manifest.parent
-    if (not manifest.is_file() and cfg.data.synth.num_clips and folder.is_dir() and any(folder.iterdir())
-            and not (folder / "synth_info.json").is_file()):
-        # A mistyped path must not fill someone's data folder with FaceVid-Synth.
-        _fail("data.manifest", cfg.data.manifest, f"file not found, and data.synth.num_clips > 0 generates "
-              f"FaceVid-Synth only into a new folder or an earlier FaceVid-Synth folder (with synth_info.json); "
-              f"{folder} is neither. Fix the path, or point data.manifest into a new folder")
-    if cfg.data.synth.num_clips and cfg.data.synth.num_frames < cfg.data.num_frames * cfg.data.frame_stride:
-        _fail("data.synth.num_frames", cfg.data.synth.num_frames,
-              f"must be >= data.num_frames x data.frame_stride = {cfg.data.num_frames * cfg.data.frame_stride}")
+    if not Path(cfg.data.manifest).is_file():
+        _fail("data.manifest", cfg.data.manifest, "file not found (FaceVid-Synth: generate it first with "
+              "`python -m data.synth --out FOLDER`)")
 
     crop = cfg.vae.train_crop
     if crop is not None and not (0 < crop <= cfg.data.resolution and crop % (vae_factor or 1) == 0):
@@ -698,6 +657,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_evaluation(cfg)
     _validate_trainable(cfg)
     _validate_image_batches(cfg)
+    import_plugin(cfg)
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         _fail("resume", cfg.resume, "must be 'latest' or an existing checkpoint folder")
 
@@ -806,6 +766,22 @@ def _validate_evaluation(cfg: RunConfig) -> None:
         _fail("eval.prompts_file", e.prompts_file, "file not found (one prompt per line)")
     if e.reference_manifest and not Path(e.reference_manifest).is_file():
         _fail("eval.reference_manifest", e.reference_manifest, "file not found")
+
+
+def import_plugin(cfg: RunConfig):
+    """The plug-in module named by plugin.module, its options validated (its `validate(cfg)`); None if none."""
+    if cfg.plugin.module is None:
+        if cfg.plugin.options:
+            _fail("plugin.options", dict(cfg.plugin.options), "set plugin.module, the module these options are for")
+        return None
+    try:
+        module = importlib.import_module(cfg.plugin.module)
+    except ImportError as err:
+        _fail("plugin.module", cfg.plugin.module, f"cannot be imported ({err})")
+    validate_plugin = getattr(module, "validate", None)
+    if validate_plugin is not None:
+        validate_plugin(cfg)
+    return module
 
 
 # Keys that may name local files or folders. A run's saved config names them by absolute path: sample.py and

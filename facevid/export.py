@@ -31,6 +31,7 @@ from facevid.pipeline import FaceVidPipeline, load_first_frame, sampling_options
 from models.lora import LORA_WEIGHT_NAME, lora_folder, lora_to_unet3d
 from models.pretrained import to_unet3d, unet3d_incompatibilities
 from models.text_encoder import FrozenTextEncoder
+from models.unet3d import FaceVidUNet3D
 from models.vae import downscale_factor
 
 EXPORT_FORMATS = ("auto", "unet3d", "facevid")
@@ -75,13 +76,13 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, task: str = "t2v", resolution: int = 64,
-                 num_frames: int = 8, chunk_frames: int = 16, frame_noise_correlation: float = 0.0,
-                 motion_scale: float = 1.0, motion_std: float | None = None, guidance_rescale: float = 0.0):
+                 num_frames: int = 8, chunk_frames: int = 16, objective: dict | None = None,
+                 guidance_rescale: float = 0.0):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        # objective: the run's Objective.to_dict() (facevid/objective.py), which sampling repeats.
         self.register_to_config(task=task, resolution=resolution, num_frames=num_frames, chunk_frames=chunk_frames,
-                                frame_noise_correlation=frame_noise_correlation, motion_scale=motion_scale,
-                                motion_std=motion_std)
+                                objective=objective)
         self.register_to_config(guidance_rescale=guidance_rescale)  # the run's sample.guidance_rescale
 
     @torch.no_grad()
@@ -101,9 +102,7 @@ class FaceVidDiffusersPipeline(DiffusionPipeline):
             prompts = [""] * len(image)  # image-to-video without a prompt: the empty prompt
         sampling = FaceVidPipeline(self.unet, self.vae, _TokenizerEncoder(self.tokenizer, self.text_encoder),
                                    self.scheduler.config, self.config.chunk_frames, task=self.config.task,
-                                   frame_noise_correlation=self.config.get("frame_noise_correlation", 0.0),
-                                   motion_scale=self.config.get("motion_scale", 1.0),
-                                   motion_std=self.config.get("motion_std"),
+                                   objective=self.config.get("objective"),
                                    guidance_rescale=self.config.get("guidance_rescale", 0.0))
         frames = sampling(prompts, images=image, num_videos=num_videos, negative_prompt=negative_prompt,
                           num_frames=num_frames or self.config.num_frames, resolution=resolution,
@@ -135,16 +134,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
                           "with train.trainable=lora")
     pipe = FaceVidPipeline.from_run(run_dir, use_ema=use_ema, apply_lora=merge_lora)
     cfg = pipe.run_config
-    problems = unet3d_incompatibilities(pipe.unet.config)
-    if pipe.frame_noise_correlation:
-        problems.append(f"it was trained with diffusion.frame_noise_correlation={pipe.frame_noise_correlation} "
-                        "(TextToVideoSDPipeline draws independent noise per frame)")
-    if pipe.motion_scale != 1.0:
-        problems.append(f"it was trained with diffusion.motion_scale={pipe.motion_scale} (TextToVideoSDPipeline "
-                        "decodes the latents as sampled)")
-    if pipe.motion_std is not None:
-        problems.append(f"it was trained with diffusion.motion_std={pipe.motion_std} (TextToVideoSDPipeline "
-                        "reads the UNet's output as a plain prediction)")
+    problems = unet3d_incompatibilities(pipe.unet.config) + pipe.objective.unet3d_incompatibilities()
+    if type(pipe.unet) is not FaceVidUNet3D:  # a plug-in's subclass adds layers UNet3DConditionModel lacks
+        problems.append(f"its UNet is a {type(pipe.unet).__name__} (plugin.module {cfg.plugin.module})")
     if format == "unet3d" and problems:
         raise ExportError(f"{run_dir} cannot be exported as UNet3DConditionModel: " + "; ".join(problems)
                           + ". Use --format facevid (or auto).")
@@ -166,9 +158,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, s
         exported = FaceVidDiffusersPipeline(
             unet=pipe.unet, vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sampler,
             task=cfg.task, resolution=cfg.data.resolution, num_frames=cfg.data.num_frames,
-            chunk_frames=cfg.vae.chunk_frames, **sampling_options(cfg))
+            chunk_frames=cfg.vae.chunk_frames, objective=pipe.objective.to_dict(), **sampling_options(cfg))
         exported.save_pretrained(out)
-        (out / "pipeline.py").write_text(_PIPELINE_SHIM)
+        shim = _PIPELINE_SHIM
+        if type(pipe.unet) is not FaceVidUNet3D:  # diffusers loads a component's class only from an imported module
+            shim += f"import {type(pipe.unet).__module__}  # noqa: F401, E402  the UNet's class (plugin.module)\n"
+        (out / "pipeline.py").write_text(shim)
         # [file, class]: DiffusionPipeline.from_pretrained finds the pipeline code in the folder's pipeline.py.
         index = json.loads((out / "model_index.json").read_text())
         index["_class_name"] = ["pipeline", "FaceVidDiffusersPipeline"]

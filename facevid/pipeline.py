@@ -16,10 +16,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor_to_frames
-from facevid.config import RunConfig, load_config, resolve_pretrained
-from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion, video_noise
+from facevid.config import RunConfig, import_plugin, load_config, resolve_pretrained
+from facevid.diffusion import build_sampler
+from facevid.objective import Objective
 from facevid.tasks import check_request, condition_channels, first_frame_condition
-from models.backbones import load_backbone
+from models.backbones import BACKBONE_CLASSES, load_backbone
 from models.lora import load_lora, lora_folder, merge_lora
 from models.text_encoder import FrozenTextEncoder
 from models.vae import decode_latents, downscale_factor, encode_video_posterior, load_vae
@@ -42,11 +43,23 @@ def load_first_frame(path: str | Path, resolution: int, frame: int | None = None
     return frames_to_tensor(frames)[:, 0]
 
 
+def load_unet(folder: Path, cfg: RunConfig):
+    """A trained backbone folder: FaceVidUNet3D, FaceVidDiT, or the subclass a plug-in (plugin.module) defines, by
+    the class name config.json records."""
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "FaceVidUNet3D")
+    if class_name in BACKBONE_CLASSES:
+        return load_backbone(folder)
+    unet_class = getattr(import_plugin(cfg), class_name, None)
+    if unet_class is None:
+        raise ValueError(f"{folder} holds a {class_name}, which neither FaceVid nor the run's plugin.module "
+                         f"({cfg.plugin.module}) defines")
+    return unet_class.from_pretrained(folder)
+
+
 def sampling_options(cfg: RunConfig) -> dict:
-    """The training choices that sampling must repeat, as FaceVidPipeline keyword arguments."""
-    return {"frame_noise_correlation": cfg.diffusion.frame_noise_correlation,
-            "motion_scale": cfg.diffusion.motion_scale, "motion_std": cfg.diffusion.motion_std,
-            "guidance_rescale": cfg.sample.guidance_rescale}
+    """The run's sampling settings that a FaceVidPipeline keeps as its defaults (what training chose is in the
+    objective, passed on its own)."""
+    return {"guidance_rescale": cfg.sample.guidance_rescale}
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -70,23 +83,21 @@ def _checked_rescale(guidance_rescale: float) -> float:
 
 class FaceVidPipeline:
     def __init__(self, unet, vae, text_encoder: FrozenTextEncoder, scheduler_config: dict, chunk_frames: int = 16,
-                 task: str | None = None, frame_noise_correlation: float = 0.0, motion_scale: float = 1.0,
-                 motion_std: float | None = None, guidance_rescale: float = 0.0):
+                 task: str | None = None, objective: Objective | dict | None = None, guidance_rescale: float = 0.0):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.chunk_frames = chunk_frames
-        # All three must match training (diffusion.frame_noise_correlation / motion_scale / motion_std).
-        self.frame_noise_correlation = frame_noise_correlation
-        self.motion_scale = motion_scale
-        self.motion_std = motion_std
+        # The training objective (or its to_dict()): its noise prior, parameterisation and latent space are
+        # what sampling must repeat. None = independent noise and a plain prediction.
+        self.objective = objective if isinstance(objective, Objective) else Objective.from_dict(objective)
         self.guidance_rescale = _checked_rescale(guidance_rescale)  # the default of __call__'s guidance_rescale (sample.guidance_rescale)
         # A conditioned UNet can only be an image-to-video one; uncond must be said (its UNet looks like t2v).
         self.task = task or ("i2v" if unet.config.condition_channels else "t2v")
-        if self.task == "i2v" and motion_scale != 1.0:
-            raise ValueError(f"motion_scale={motion_scale}: image-to-video sampling needs 1 (it writes the given "
-                             "first frame into the latents, which motion scaling would change)")
+        if self.task == "i2v" and self.objective.parameterization.transforms_latents:
+            raise ValueError(f"{self.objective.parameterization.to_dict()['type']}: image-to-video sampling needs "
+                             "plain latents (it writes the given first frame into the latents being sampled)")
         expected = condition_channels(self.task, unet.config.in_channels)
         if unet.config.condition_channels != expected:
             raise ValueError(f"task {self.task} needs a UNet with condition_channels={expected}, this one has "
@@ -108,7 +119,7 @@ class FaceVidPipeline:
         if not folder.is_dir():
             raise FileNotFoundError(f"no trained UNet in {run_dir} (expected unet_ema/ or unet/); "
                                     "has the run finished? sample from it once training ends")
-        unet = load_backbone(folder).to(device).eval()  # FaceVidUNet3D or FaceVidDiT, as its config.json says
+        unet = load_unet(folder, cfg).to(device).eval()
         weights = folder.name
         adapter = lora_folder(run_dir, use_ema)
         if adapter is not None and apply_lora:
@@ -119,7 +130,9 @@ class FaceVidPipeline:
         encoder = FrozenTextEncoder(resolve_pretrained(cfg.text_encoder.pretrained), cfg.text_encoder.max_length,
                                     cfg.text_encoder.subfolder).to(device)
         scheduler_config = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
-        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task,
+        objective_file = run_dir / "objective.json"  # written by training; older runs: from the config
+        objective = Objective.load(objective_file) if objective_file.is_file() else Objective.from_config(cfg.diffusion)
+        pipe = cls(unet, vae, encoder, scheduler_config, cfg.vae.chunk_frames, task=cfg.task, objective=objective,
                    **sampling_options(cfg))
         pipe.run_config = cfg
         pipe.weights = weights
@@ -177,7 +190,7 @@ class FaceVidPipeline:
         device = self.device
         shape = (self.unet.config.in_channels, num_frames, resolution // factor, resolution // factor)
         latents = torch.stack([
-            video_noise(shape, torch.Generator().manual_seed(s), self.frame_noise_correlation) for s in seeds
+            self.objective.initial_noise(shape, torch.Generator().manual_seed(s)) for s in seeds
         ]).to(device)
 
         text, mask = self.text_encoder(prompts)
@@ -211,13 +224,11 @@ class FaceVidPipeline:
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
-            if self.motion_std is not None:
-                prediction = motion_preconditioned_velocity(prediction, latents, alphas_cumprod[int(t)],
-                                                            self.motion_std)
+            prediction = self.objective.prediction(prediction, latents, alphas_cumprod[int(t)])
             latents = sampler.step(prediction, t, latents).prev_sample
         if first is not None:
             latents[:, :, :1] = first
-        latents = scale_motion(latents, 1.0 / self.motion_scale)
+        latents = self.objective.to_data_space(latents)
         video = decode_latents(self.vae, latents, self.chunk_frames)
         return np.stack([tensor_to_frames(v) for v in video.cpu()])
 

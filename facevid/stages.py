@@ -19,15 +19,11 @@ from torch import nn
 
 from data.manifest import ClipRecord, read_manifest
 from data.video import VideoDecodeError, probe_video, tensor_to_frames
-from facevid.config import ConfigError, RunConfig, UNetConfig, resolve_pretrained
-from facevid.diffusion import (
-    DiffusionObjective,
-    build_noise_scheduler,
-    check_pretrained_schedule,
-    scale_motion,
-)
+from facevid.config import ConfigError, RunConfig, UNetConfig, import_plugin, resolve_pretrained
+from facevid.diffusion import build_noise_scheduler, check_pretrained_schedule
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.engine import gather_on_main, rank_share
+from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
 from facevid.tasks import condition_channels, first_frame_condition
 from models.backbones import load_backbone
@@ -53,7 +49,7 @@ FALLBACK_FPS = 8.0  # playback fps when the training clips' frame rate is unknow
 def training_fps(cfg: RunConfig, records: list[ClipRecord] | None = None) -> float:
     """The frame rate a run's videos should play at: sample.fps when given, else the rate the model is trained
     at (data.target_fps, or the clips' fps / data.frame_stride), else 8. `records` are the training clips; when
-    None they are read from data.manifest if it exists (FaceVid-Synth's own fps is used before it is drawn)."""
+    None they are read from data.manifest if it exists."""
     if cfg.sample.fps is not None:
         return float(cfg.sample.fps)
     if cfg.data.target_fps is not None:
@@ -61,8 +57,6 @@ def training_fps(cfg: RunConfig, records: list[ClipRecord] | None = None) -> flo
     if records is None:
         manifest = Path(cfg.data.manifest)
         records = read_manifest(manifest)[0] if manifest.is_file() else []
-        if not records and cfg.data.synth.num_clips:
-            return cfg.data.synth.fps / cfg.data.frame_stride
     source = _clips_fps(records)
     return source / cfg.data.frame_stride if source else FALLBACK_FPS
 
@@ -136,14 +130,13 @@ class VAEStage:
         loss = mse + self.cfg.vae.kl_weight * kl
         # Tensors, not floats: reading them here would wait for the device every micro-step; the trainer
         # reads them only when it logs.
-        logs = {"mse": mse.detach(), "kl": kl.detach()}
-        if self.cfg.vae.edge_loss_weight > 0:
-            # The difference of neighbouring pixels' errors = the error in the image's gradient.
-            error = reconstruction.float() - frames.float()
-            edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
-            loss = loss + self.cfg.vae.edge_loss_weight * edge
-            logs["edge"] = edge.detach()
-        return loss, logs
+        extra, logs = self.extra_loss(reconstruction, frames)
+        return (loss if extra is None else loss + extra), {"mse": mse.detach(), "kl": kl.detach(), **logs}
+
+    def extra_loss(self, reconstruction: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """Extension point: a term added to MSE + KL, and what to log of it, as detached tensors (the demo's edge
+        loss: demo/aids.py)."""
+        return None, {}
 
     @torch.no_grad()
     def validate(self, model: _VAEWithLoss, out_dir: Path, step: int):
@@ -174,18 +167,22 @@ class VAEStage:
         logger.info("VAE saved to %s (latent scaling factor %.4f)", run_dir / "vae", scaling)
 
 
-def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidUNet3D:
-    """The UNet that the config's unet.* keys describe, freshly initialised (bench/gpu_check.py builds it too)."""
-    return FaceVidUNet3D(
+def unet_arguments(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> dict:
+    """FaceVidUNet3D's keyword arguments for the config's unet.* keys."""
+    return dict(
         in_channels=latent_channels, out_channels=latent_channels, condition_channels=condition_channels,
         block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
         attention_levels=tuple(u.attention_levels), attention_head_dim=u.attention_head_dim,
         cross_attention_dim=cross_attention_dim, norm_num_groups=u.norm_num_groups,
-        pooled_text_conditioning=u.pooled_text_conditioning, text_layout=u.text_layout,
-        text_layout_size=u.text_layout_size, text_motion_frames=u.text_motion_frames,
+        pooled_text_conditioning=u.pooled_text_conditioning,
         **layout_options(u.layout, u.attention_levels, u.temporal_conv),
         temporal_feed_forward=u.temporal_feed_forward,
     )
+
+
+def build_unet(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidUNet3D:
+    """The UNet that the config's unet.* keys describe, freshly initialised (bench/gpu_check.py builds it too)."""
+    return FaceVidUNet3D(**unet_arguments(u, latent_channels, condition_channels, cross_attention_dim))
 
 
 def build_dit(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> FaceVidDiT:
@@ -225,9 +222,13 @@ class TextToVideoStage:
         self.vae = load_vae(cfg.vae.pretrained, cfg.vae.subfolder).to(self.device, weight_dtype).requires_grad_(False)
         self.vae.eval()
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
-        self.objective = DiffusionObjective(self.noise_scheduler, cfg.diffusion)
-        if accelerator.is_main_process:
+        self.objective = self.build_objective()
+        if cfg.task == "i2v" and self.objective.parameterization.transforms_latents:
+            raise ConfigError(f"task i2v needs plain latents (its condition is the first frame as encoded), but "
+                              f"the objective's {self.objective.parameterization.to_dict()['type']} transforms them")
+        if accelerator.is_main_process:  # what sample.py, evaluate.py and export.py read back
             self.noise_scheduler.save_pretrained(Path(cfg.output_dir) / "scheduler")
+            self.objective.save(Path(cfg.output_dir) / "objective.json")
 
         u = cfg.unet
         latent_channels = self.vae.config.latent_channels
@@ -247,7 +248,11 @@ class TextToVideoStage:
                                         u.motion_module, u.motion_module_norm)
             self._check_pretrained(unet, latent_channels)
         else:
-            unet = BACKBONES[u.backbone](u, latent_channels, extra_channels, self.text_encoder.hidden_size)
+            width = self.text_encoder.hidden_size
+            if u.backbone == "unet":  # through the stage's hook: a plug-in may build a FaceVidUNet3D subclass
+                unet = self.new_unet(**unet_arguments(u, latent_channels, extra_channels, width))
+            else:
+                unet = BACKBONES[u.backbone](u, latent_channels, extra_channels, width)
         factor = downscale_factor(self.vae) * unet.spatial_factor
         if cfg.data.resolution % factor:
             raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is invalid: must be a "
@@ -267,43 +272,16 @@ class TextToVideoStage:
         if cfg.task == "i2v":
             # Image-to-video validates on real first frames, with their own clips' captions.
             self.validation_clips = _fixed_validation_clips(dataset, 4)
-        if cfg.eval.every and accelerator.is_main_process:
-            self._prepare_evaluation(dataset)
         return unet
 
-    def _prepare_evaluation(self, dataset) -> None:
-        """Prompts and feature networks for evaluation during training, loaded once, before step 1, so
-        that a missing weight file or an unusable prompt set fails now rather than at the first evaluation."""
-        from evaluation.prompts import heldout_prompts, prompts_from_file
-        from evaluation.runner import EvalConfig, load_extractors
+    # Extension points: a plug-in's stage (plugin.module's STAGES, e.g. demo/aids.py) overrides these.
+    def build_objective(self) -> Objective:
+        """The training objective (facevid/objective.py), saved with the run for sampling and export."""
+        return Objective.from_config(self.cfg.diffusion, self.noise_scheduler)
 
-        e = self.cfg.eval
-        self.eval_config = EvalConfig(metrics=tuple(e.metrics), i3d=e.i3d, inception=e.inception, clip=e.clip,
-                                      batch_size=e.batch_size, reference_manifest=e.reference_manifest,
-                                      device=str(self.device))
-        if e.prompts_file:
-            self.eval_prompts, self.eval_set = prompts_from_file(e.prompts_file), Path(e.prompts_file).stem
-        else:
-            try:
-                self.eval_prompts = heldout_prompts(e.synth_heldout, [r.attributes for r in dataset.records])
-            except ValueError as err:
-                raise ConfigError(f"config key 'eval.synth_heldout' = {e.synth_heldout} is unusable with "
-                                  f"{self.cfg.data.manifest}: {err}; give eval.prompts_file instead") from None
-            self.eval_set = f"FaceVid-Synth held-out ({len(self.eval_prompts)})"
-        self.eval_extractors = load_extractors(self.eval_config)
-
-    def evaluate(self, model, step: int) -> dict[str, float]:
-        """eval.metrics on the fixed evaluation prompts with `model` (the EMA weights); writes
-        RUN/eval/<set>-step-N/ and returns the headline numbers for the tracker."""
-        from evaluation.runner import evaluate_run, flat_metrics
-
-        pipe = self.pipeline(model)
-        pipe.run_config = self.cfg
-        result = evaluate_run(self.cfg.output_dir, pipeline=pipe, prompts=self.eval_prompts, config=self.eval_config,
-                              extractors=self.eval_extractors, step=step, eval_set=self.eval_set,
-                              model_name=f"{Path(self.cfg.output_dir).name} (step {step})")
-        logger.info("evaluation at step %d written to %s", step, Path(result["files"]["metrics_json"]).parent)
-        return flat_metrics(result)
+    def new_unet(self, **kwargs) -> FaceVidUNet3D:
+        """A new UNet from the core's keyword arguments (unet_arguments: unet.* and the data's channels)."""
+        return FaceVidUNet3D(**kwargs)
 
     def _check_pretrained(self, unet: FaceVidUNet3D, latent_channels: int) -> None:
         u, text_width = self.cfg.unet, self.text_encoder.hidden_size
@@ -338,7 +316,6 @@ class TextToVideoStage:
         mean, std, text, mask = self.encode_batch(batch)
         scale = self.vae.config.scaling_factor
         latents = sample_latents(mean, std, scale, generator) if cfg.vae.sample_posterior else mean * scale
-        latents = scale_motion(latents, cfg.diffusion.motion_scale)
         if cfg.task == "uncond":  # always the empty prompt, also when the cache holds the captions
             text, mask = self.null_text.expand_as(text), self.null_mask.expand_as(mask)
         else:
@@ -357,7 +334,8 @@ class TextToVideoStage:
 
     def pipeline(self, unet) -> FaceVidPipeline:
         return FaceVidPipeline(unet, self.vae, self.text_encoder, self.noise_scheduler.config,
-                               self.cfg.vae.chunk_frames, task=self.cfg.task, **sampling_options(self.cfg))
+                               self.cfg.vae.chunk_frames, task=self.cfg.task, objective=self.objective,
+                               **sampling_options(self.cfg))
 
     def _validation_inputs(self) -> tuple[list[str], torch.Tensor | None, list[str]]:
         """(prompts, first frames, labels) for the task."""
@@ -411,3 +389,9 @@ class TextToVideoStage:
 
 
 STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}
+
+
+def build_stage(cfg: RunConfig):
+    """The stage cfg.stage names: the core's, or the plug-in's own (plugin.module's STAGES) when it has one."""
+    stages = {**STAGES, **getattr(import_plugin(cfg), "STAGES", {})}
+    return stages[cfg.stage](cfg)

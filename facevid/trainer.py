@@ -48,9 +48,9 @@ from data.dataset import (
 )
 from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.sampler import JointBatchSampler, ShardedEpochSampler
-from evaluation.plots import plot_training_curves
 from facevid.cache_builder import build_cache, check_cache
 from facevid.config import ConfigError, RunConfig, save_config, validate_clips
+from facevid.curves import plot_training_curves
 from facevid.ema import trainable_parameters
 from facevid.engine import DataParallelEngine, build_engine, patient_barrier, process_group_kwargs, rank_share
 from facevid.stages import training_fps
@@ -113,25 +113,6 @@ def setup_logging(accelerator: Accelerator) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def ensure_manifest(cfg: RunConfig, accelerator: Accelerator) -> Path:
-    """The manifest to train on; FaceVid-Synth is generated there first when the config asks for it."""
-    manifest = Path(cfg.data.manifest)
-    s = cfg.data.synth
-    # A FaceVid-Synth folder (it has synth_info.json) drawn with other settings is redrawn; generate() returns
-    # at once when the files already match. Any other existing manifest is never touched.
-    ours = (manifest.parent / "synth_info.json").is_file()
-    if not manifest.is_file() or (ours and s.num_clips):
-        if accelerator.is_main_process:
-            from data import synth
-
-            logger.info("FaceVid-Synth (%d clips, aligned_motion=%s) in %s: generating what is missing",
-                        s.num_clips, s.aligned_motion, manifest.parent)
-            synth.generate(manifest.parent, num_clips=s.num_clips, num_frames=s.num_frames,
-                           resolution=s.resolution, fps=s.fps, seed=s.seed, aligned_motion=s.aligned_motion)
-        patient_barrier(accelerator)  # generating may take longer than the process-group timeout
-    return manifest
-
-
 @torch.no_grad()
 def weights_checksum(params, chunk: int = 1 << 22) -> torch.Tensor:
     """(sum, sum of squares) of every value, in float64, on the parameters' device. Summed a chunk of each
@@ -169,9 +150,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, stage):
+    """Trains `stage`. `evaluation` (needed when eval.every > 0; train.py builds evaluation.training's) is a
+    callback the trainer knows only by its two methods: prepare(dataset, device), called once before step 1
+    so that a missing weight file fails at once, and evaluation(stage, model, step) -> {name: number}."""
+
+    def __init__(self, cfg: RunConfig, stage, evaluation=None):
+        if cfg.eval.every and evaluation is None:
+            raise ValueError(f"eval.every={cfg.eval.every} needs an evaluation callback: pass "
+                             "evaluation.training.TrainingEvaluation(cfg) to the Trainer (train.py does)")
         self.cfg = cfg
         self.stage = stage
+        self.evaluation = evaluation
         self.run_dir = Path(cfg.output_dir)
         self.state = TrainerState()
         self._stop_requested = False
@@ -194,6 +183,8 @@ class Trainer:
 
         self._prepare_data()
         self.model = self.stage.build(acc, self.dataset)
+        if self.evaluation is not None and acc.is_main_process:
+            self.evaluation.prepare(self.dataset, acc.device)
         select_trainable(self.model, cfg)  # train.trainable: freezes the rest (or adds LoRA adapters), logs counts
         trainable = trainable_parameters(self.model)  # the only parameters the optimizer and the EMA see
         self.optimizer = torch.optim.AdamW(
@@ -220,7 +211,7 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        manifest = ensure_manifest(cfg, acc)
+        manifest = Path(cfg.data.manifest)
         records, skipped = read_manifest(manifest)
         self.manifest_skipped = skipped
         self._resolve_playback_fps(records)
@@ -542,7 +533,7 @@ class Trainer:
         self._stop_requested = True
 
     def _validate(self, samples: bool = True, evaluate: bool = False) -> None:
-        """With the EMA weights: val/loss, validation samples (stage.validate), evaluation (stage.evaluate).
+        """With the EMA weights: val/loss, validation samples (stage.validate), the evaluation callback.
 
         Every rank takes part where the stage allows it (val/loss always; the t2v stage's samples, split across
         ranks), each with its own weights or shards; what runs on rank 0 alone gets a full model from the engine.
@@ -563,7 +554,7 @@ class Trainer:
                         media, sample_metrics = self.stage.validate(model, out_dir, step)
                         metrics.update(sample_metrics)
                     if evaluate:
-                        metrics.update(self.stage.evaluate(model, step))
+                        metrics.update(self.evaluation(self.stage, model, step))
         if acc.is_main_process:
             if metrics:
                 acc.log(metrics, step=step)

@@ -199,9 +199,8 @@ def unet3d_incompatibilities(config) -> list[str]:
     if config["condition_channels"]:
         problems.append(f"condition_channels={config['condition_channels']} (UNet3DConditionModel has no "
                         "conditioning input: image-to-video needs the FaceVid pipeline)")
-    for key in ("pooled_text_conditioning", "text_layout"):
-        if config.get(key):  # configs saved before an option existed lack its key
-            problems.append(f"{key}=True (UNet3DConditionModel has no pooled-text path)")
+    if config.get("pooled_text_conditioning"):  # configs saved before the option existed lack its key
+        problems.append("pooled_text_conditioning=True (UNet3DConditionModel has no pooled-text path)")
     levels = list(config["attention_levels"])
     temporal = config["temporal_attention_levels"]
     temporal = [True] * len(levels) if temporal is None else list(temporal)  # None = every level

@@ -379,22 +379,6 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             a small model learns far sooner than attribute-by-attribute cross-attention (the demo's colours
             follow their prompts only with it). Its output layer starts at zero, so enabling it on a
             pretrained UNet leaves that UNet's function unchanged.
-        text_layout: also predict, from the same pooled text, a coarse clean latent (out_channels x
-            text_layout_size x text_layout_size, resized to the latent size, the same for every frame) and add it
-            to the output, scaled per channel by a learned function of the timestep (+ pooled text) embedding.
-            At high noise the target is mostly the clean video, and a direct prompt -> layout regression learns
-            where each prompt's colours go in a few hundred steps, long before the UNet's own convolutions do
-            (the demo's hair colours follow their prompts only with it: 62% vs 22%; README, Evaluation). Its
-            output layer starts at zero, so enabling it on a pretrained UNet leaves that UNet's function
-            unchanged. Guidance multiplies its prompt-dependent part: sample with low guidance (the demo: 1.5).
-        text_layout_size: side of the text_layout grid.
-        text_motion_frames: > 0 adds to the layout a per-frame part, also from the pooled text (its own small
-            MLP: the action words need not compete with the colours for one hidden layer): text_motion_frames
-            grids of text_layout_size, resampled to the clip's frame count and made zero-mean over it. It
-            learns a prompt's average motion, which is the action itself only where every clip of an action
-            moves in step (FaceVid-Synth with aligned_motion: talking prompts then read as talking at the
-            demo's 420 steps, 9/14 against 2-3/14; README, Evaluation); with random timing that average is
-            ~0 and the part stays ~0. Needs text_layout; starts at zero like it.
     """
 
     _supports_gradient_checkpointing = True
@@ -426,9 +410,6 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         input_temporal_transformer: bool = False,
         cross_attention_mask: bool = True,
         pooled_text_conditioning: bool = False,
-        text_layout: bool = False,
-        text_layout_size: int = 16,
-        text_motion_frames: int = 0,
     ):
         super().__init__()
         num_levels = len(block_out_channels)
@@ -462,8 +443,6 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         if temporal_norm == "frame" and temporal_block == "attention":
             raise ValueError('temporal_norm="frame" needs a temporal_block with a GroupNorm ("transformer" or '
                              '"animatediff"); the "attention" block has none.')
-        if text_motion_frames < 0 or (text_motion_frames and not text_layout):
-            raise ValueError(f"text_motion_frames={text_motion_frames} needs text_layout=True and must be >= 0.")
         attention_backend = usable_attention_backend(attention_backend)
 
         def num_heads(channels: int, head_dim: int) -> int:
@@ -508,30 +487,6 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             self.text_pool_embedding = TimestepEmbedding(cross_attention_dim, temb_channels)
             nn.init.zeros_(self.text_pool_embedding.linear_2.weight)
             nn.init.zeros_(self.text_pool_embedding.linear_2.bias)
-        self.text_layout_head = self.text_layout_gate = None
-        if text_layout:
-            self.text_layout_head = nn.Sequential(
-                nn.LayerNorm(cross_attention_dim),
-                nn.Linear(cross_attention_dim, 512),
-                nn.SiLU(),
-                nn.Linear(512, out_channels * text_layout_size**2),
-            )
-            nn.init.zeros_(self.text_layout_head[-1].weight)
-            nn.init.zeros_(self.text_layout_head[-1].bias)
-            # Starts at 1 for every timestep; training shapes it (the demo's ends near 1.6 at t=999, 0.1 at t=0).
-            self.text_layout_gate = nn.Linear(temb_channels, out_channels)
-            nn.init.zeros_(self.text_layout_gate.weight)
-            nn.init.ones_(self.text_layout_gate.bias)
-        self.text_motion_head = None
-        if text_motion_frames:
-            self.text_motion_head = nn.Sequential(
-                nn.LayerNorm(cross_attention_dim),
-                nn.Linear(cross_attention_dim, 256),
-                nn.SiLU(),
-                nn.Linear(256, out_channels * text_motion_frames * text_layout_size**2),
-            )
-            nn.init.zeros_(self.text_motion_head[-1].weight)
-            nn.init.zeros_(self.text_motion_head[-1].bias)
         self.conv_in = nn.Conv2d(in_channels + condition_channels, base_channels, kernel_size=3, padding=1)
         self.input_layer = None
         if input_temporal_transformer:
@@ -657,6 +612,15 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         # Timesteps returns float32; match the model dtype before the MLP.
         return self.time_embedding(self.time_proj(timesteps).to(dtype))
 
+    def embed_conditions(self, timestep, encoder_hidden_states, encoder_attention_mask, sample):
+        """(B, temb) embedding every ResnetBlock gets (timestep [+ pooled text]), and the (B, D) pooled text.
+        `sample` is the UNet's input (after the condition channels), for its batch size, dtype and device."""
+        temb = self._embed_timestep(timestep, sample.shape[0], sample.dtype, sample.device)
+        pooled_text = _masked_mean(encoder_hidden_states, encoder_attention_mask)
+        if self.text_pool_embedding is not None:
+            temb = temb + self.text_pool_embedding(pooled_text)
+        return temb, pooled_text
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -683,24 +647,10 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             (B, out_channels, F, H, W).
         """
         self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, condition)
-        batch_size, num_frames = sample.shape[0], sample.shape[2]
+        num_frames = sample.shape[2]
         if condition is not None:
             sample = torch.cat([sample, condition], dim=1)
-        temb = self._embed_timestep(timestep, batch_size, sample.dtype, sample.device)
-        pooled_text = _masked_mean(encoder_hidden_states, encoder_attention_mask)
-        if self.text_pool_embedding is not None:
-            temb = temb + self.text_pool_embedding(pooled_text)
-        layout = None
-        if self.text_layout_head is not None:
-            size = self.config.text_layout_size
-            grid = self.text_layout_head(pooled_text).view(batch_size, -1, 1, size, size)
-            if self.text_motion_head is not None and temporal:
-                motion = self.text_motion_head(pooled_text).view(batch_size, -1, self.config.text_motion_frames,
-                                                                 size, size)
-                motion = F.interpolate(motion, size=(num_frames, size, size), mode="trilinear", align_corners=False)
-                grid = grid + motion - motion.mean(dim=2, keepdim=True)  # motion only: the layout keeps the mean
-            grid = F.interpolate(grid, size=(num_frames, *sample.shape[-2:]), mode="trilinear", align_corners=False)
-            layout = self.text_layout_gate(F.silu(temb))[:, :, None, None, None] * grid
+        temb, _ = self.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask, sample)
         if not self.config.cross_attention_mask:
             encoder_attention_mask = None
         if encoder_attention_mask is not None:
@@ -729,7 +679,4 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             if level < len(self.upsamplers):
                 x = self.upsamplers[level](x)
 
-        x = rearrange(self.conv_out(F.silu(self.norm_out(x))), "(b f) c h w -> b c f h w", f=num_frames)
-        if layout is not None:
-            x = x + layout
-        return x
+        return rearrange(self.conv_out(F.silu(self.norm_out(x))), "(b f) c h w -> b c f h w", f=num_frames)

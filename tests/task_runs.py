@@ -15,7 +15,7 @@ from diffusers import UNet3DConditionModel
 from tiny import tiny_config
 
 from data import synth
-from facevid.stages import TextToVideoStage
+from facevid.stages import build_stage
 from facevid.trainer import Trainer
 from models.vae import build_tiny_vae
 
@@ -80,9 +80,26 @@ def trained_run(factory, name: str, *overrides: str) -> Path:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny ops: one thread is as fast, and fair to other processes
         try:
-            Trainer(cfg, TextToVideoStage(cfg)).fit()
+            Trainer(cfg, build_stage(cfg)).fit()
         finally:
             torch.set_num_threads(threads)
         return out
 
     return _once(name, factory, build)
+
+
+def built_stage(task: str, factory, tmp_path: Path, *overrides: str):
+    """(stage, UNet, a batch of two clips): a text-to-video stage (a plug-in's, when the overrides name one) built
+    outside the trainer on the shared tiny clips and random VAE."""
+    from types import SimpleNamespace
+
+    from data.dataset import VideoClipDataset, collate_clips
+    from data.manifest import read_manifest
+
+    manifest = synth_manifest(factory)
+    cfg = tiny_config(manifest, tmp_path, f"task={task}", *overrides, vae=random_vae(factory))
+    dataset = VideoClipDataset(read_manifest(manifest)[0], num_frames=4, resolution=16)
+    stage = build_stage(cfg)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", is_main_process=False)
+    model = stage.build(accelerator, dataset)
+    return stage, model, collate_clips([dataset[0], dataset[1]])

@@ -2,51 +2,43 @@ import pytest
 import torch
 
 from facevid.config import DiffusionConfig
-from facevid.diffusion import (
-    DiffusionObjective,
-    build_noise_scheduler,
-    build_sampler,
-    frame_motion,
-    mean_frame,
-    motion_preconditioned_velocity,
-    motion_weights,
-    scale_motion,
+from facevid.diffusion import build_noise_scheduler, build_sampler
+from facevid.objective import (
+    LossWeighting,
+    MinSNRWeighting,
+    MixedFrameNoise,
+    NoisePrior,
+    Objective,
+    Parameterization,
     video_noise,
 )
 
 
 def _objective(**kw):
     cfg = DiffusionConfig(**kw)
-    return DiffusionObjective(build_noise_scheduler(cfg), cfg)
+    return Objective.from_config(cfg, build_noise_scheduler(cfg))
 
 
-def _exact_target(objective, latents, noisy, t):
-    """The target the objective trains towards, recovered from the noisy input and the clean latents."""
+def exact_target(objective, latents, noisy, t):
+    """The target the objective trains towards (a plain parameterisation's), recovered from the noisy input and
+    the clean latents."""
     alpha = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
     noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
-    if objective.cfg.prediction_type == "epsilon":
+    if objective.parameterization.prediction_type == "epsilon":
         return noise
-    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
-    if objective.cfg.motion_std is None:
-        return velocity
-    # The output whose preconditioned velocity is the true one: motion_preconditioned_velocity solved for it.
-    a, s, m = alpha.sqrt(), (1 - alpha).sqrt(), objective.cfg.motion_std
-    norm = s.square() + (a * m).square()
-    motion = norm * frame_motion(velocity) - a * s * (1 - m * m) * frame_motion(noisy)
-    return mean_frame(velocity) + motion / (m * norm.sqrt())
+    return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
 
 
-@pytest.mark.parametrize("prediction_type,motion_std", [("epsilon", None), ("v_prediction", None),
-                                                        ("v_prediction", 0.1)])
-def test_loss_is_zero_for_the_exact_target(prediction_type, motion_std):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_is_zero_for_the_exact_target(prediction_type):
     """A model that returns the true target scores 0: checks noising and targets agree."""
-    objective = _objective(prediction_type=prediction_type, min_snr_gamma=5.0, motion_std=motion_std)
+    objective = _objective(prediction_type=prediction_type, min_snr_gamma=5.0)
     latents = torch.randn(3, 4, 2, 4, 4)
     seen = {}
 
     def oracle(noisy, t):
         seen["t"] = t
-        return _exact_target(objective, latents, noisy, t)
+        return exact_target(objective, latents, noisy, t)
 
     loss = objective.loss(oracle, latents, torch.Generator().manual_seed(0))
     assert loss.item() < 1e-8
@@ -101,87 +93,37 @@ def test_video_noise_frame_correlation():
     assert single.shape == (4, 8, 6, 6)
 
 
-def test_objective_trains_with_correlated_noise():
-    cfg = DiffusionConfig(frame_noise_correlation=0.8)
-    objective = DiffusionObjective(build_noise_scheduler(cfg), cfg)
+def test_objective_trains_and_samples_with_correlated_noise():
+    objective = _objective(frame_noise_correlation=0.8)
     latents = torch.randn(2, 4, 8, 4, 4)
     expected = video_noise(latents.shape, torch.Generator().manual_seed(5), 0.8)
     assert torch.equal(objective.noise_like(latents, torch.Generator().manual_seed(5)), expected)
+    assert torch.equal(objective.initial_noise(latents.shape, torch.Generator().manual_seed(5)), expected)
 
 
-def test_scale_motion_keeps_the_mean_frame_and_inverts():
-    latents = torch.randn((2, 4, 8, 3, 3), generator=torch.Generator().manual_seed(0))
-    assert scale_motion(latents, 1.0) is latents
-    scaled = scale_motion(latents, 4.0)
-    mean = latents.mean(dim=2, keepdim=True)
-    torch.testing.assert_close(scaled.mean(dim=2, keepdim=True), mean)  # appearance untouched
-    torch.testing.assert_close(scaled - mean, 4.0 * (latents - mean))  # every frame's motion x4
-    torch.testing.assert_close(scale_motion(scaled, 0.25), latents)  # what the sampler undoes
-    still = latents[:, :, :1].expand(-1, -1, 8, -1, -1)
-    torch.testing.assert_close(scale_motion(still, 4.0), still)  # a still clip has no motion to scale
-    single = latents[0]  # unbatched (C, F, h, w): the frame axis is still dim -3
-    torch.testing.assert_close(scale_motion(single, 4.0), scaled[0])
+def test_objective_is_chosen_by_config_and_saved_as_a_dict(tmp_path):
+    """Trainer, sampler and export read one saved dict; it rebuilds the same parts, plug-ins by 'module:Class'."""
+    objective = _objective(frame_noise_correlation=0.5, min_snr_gamma=3.0, offset_noise=0.05,
+                           prediction_type="epsilon")
+    assert objective.to_dict() == {"noise_prior": {"type": "mixed_frames", "correlation": 0.5},
+                                   "parameterization": {"type": "plain", "prediction_type": "epsilon"},
+                                   "weighting": {"type": "min_snr", "gamma": 3.0}, "offset_noise": 0.05}
+    objective.save(tmp_path / "objective.json")
+    again = Objective.load(tmp_path / "objective.json")
+    assert (again.noise_prior, again.parameterization, again.weighting, again.offset_noise) == (
+        MixedFrameNoise(0.5), Parameterization("epsilon"), MinSNRWeighting(3.0), 0.05)
+    plain = _objective(min_snr_gamma=None)
+    assert (plain.noise_prior, plain.weighting) == (NoisePrior(), LossWeighting())
+    assert plain.unet3d_incompatibilities() == [] and "frame-correlated" in again.unet3d_incompatibilities()[0]
 
+    # A plug-in part: any subclass, from any module, saved and rebuilt by its import path.
+    from demo.aids import MotionWeighting
 
-def test_motion_weights_put_the_extra_weight_where_the_clip_moves():
-    """A clip whose one location oscillates gets 1 + w there and 1 elsewhere, however small the motion (above
-    the floor); a still clip gets 1 everywhere; motion below the floor counts in proportion."""
-    base = torch.randn((1, 4, 1, 4, 4), generator=torch.Generator().manual_seed(0)).expand(3, -1, 8, -1, -1).clone()
-    wave = torch.tensor([1.0, -1.0] * 4)
-    base[0, :, :, 1, 2] += 0.5 * wave  # big motion at (1, 2)
-    base[1, :, :, 3, 0] += 0.2 * wave  # small motion at (3, 0), still above the floor (RMS 0.2)
-    base[2, :, :, 0, 0] += 0.05 * wave  # half the floor
-    weights = motion_weights(base, 4.0)
-    assert weights.shape == (3, 1, 1, 4, 4)
-    expected = torch.ones(3, 4, 4)
-    expected[0, 1, 2] = expected[1, 3, 0] = 5.0
-    expected[2, 0, 0] = 1.0 + 4.0 * 0.05 / 0.1
-    torch.testing.assert_close(weights[:, 0, 0], expected)
-    torch.testing.assert_close(motion_weights(base[:, :, :1].expand(-1, -1, 8, -1, -1), 4.0), torch.ones(3, 1, 1, 4, 4))
-
-
-def test_motion_loss_weight_multiplies_the_error_at_moving_locations():
-    latents = torch.randn((1, 4, 1, 4, 4), generator=torch.Generator().manual_seed(1)).expand(1, -1, 8, -1, -1).clone()
-    latents[0, :, :, 2, 2] += torch.tensor([1.0, -1.0] * 4)
-
-    def loss(weight, error_at):
-        objective = _objective(min_snr_gamma=None, motion_loss_weight=weight)
-
-        def off_by_one_at(noisy, t):  # the exact target, plus 1 at one location
-            target = _exact_target(objective, latents, noisy, t)
-            target[:, :, :, error_at[0], error_at[1]] += 1.0
-            return target
-
-        return objective.loss(off_by_one_at, latents, torch.Generator().manual_seed(0)).item()
-
-    assert loss(0.0, (2, 2)) == pytest.approx(1 / 16, rel=1e-4)  # one of 16 locations off by 1
-    assert loss(3.0, (2, 2)) == pytest.approx(4 / 16, rel=1e-4)  # the moving one: weight 1 + 3
-    assert loss(3.0, (0, 1)) == pytest.approx(1 / 16, rel=1e-4)  # a location that does not move
-
-
-def test_motion_std_preconditions_the_motion_for_data_of_that_std():
-    """diffusion.motion_std=m: the clean clip it implies is EDM's c_skip x + c_out F on the motion (sigma = s / a,
-    data std m) and plain v-prediction on the mean frame; m = 1 is plain v-prediction."""
-    scheduler = build_noise_scheduler(DiffusionConfig())
-    t = torch.tensor([0, 500, 999])
-    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-    a, s = alpha.sqrt(), (1 - alpha).sqrt()
-    noisy, output = torch.randn(3, 4, 8, 4, 4), torch.randn(3, 4, 8, 4, 4)
-
-    torch.testing.assert_close(motion_preconditioned_velocity(output, noisy, alpha.flatten(), 1.0), output)
-    m = 0.1
-    velocity = motion_preconditioned_velocity(output, noisy, alpha.flatten(), m)
-    clean = a * noisy - s * velocity
-    sigma = s / a
-    c_skip, c_out = m**2 / (sigma**2 + m**2), sigma * m / (sigma**2 + m**2).sqrt()
-    torch.testing.assert_close(frame_motion(clean), c_skip * frame_motion(noisy) / a - c_out * frame_motion(output))
-    torch.testing.assert_close(mean_frame(clean), mean_frame(a * noisy - s * output))
-
-    # An output of zero (an untrained, unsure network): plain v-prediction copies the input's frame-to-frame
-    # differences into the clean clip at every noise level (a x_t), so the frames flicker; preconditioned, the
-    # high-noise prediction is a still clip, and only at low noise is the input (by then clean) passed through.
-    zero = torch.zeros_like(noisy)
-    plain = frame_motion(a * noisy - s * zero).square().mean(dim=(1, 2, 3, 4)).sqrt()
-    still = frame_motion(a * noisy - s * motion_preconditioned_velocity(zero, noisy, alpha.flatten(), m))
-    ratio = still.square().mean(dim=(1, 2, 3, 4)).sqrt() / plain
-    assert ratio[2] < 0.02 and ratio[0] > 0.95
+    spec = Objective(weighting=MotionWeighting(2.0)).to_dict()
+    assert spec["weighting"] == {"type": "demo.aids:MotionWeighting", "weight": 2.0, "floor": 0.1}
+    assert Objective.from_dict(spec).weighting == MotionWeighting(2.0)
+    for bad, message in [({"type": "nope"}, "unknown objective weighting 'nope'"),
+                         ({"type": "demo.aids:Missing"}, "cannot be imported"),
+                         ({"type": "independent"}, "is not a LossWeighting")]:
+        with pytest.raises(ValueError, match=message):
+            Objective.from_dict({**spec, "weighting": bad})

@@ -28,7 +28,7 @@ from evaluation import metrics as M
 from evaluation import probe
 from evaluation.features import I3DFeatures, InceptionFeatures, MissingWeightsError, stretch_frames
 from evaluation.frechet import GaussianStats, frechet_distance, frechet_distance_of_features, gaussian_stats
-from evaluation.plots import comparison_sheet, plot_training_curves, read_curves
+from evaluation.plots import comparison_sheet
 from evaluation.probe import probe_attributes, probe_clip
 from evaluation.prompts import (
     HELDOUT_TAG,
@@ -38,7 +38,10 @@ from evaluation.prompts import (
     prompts_from_manifest,
 )
 from evaluation.report import confusion_table, results_table
-from evaluation.runner import EvalConfig, evaluate_run, flat_metrics, load_extractors, reference_videos
+from evaluation.runner import evaluate_run, flat_metrics, load_extractors, reference_videos
+from evaluation.training import TrainingEvaluation
+from facevid.config import EvaluationConfig
+from facevid.curves import plot_training_curves, read_curves
 from facevid.pipeline import FaceVidPipeline
 from facevid.stages import STAGES, TextToVideoStage
 from facevid.trainer import Trainer
@@ -94,12 +97,15 @@ def probe_accuracy(videos, attributes) -> dict[str, float]:
             for name in synth.ATTRIBUTES}
 
 
+# 200 clips at two sizes (~1 min): what the probe's accuracy rests on, checked by `make test-slow`.
+@pytest.mark.slow
 def test_probe_reads_every_attribute_of_ground_truth_clips(probe_set):
     clips, _, attributes = probe_set
     accuracy = probe_accuracy(clips, attributes)
     assert all(value >= 0.98 for value in accuracy.values()), accuracy
 
 
+@pytest.mark.slow
 def test_probe_survives_a_simulated_vae_round_trip(probe_set):
     _, degraded, attributes = probe_set
     accuracy = probe_accuracy(degraded, attributes)
@@ -111,9 +117,13 @@ def test_probe_survives_a_simulated_vae_round_trip(probe_set):
     assert all(value >= 0.98 for value in accuracy.values()), accuracy
 
 
-def test_frame_change_by_prompted_action(probe_set):
-    clips, _, attributes = probe_set
-    actions = [a["action"] for a in attributes]
+def test_frame_change_by_prompted_action():
+    clips, actions = [], []
+    for i, action in enumerate(synth.ATTRIBUTES["action"] * 2):  # every action twice, other people
+        rng = np.random.default_rng([2026, i])
+        clips.append(synth.render_clip({**synth.sample_attributes(rng), "action": action}, num_frames=8,
+                                       resolution=64, seed=i))
+        actions.append(action)
     change = M.frame_change(np.stack(clips), actions)
     by_action = change["by_action"]
     assert set(by_action) == set(actions)
@@ -265,7 +275,8 @@ def tiny_videos(count: int, frames: int = 4, size: int = 16, seed: int = 0) -> n
 
 
 def test_feature_pipelines_with_stand_in_networks(weights):
-    config = EvalConfig(i3d=weights["i3d"], inception=weights["inception"], clip=weights["clip"])
+    config = EvaluationConfig(metrics=["fvd", "fid", "clip"], i3d=weights["i3d"], inception=weights["inception"],
+                              clip=weights["clip"])
     extractors = load_extractors(config)
     real, fake = tiny_videos(5, seed=1), tiny_videos(4, seed=2)
 
@@ -295,23 +306,23 @@ def test_short_clips_are_stretched_for_i3d():
 
 
 def test_missing_weights_name_the_file_the_flag_and_the_place(tmp_path):
-    config = EvalConfig(i3d=str(tmp_path / "nope" / "i3d_torchscript.pt"), inception=str(tmp_path / "inc.pt"),
+    config = EvaluationConfig(i3d=str(tmp_path / "nope" / "i3d_torchscript.pt"), inception=str(tmp_path / "inc.pt"),
                         metrics=("fvd", "fid", "alignment"))
     with pytest.raises(MissingWeightsError) as err:
         load_extractors(config)
     message = str(err.value)
     for expected in ("FVD", "'i3d_torchscript.pt'", str(tmp_path / "nope" / "i3d_torchscript.pt"), "--i3d PATH",
-                     "EvalConfig.i3d", "FID", "'inception-2015-12-05.pt'", "--inception PATH", "--metrics"):
+                     "eval.i3d", "FID", "'inception-2015-12-05.pt'", "--inception PATH", "--metrics"):
         assert expected in message
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "state_dict.pt")  # pytorch-fid style, not TorchScript
     with pytest.raises(MissingWeightsError, match="is not a TorchScript file"):
         InceptionFeatures(tmp_path / "state_dict.pt")
     with pytest.raises(MissingWeightsError, match="--clip"):
-        load_extractors(EvalConfig(clip=str(tmp_path / "no_clip"), metrics=("clip",)))
+        load_extractors(EvaluationConfig(clip=str(tmp_path / "no_clip"), metrics=("clip",)))
     with pytest.raises(MissingWeightsError, match="i3d_torchscript.pt"):
         I3DFeatures(tmp_path / "i3d_torchscript.pt")
     with pytest.raises(ValueError, match="unknown metric"):
-        EvalConfig(metrics=("fvd", "lpips"))
+        load_extractors(EvaluationConfig(metrics=("fvd", "lpips")))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -413,7 +424,9 @@ def tiny_run(tmp_path_factory):
     # Evaluated during training too: after step 1 and at the end (step 2).
     cfg = tiny_config(manifest, root / "t2v", "train.max_steps=2", "eval.every=1", "eval.synth_heldout=2",
                       "eval.metrics=[alignment]", vae=root / "vae" / "vae")
-    Trainer(cfg, TextToVideoStage(cfg)).fit()
+    with pytest.raises(ValueError, match="eval.every=1 needs an evaluation callback"):
+        Trainer(cfg, TextToVideoStage(cfg))  # train.py composes the two; the trainer never imports evaluation
+    Trainer(cfg, TextToVideoStage(cfg), evaluation=TrainingEvaluation(cfg)).fit()
     return root / "t2v"
 
 
@@ -444,7 +457,8 @@ def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):
     out = tmp_path / "eval"
     code = evaluate.main(["--run", str(tiny_run), "--synth-heldout", "4", "--i3d", weights["i3d"],
                           "--inception", weights["inception"], "--clip", weights["clip"], "--steps", "2",
-                          "--batch-size", "3", "--out", str(out), "--device", "cpu"])
+                          "--metrics", "fvd,fid,clip,alignment", "--batch-size", "3", "--out", str(out),
+                          "--device", "cpu"])
     assert code == 0
     result = json.loads((out / "metrics.json").read_text())
     m = result["metrics"]
@@ -484,7 +498,7 @@ def test_evaluate_cli_fails_fast_on_missing_weights(tiny_run, tmp_path, capsys):
 
 def test_evaluate_run_with_a_loaded_pipeline_as_training_would(tiny_run, weights):
     pipeline = FaceVidPipeline.from_run(tiny_run)
-    config = EvalConfig(metrics=("fvd", "alignment"), i3d=weights["i3d"], steps=2, synth_heldout=3)
+    config = EvaluationConfig(metrics=("fvd", "alignment"), i3d=weights["i3d"], steps=2, synth_heldout=3)
     extractors = load_extractors(config)
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     first = evaluate_run(tiny_run, pipeline=pipeline, config=config, extractors=extractors, step=2, write=False)
@@ -500,7 +514,7 @@ def test_evaluate_run_with_a_loaded_pipeline_as_training_would(tiny_run, weights
 def test_prompts_file_alignment_without_reference_clips(tiny_run, tmp_path):
     file = tmp_path / "p.txt"
     file.write_text("\n".join((REPO / "configs" / "demo_prompts.txt").read_text().splitlines()[:4]))
-    config = EvalConfig(metrics=("alignment",), steps=2)
+    config = EvaluationConfig(metrics=("alignment",), steps=2)
     result = evaluate_run(tiny_run, prompts=prompts_from_file(file), config=config, out_dir=tmp_path / "o")
     alignment = result["metrics"]["alignment"]
     assert alignment["num_videos"] == 4 and "reference_real" not in alignment  # no paired real clips

@@ -91,26 +91,31 @@ def test_export_refuses_unet3d_format_for_an_i2v_run(i2v_run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_export_keeps_frame_noise_correlation_and_motion_options(tmp_path_factory, tmp_path, capsys):
-    """A run trained with frame-correlated noise, motion scaling and motion preconditioning samples with all
-    three, and so does its export; the standard TextToVideoSDPipeline format (independent noise per frame,
-    latents decoded as sampled, the UNet's output read as a plain prediction) is refused for it, with the reasons. The run also switches on the UNet's optional temporal layers from the
-    config, which the export must carry."""
+def test_export_keeps_the_objective_and_a_plugin_unet(tmp_path_factory, tmp_path, capsys):
+    """A run trained with frame-correlated noise and the demo's plug-ins (motion scaling and preconditioning, the
+    text-layout UNet) samples with all of them, and so does its export; the standard TextToVideoSDPipeline format
+    (independent noise per frame, latents decoded as sampled, the UNet's output read as a plain prediction, no
+    extra layers) is refused for it, with the reasons. The run also switches on the UNet's optional temporal
+    layers from the config, which the export must carry."""
     run = task_runs.trained_run(tmp_path_factory, "t2v_correlated", "diffusion.frame_noise_correlation=0.5",
-                                "diffusion.motion_scale=4", "diffusion.motion_std=0.4", "unet.temporal_conv=true",
-                                "unet.temporal_feed_forward=true")
+                                "plugin.module=demo", "plugin.options.motion_scale=4", "plugin.options.motion_std=0.4",
+                                "plugin.options.text_layout=true", "plugin.options.text_layout_size=4",
+                                "unet.temporal_conv=true", "unet.temporal_feed_forward=true")
     ours = FaceVidPipeline.from_run(run)
-    assert ours.frame_noise_correlation == 0.5 and ours.motion_scale == 4.0 and ours.motion_std == 0.4
+    spec = ours.objective.to_dict()
+    assert spec["noise_prior"] == {"type": "mixed_frames", "correlation": 0.5}
+    assert spec["parameterization"]["motion_scale"] == 4.0 and spec["parameterization"]["motion_std"] == 0.4
+    assert type(ours.unet).__name__ == "DemoUNet3D" and ours.unet.config.text_layout_size == 4
     assert ours.unet.config.temporal_conv and ours.unet.config.temporal_feed_forward
     assert export.main(["--run", str(run), "--out", str(tmp_path / "x"), "--format", "unet3d"]) == 2
     err = capsys.readouterr().err
-    assert "frame_noise_correlation=0.5" in err and "motion_scale=4.0" in err and "motion_std=0.4" in err
+    assert "frame_noise_correlation=0.5" in err and "demo.aids:MotionPreconditionedV" in err and "DemoUNet3D" in err
     assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 0  # auto -> FaceVid format
 
     loader = (f"import numpy as np\nfrom diffusers import DiffusionPipeline\n"
               f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True)\n"
-              f"assert pipe.config.frame_noise_correlation == 0.5 and pipe.config.motion_scale == 4.0\n"
-              f"assert pipe.config.motion_std == 0.4\n"
+              f"assert pipe.config.objective == {spec!r}\n"
+              f"assert type(pipe.unet).__name__ == 'DemoUNet3D'\n"
               f"np.save('frames.npy', pipe('a person talking', num_frames=4, resolution=16, "
               f"num_inference_steps={STEPS}, guidance_scale={GUIDANCE}, seed={SEED}).frames)\n")
     run_fresh_interpreter(loader, tmp_path)

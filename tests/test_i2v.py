@@ -2,22 +2,15 @@
 and uncached posterior paths feeding the same condition, sampling without a prompt, and the refusal of requests a
 run's task cannot serve."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import task_runs
 import torch
 from PIL import Image
-from tiny import tiny_config
 
-from data.dataset import VideoClipDataset, collate_clips
 from data.manifest import read_manifest
 from data.video import tensor_to_frames
-from facevid.config import ConfigError
-from facevid.diffusion import build_sampler, motion_preconditioned_velocity, scale_motion
 from facevid.pipeline import FaceVidPipeline, load_first_frame
-from facevid.stages import TextToVideoStage
 from facevid.tasks import TaskMismatchError
 from models.vae import decode_latents, sample_latents
 
@@ -82,14 +75,7 @@ def test_image_file_and_video_frame_load_alike(clip, tmp_path):
 
 
 def _stage(task: str, tmp_path_factory, tmp_path, *overrides: str):
-    """A built TextToVideoStage and its UNet, outside the trainer."""
-    manifest = task_runs.synth_manifest(tmp_path_factory)
-    cfg = tiny_config(manifest, tmp_path, f"task={task}", *overrides, vae=task_runs.random_vae(tmp_path_factory))
-    dataset = VideoClipDataset(read_manifest(manifest)[0], num_frames=4, resolution=16)
-    stage = TextToVideoStage(cfg)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", is_main_process=False)
-    model = stage.build(accelerator, dataset)
-    return stage, model, collate_clips([dataset[0], dataset[1]])
+    return task_runs.built_stage(task, tmp_path_factory, tmp_path, *overrides)
 
 
 def test_i2v_condition_comes_from_the_trained_latents_cached_or_not(tmp_path_factory, tmp_path):
@@ -110,64 +96,6 @@ def test_i2v_condition_comes_from_the_trained_latents_cached_or_not(tmp_path_fac
     assert condition.shape == (2, 5, 4, 8, 8)
     assert torch.equal(condition[:, :4, 0], latents[:, :, 0]) and not condition[:, :4, 1:].any()
     assert condition[:, 4, 0].eq(1).all() and not condition[:, 4, 1:].any()
-
-
-def test_motion_scale_scales_what_is_trained_and_is_undone_before_decoding(tmp_path_factory, tmp_path,
-                                                                         monkeypatch):
-    stage, model, batch = _stage("t2v", tmp_path_factory, tmp_path, "diffusion.motion_scale=4")
-    trained = []
-    monkeypatch.setattr(stage.objective, "loss", lambda model_fn, latents, generator: trained.append(latents)
-                        or latents.square().mean())
-    stage.compute_loss(model, batch, torch.Generator().manual_seed(0))
-    mean, std, _, _ = stage.encode_batch(batch)
-    posterior = sample_latents(mean, std, stage.vae.config.scaling_factor, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(trained[0], scale_motion(posterior, 4.0))
-
-    # Sampling runs the same trajectory and decodes it scaled back by 1/4 (the scale is the pipeline's).
-    decoded = []
-    monkeypatch.setattr("facevid.pipeline.decode_latents", lambda vae, latents, chunk: decoded.append(latents)
-                        or decode_latents(vae, latents, chunk))
-    pipe = stage.pipeline(model.eval())
-    assert pipe.motion_scale == 4.0
-    scaled_videos = pipe(["a person talking"], **SAMPLING)
-    pipe.motion_scale = 1.0
-    plain_videos = pipe(["a person talking"], **SAMPLING)
-    torch.testing.assert_close(decoded[0], scale_motion(decoded[1], 0.25))
-    assert not np.array_equal(scaled_videos, plain_videos)
-
-
-def test_motion_std_is_applied_by_training_and_sampling_alike(tmp_path_factory, tmp_path, monkeypatch):
-    """The objective and every sampling step read the UNet's output through the same preconditioning, with the
-    run's motion_std and the step's own noise level."""
-    stage, model, batch = _stage("t2v", tmp_path_factory, tmp_path, "diffusion.motion_std=0.1")
-    seen = []
-    preconditioned = motion_preconditioned_velocity
-
-    def spy(output, noisy, alpha_bar, motion_std):
-        seen.append((torch.as_tensor(alpha_bar).flatten(), motion_std))
-        return preconditioned(output, noisy, alpha_bar, motion_std)
-
-    monkeypatch.setattr("facevid.diffusion.motion_preconditioned_velocity", spy)
-    stage.compute_loss(model, batch, torch.Generator().manual_seed(0))
-    assert len(seen) == 1 and seen[0][1] == 0.1 and len(seen[0][0]) == 2  # one noise level per clip
-
-    monkeypatch.setattr("facevid.pipeline.motion_preconditioned_velocity", spy)
-    pipe = stage.pipeline(model.eval())
-    preconditioned_videos = pipe(["a person talking"], **SAMPLING)
-    sampler = build_sampler(pipe.scheduler_config, "dpm++")
-    sampler.set_timesteps(SAMPLING["num_inference_steps"])
-    assert [float(a) for a, _ in seen[1:]] == [float(sampler.alphas_cumprod[int(t)]) for t in sampler.timesteps]
-    assert all(m == 0.1 for _, m in seen[1:])
-    pipe.motion_std = None
-    assert not np.array_equal(preconditioned_videos, pipe(["a person talking"], **SAMPLING))
-
-
-def test_motion_scale_is_refused_for_i2v(i2v_run, tmp_path_factory, tmp_path):
-    with pytest.raises(ConfigError, match="diffusion.motion_scale.*i2v"):
-        _stage("i2v", tmp_path_factory, tmp_path, "diffusion.motion_scale=2")
-    pipe = FaceVidPipeline.from_run(i2v_run)
-    with pytest.raises(ValueError, match="motion_scale=2.0: image-to-video"):
-        FaceVidPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler_config, task="i2v", motion_scale=2.0)
 
 
 def test_uncond_training_ignores_captions(tmp_path_factory, tmp_path):

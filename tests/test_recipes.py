@@ -9,7 +9,8 @@ import torch
 from diffusers.training_utils import compute_snr
 
 from facevid.config import ConfigError, load_config
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler
+from facevid.diffusion import build_noise_scheduler
+from facevid.objective import Objective
 from models.pretrained import layout_options, unet3d_incompatibilities
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -56,7 +57,7 @@ def test_min_snr_weighting_is_finite_at_the_zero_snr_step(tmp_path):
     cfg = dataclasses.replace(load_recipe("t2v_256.yaml", tmp_path).diffusion, num_train_timesteps=2)
     scheduler = build_noise_scheduler(cfg)
     assert compute_snr(scheduler, torch.tensor([1])).item() == 0.0
-    objective = DiffusionObjective(scheduler, cfg)
+    objective = Objective.from_config(cfg, scheduler)
     weight = torch.ones((), requires_grad=True)
     seen = []
 

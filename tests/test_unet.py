@@ -3,7 +3,6 @@
 import json
 import math
 import sys
-import time
 import types
 
 import pytest
@@ -275,57 +274,6 @@ def test_pooled_text_conditioning_starts_neutral_and_reads_only_real_tokens():
         assert not torch.allclose(pooled(**inputs, encoder_attention_mask=mask), reference, atol=1e-3)
 
 
-def added_output(base: dict, extra: dict, new_prefix: str):
-    """(inputs, f): f(**changes) = output of a model with `extra` options minus that of the same model without
-    them, after checking that the extra part adds only `new_prefix` weights and starts at exactly zero."""
-    plain, extended = make_model(**base), make_model(**base, **extra)
-    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(k.startswith(new_prefix) for k in missing)
-    inputs, mask = make_inputs(context_len=6), padding_mask(2, 6)
-    torch.testing.assert_close(extended(**inputs, encoder_attention_mask=mask),
-                               plain(**inputs, encoder_attention_mask=mask), atol=0, rtol=0)
-    randomize_zero_layers(extended)
-    plain.load_state_dict(extended.state_dict(), strict=False)  # the shared weights stay equal
-
-    def added(**changes):
-        args = {**inputs, "encoder_attention_mask": mask, **changes}
-        return extended(**args) - plain(**args)
-
-    return inputs, added
-
-
-def test_text_layout_starts_neutral_and_adds_one_prompt_layout_to_every_frame():
-    with torch.no_grad():
-        inputs, layout_of = added_output({}, {"text_layout": True, "text_layout_size": 4}, "text_layout_")
-        layout = layout_of()
-        assert layout.abs().mean() > 1e-3
-        # One coarse image per prompt, resized to the latent and shared by every frame ...
-        torch.testing.assert_close(layout, layout[:, :, :1].expand_as(layout), atol=1e-6, rtol=0)
-        # ... that does not look at the noisy latent, but does follow the prompt and the noise level.
-        torch.testing.assert_close(layout_of(sample=torch.randn_like(inputs["sample"])), layout, atol=1e-5, rtol=0)
-        other_text = torch.randn_like(inputs["encoder_hidden_states"])
-        assert not torch.allclose(layout_of(encoder_hidden_states=other_text), layout, atol=1e-3)
-        low_noise, high_noise = (layout_of(timestep=torch.tensor([t, t])) for t in (3, 900))
-        assert not torch.allclose(low_noise, high_noise, atol=1e-3)
-
-
-def test_text_motion_frames_add_a_zero_mean_per_frame_part_to_the_layout():
-    with pytest.raises(ValueError, match="text_motion_frames"):
-        make_model(text_motion_frames=4)  # a part of the text layout, which is off
-    with torch.no_grad():
-        inputs, motion_of = added_output({"text_layout": True, "text_layout_size": 4}, {"text_motion_frames": 3},
-                                         "text_motion_head")
-        motion = motion_of()  # 3 learnt frames resampled to the input's frame count
-        assert motion.shape == inputs["sample"].shape and motion.abs().mean() > 1e-3
-        assert not torch.allclose(motion[:, :, :1].expand_as(motion), motion, atol=1e-3)  # differs frame to frame
-        torch.testing.assert_close(motion.mean(dim=2), torch.zeros_like(motion.mean(dim=2)), atol=1e-5, rtol=0)
-        other_text = torch.randn_like(inputs["encoder_hidden_states"])
-        assert not torch.allclose(motion_of(encoder_hidden_states=other_text), motion, atol=1e-3)
-        torch.testing.assert_close(motion_of(sample=torch.randn_like(inputs["sample"])), motion, atol=1e-5, rtol=0)
-        one_frame = {k: v[:, :, :1] if k == "sample" else v for k, v in inputs.items()}
-        assert motion_of(**one_frame).abs().max() < 1e-5  # a single frame has no motion to add
-
-
 def test_set_attention_backend_switches_every_layer():
     model = make_model()
     model.set_attention_backend("math")
@@ -437,52 +385,3 @@ def test_save_pretrained_round_trip(tmp_path):
     inputs = make_inputs(condition_channels=2)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))
-
-
-def test_training_lowers_loss():
-    model = make_model().train()
-    inputs = make_inputs(frames=2)
-    target = torch.randn_like(inputs["sample"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(8):
-        loss = torch.nn.functional.mse_loss(model(**inputs), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
-
-
-# ------------------------------------------------------------------------------------ timing (report only)
-
-DEMO_CONFIGS = {
-    "(32,64,128) attn F,T,T": {"block_out_channels": (32, 64, 128), "attention_levels": (False, True, True)},
-    "(64,128) attn F,T": {"block_out_channels": (64, 128), "attention_levels": (False, True)},
-    "(64,128,128) attn F,T,T": {
-        "block_out_channels": (64, 128, 128),
-        "attention_levels": (False, True, True),
-    },
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(DEMO_CONFIGS))
-def test_print_demo_step_time(name):
-    """Prints params and seconds per forward+backward+AdamW step at the demo latent size (no assertion)."""
-    torch.manual_seed(0)
-    model = FaceVidUNet3D(**DEMO_CONFIGS[name]).train()
-    latents = torch.randn(4, 4, 8, 16, 16)
-    context = torch.randn(4, 32, 384)
-    timestep = torch.randint(0, 1000, (4,))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(latents, timestep, context), latents)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    step_time = sorted(times[1:])[len(times[1:]) // 2]
-    print(f"\n{name}: {model.num_parameters() / 1e6:.2f}M params, {step_time:.3f} s/step (B=4, F=8, 16x16)")

@@ -13,7 +13,7 @@ from facevid.config import load_config
 # 16 px frames, VAE factor 2 -> 8x8 latents; UNet with one down level -> 4x4 at the bottom.
 TINY = [
     "data.resolution=16", "data.num_frames=4", "data.frame_stride=1", "data.num_workers=0",
-    "data.synth.num_clips=0", "data.cache=none",
+    "data.cache=none",
     "vae.block_out_channels=[32,32]", "vae.chunk_frames=8",
     "unet.block_out_channels=[32,32]", "unet.attention_levels=[false,true]", "unet.attention_head_dim=16",
     "train.batch_size=2", "train.learning_rate=1e-3", "train.lr_warmup_steps=2", "train.log_every=1",
