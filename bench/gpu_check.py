@@ -15,8 +15,8 @@ an out-of-memory is about). Torch settings are the trainer's (no TF32 switch, no
 Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward + backward of the
 same UNet on the meta device (no memory, no time) at batch 1, times the batch; attention as explicit matmuls (the
 "math" backend: the counter does not see every fused kernel), WITHOUT the forward recomputed by gradient
-checkpointing: MFU = model FLOPs / step time / peak. Full width, batch 4: 34.27 TFLOP per step (892.3M
-parameters in the recipe's ModelScope layout; 894.9M in FaceVid's).
+checkpointing: MFU = model FLOPs / step time / peak. Full width, batch 4: 57.91 TFLOP per step (1404.8M
+parameters in the recipe's ModelScope layout, the size of ModelScope's own UNet).
 The peak is 989 TFLOP/s dense bf16 on H100 / H200 (312 on A100); other GPUs need --peak-tflops.
 
 With 2 or more GPUs it also runs train.py itself on 2 ranks (accelerate launch, NCCL DDP) with the recipe and

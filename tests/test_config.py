@@ -234,22 +234,14 @@ def test_unreachable_hub_fails_in_seconds(manifest, tmp_path, monkeypatch):
     assert time.time() - started < 10
 
 
-def test_synth_is_generated_only_into_a_new_or_synth_folder(tmp_path):
-    """Item 10: a mistyped manifest path with data.synth.num_clips > 0 filled an existing folder with FaceVid-Synth."""
+def test_a_mistyped_manifest_is_refused_and_nothing_is_generated(tmp_path):
+    """Item 10: a mistyped manifest path once filled an existing folder with FaceVid-Synth. Training never
+    generates data now (the demo runs `python -m data.synth` first): the typo is an error, the folder untouched."""
     data = tmp_path / "my_data"
     data.mkdir()
     (data / "manifest.jsonl").write_text("")
     (data / "clip.mp4").write_bytes(b"")
 
-    def cfg(manifest):
-        return load_config(None, [f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", "stage=vae",
-                                  "data.synth.num_clips=4"])
-
-    with pytest.raises(ConfigError, match=r"data.manifest.*manifst.jsonl.*not found.*my_data is neither"):
-        cfg(data / "manifst.jsonl")  # the typo
-    cfg(data / "manifest.jsonl")  # an existing manifest is used as it is
-    cfg(tmp_path / "new" / "manifest.jsonl")  # a new folder: generated there
-    (tmp_path / "synth").mkdir()
-    (tmp_path / "synth" / "synth_info.json").write_text("{}")
-    (tmp_path / "synth" / "old.mp4").write_bytes(b"")
-    cfg(tmp_path / "synth" / "manifest.jsonl")  # an earlier FaceVid-Synth folder: regenerated
+    with pytest.raises(ConfigError, match=r"data.manifest.*manifst.jsonl.*not found.*python -m data.synth"):
+        load_config(None, [f"data.manifest={data / 'manifst.jsonl'}", f"output_dir={tmp_path / 'run'}", "stage=vae"])
+    assert sorted(p.name for p in data.iterdir()) == ["clip.mp4", "manifest.jsonl"]

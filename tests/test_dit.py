@@ -19,7 +19,8 @@ from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
 from facevid.config import ConfigError, DiffusionConfig, load_config
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler
+from facevid.diffusion import build_noise_scheduler
+from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline, load_first_frame
 from facevid.stages import BACKBONES, TextToVideoStage, build_dit
 from facevid.tasks import condition_channels
@@ -147,7 +148,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = FaceVidDiT(in_channels=4, cross_attention_dim=384, hidden_size=64, depth=2, num_heads=4)
     cfg = DiffusionConfig()
-    objective = DiffusionObjective(build_noise_scheduler(cfg), cfg)
+    objective = Objective.from_config(cfg, build_noise_scheduler(cfg))
     latents, text = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 384)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []

@@ -228,8 +228,8 @@ def test_gpu_check_reduced_mode_prints_a_consistent_table():
     assert tokens == pytest.approx(samples * 4 * 16 * 16, rel=1e-2)  # latents 4 frames x 16 x 16
     assert tflops == pytest.approx(flops / seconds / 1e12, rel=1e-2)
     assert float(row["MFU"].rstrip("%")) == pytest.approx(100 * tflops / 2, rel=1e-2)  # against --peak-tflops 2
-    # The full-width recipe UNet (ModelScope layout, 768-wide text), counted on the meta device.
-    assert "892.3M parameters" in result.stdout and "DDP: skipped (reduced mode)" in result.stdout
+    # The full-width recipe UNet (ModelScope layout: temporal convs and transformers, 768-wide text), on the meta device.
+    assert "1404.8M parameters" in result.stdout and "DDP: skipped (reduced mode)" in result.stdout
 
 
 def test_gpu_check_counts_the_flops_a_real_pass_executes():
