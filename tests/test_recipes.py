@@ -17,12 +17,16 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_recipe(name: str, tmp_path: Path, *extra: str):
-    """The recipe with its local paths (manifest, the 256 px run's weights) pointed at stand-ins."""
+    """The recipe with its local paths (manifest, the 256 px run's weights) and its hub models (offline here)
+    pointed at stand-in folders."""
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("")
     unet_256 = tmp_path / "runs" / "t2v_256" / "unet_ema"
     unet_256.mkdir(parents=True, exist_ok=True)
-    overrides = [f"data.manifest={manifest}", f"output_dir={tmp_path / name}"]
+    for folder in ("vae", "text_encoder"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    overrides = [f"data.manifest={manifest}", f"output_dir={tmp_path / name}", f"vae.pretrained={tmp_path / 'vae'}",
+                 f"text_encoder.pretrained={tmp_path / 'text_encoder'}"]
     if name == "t2v_512.yaml":
         overrides.append(f"unet.pretrained={unet_256}")
     return load_config(CONFIGS / name, overrides + list(extra))

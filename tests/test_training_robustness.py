@@ -260,7 +260,10 @@ class _PartlyFrozenStage(TextToVideoStage):
 
 def test_ema_with_frozen_parameters(manifest, vae, tmp_path):
     run = tmp_path / "frozen"
-    cfg = run_config(manifest, vae, run, "train.max_steps=3", "train.validate_every=2")
+    # The trainer freezes by config (train.trainable_exclude); the stage freezes the same names and records them.
+    exclude = ",".join(f"{prefix}*" for prefix in _PartlyFrozenStage.frozen_prefixes)
+    cfg = run_config(manifest, vae, run, "train.max_steps=3", "train.validate_every=2",
+                     f"train.trainable_exclude=[{exclude}]")
     stage = _PartlyFrozenStage(cfg)
     fit(cfg, stage)
     unet = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
