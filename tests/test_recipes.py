@@ -83,3 +83,10 @@ def test_new_keys_are_validated(tmp_path):
         load_recipe("t2v_256.yaml", tmp_path, "unet.layout=unet3d")
     with pytest.raises(ConfigError, match="unet.pooled_text_conditioning' = True is invalid: UNet3DConditionModel"):
         load_recipe("t2v_256.yaml", tmp_path, "unet.pooled_text_conditioning=true")
+
+
+def test_the_bucket_and_joint_image_recipes_validate(tmp_path):
+    buckets = load_recipe("t2v_256_buckets.yaml", tmp_path)
+    assert list(buckets.data.buckets) == ["16x256x256", "16x320x576", "24x256x256"] and buckets.data.cache == "none"
+    joint = load_recipe("t2v_256_joint_images.yaml", tmp_path)
+    assert joint.data.image_batch_share == 0.25 and joint.unet.layout == "modelscope"
