@@ -21,6 +21,17 @@ def smooth_frames(num_frames: int, height: int, width: int) -> np.ndarray:
 
 
 @pytest.fixture
+def single_thread():
+    """torch on one thread for the test (files of tiny-model tests use it for every test via pytestmark)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_video(tmp_path):
     """make_video(name, num_frames=16, height=32, width=32, fps=12.0) -> (path, frames) of an mp4."""
     from data.video import write_video

@@ -35,12 +35,8 @@ UNET2D = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and fair to other processes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def perturbed(*models):

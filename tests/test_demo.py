@@ -37,12 +37,8 @@ SAMPLING = dict(num_frames=4, resolution=16, num_inference_steps=3, guidance_sca
 DEMO = ["plugin.module=demo"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and fair to other processes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------ the recipe

@@ -36,12 +36,8 @@ sample = task_runs.entry_point("sample")
 export = task_runs.entry_point("export")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and does not fight other processes
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and fair to other processes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_dit(**overrides) -> FaceVidDiT:

@@ -12,13 +12,8 @@ from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import build_tiny_vae
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and fair to other processes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_rescale_matches_a_direct_computation_and_zero_is_a_no_op():

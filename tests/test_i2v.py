@@ -18,12 +18,8 @@ sample = task_runs.entry_point("sample")
 SAMPLING = dict(num_frames=4, resolution=16, num_inference_steps=3, guidance_scale=2.0)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and does not fight other processes
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and fair to other processes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

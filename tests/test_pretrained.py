@@ -40,12 +40,8 @@ UNET3D_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and fair to other processes (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def perturbed(model, scale: float = 0.05, only: str = ""):
