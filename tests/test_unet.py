@@ -4,9 +4,11 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from models import attention as attention_module
 from models.attention import ATTENTION_BACKENDS, Attention, attention
@@ -385,3 +387,25 @@ def test_save_pretrained_round_trip(tmp_path):
     inputs = make_inputs(condition_channels=2)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("layout", ["modelscope", "facevid"])
+def test_state_dict_saved_before_diffusers_blocks_loads_and_computes_the_same(layout):
+    """tests/fixtures/unet_state_before_diffusers_blocks.safetensors was written by the code before the UNet took
+    diffusers' TemporalConvLayer, GEGLU and Upsample2D (commit 2142d8b): for each layout a tiny model's weights
+    (every weight perturbed, so zero-initialised layers take part, then rounded to fp16), fixed inputs and that
+    code's output. The keys must load strictly and the output must not move."""
+    path = FIXTURES / "unet_state_before_diffusers_blocks.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()[layout])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    model = FaceVidUNet3D(**config).eval()
+    state = {key[len(layout) + 1:]: value.float() for key, value in tensors.items() if key.startswith(layout + ".")}
+    model.load_state_dict(state, strict=True)
+    inputs = {key.partition(".")[2]: value for key, value in tensors.items() if key.startswith("input.")}
+    with torch.no_grad():
+        output = model(**inputs)
+    torch.testing.assert_close(output, tensors[f"output.{layout}"], rtol=0, atol=1e-5)
