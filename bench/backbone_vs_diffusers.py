@@ -9,7 +9,9 @@ The FaceVid model is converted from the diffusers one (models/pretrained.py), so
 temporal convs; that is switched off so both do the same work).
 
 Time: median of `repeats` forward + backward passes after one warm-up, the variants interleaved pass by pass so
-load from other processes on a shared machine hits them alike. Activation memory, two ways that should agree:
+load from other processes on a shared machine hits them alike; "CPU s" is the median process CPU time of the same
+passes, which leaves out the time other processes hold the cores (with 1 thread, the steadier figure on a shared
+machine). Activation memory, two ways that should agree:
 - "held after forward": net bytes the forward pass allocated and has not freed when backward starts
   (torch.profiler with profile_memory), i.e. everything kept for backward, checkpointed blocks' inputs included;
 - "saved for backward": bytes of the tensors autograd saves (torch.autograd.graph.saved_tensors_hooks,
@@ -31,9 +33,11 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -149,16 +153,25 @@ def step(model, inputs) -> torch.Tensor:
     return out.detach()
 
 
-def median_seconds(variants: list, inputs, repeats: int) -> list[float]:
-    """Per (model, checkpointing) variant; one warm-up pass each, then the variants take turns."""
+def median_seconds(variants: list, inputs, repeats: int) -> tuple[list[float], list[float]]:
+    """Per (model, checkpointing) variant, (wall, CPU) medians; one warm-up pass each, then the variants take
+    turns. The process CPU time (1 thread) leaves out the time other processes hold the cores, which on a shared
+    machine makes up most of the wall time."""
+    cpu_times: list[list[float]] = [[] for _ in variants]
 
     def setup(i: int) -> None:
         model, checkpointing = variants[i]
         set_checkpointing(model, checkpointing)
         model.zero_grad(set_to_none=True)
 
-    return interleaved_median_seconds([partial(step, model, inputs) for model, _ in variants], repeats,
-                                      warmup=1, setup=setup)
+    def run(i: int) -> None:
+        start = time.process_time()
+        step(variants[i][0], inputs)
+        cpu_times[i].append(time.process_time() - start)
+
+    wall = interleaved_median_seconds([partial(run, i) for i in range(len(variants))], repeats, warmup=1,
+                                      setup=setup)
+    return wall, [statistics.median(times[1:]) for times in cpu_times]  # [1:]: not the warm-up pass
 
 
 def set_checkpointing(model, enabled: bool) -> None:
@@ -204,9 +217,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} forward+backward passes\n")
-    print("| size (B, C, F, H, W) | model | params | fwd+bwd s | vs diffusers | held after forward MiB "
-          "| vs diffusers | saved for backward MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size (B, C, F, H, W) | model | params | fwd+bwd s | vs diffusers | CPU s | vs diffusers "
+          "| held after forward MiB | vs diffusers | saved for backward MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         config, shape, tokens = SIZES[size]
         generator = torch.Generator().manual_seed(0)
@@ -231,21 +244,22 @@ def main(argv=None) -> int:
             rebuilds[f"FaceVidUNet3D at {args.unet_at}"] = unet_at_revision(args.unet_at, ours)
         names += list(rebuilds)
         variants += [(model, False) for model in rebuilds.values()]
-        times = median_seconds(variants, inputs, args.repeats)
+        times, cpu_times = median_seconds(variants, inputs, args.repeats)
         base_held = None
-        for name, (model, checkpointing), took in zip(names, variants, times):
+        for name, (model, checkpointing), took, cpu in zip(names, variants, times, cpu_times):
             set_checkpointing(model, checkpointing)
             held, saved = held_after_forward_bytes(model, inputs), saved_activation_bytes(model, inputs)
             base_held = base_held or held  # the diffusers row comes first
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"| {size} {tuple(shape)} | {name} | {params:.2f}M | {took:.3f} | {took / times[0]:.2f}x "
+                  f"| {cpu:.3f} | {cpu / cpu_times[0]:.2f}x "
                   f"| {held / 2**20:.1f} | {held / base_held:.2f}x | {saved / 2**20:.1f} |")
-        print(f"| {size} | max output difference FaceVid vs diffusers: {difference:.1e} | | | | | | |")
+        print(f"| {size} | max output difference FaceVid vs diffusers: {difference:.1e} | | | | | | | | |")
         for name, model in rebuilds.items():
             with torch.no_grad():
                 rebuilt_difference = (model(*inputs) - ours(*inputs)).abs().max().item()
             print(f"| {size} | {name}: max output difference vs FaceVidUNet3D {rebuilt_difference:.1e}, "
-                  f"state-dict keys renamed: {renamed_keys(ours, model)} of {len(ours.state_dict())} | | | | | | |")
+                  f"state-dict keys renamed: {renamed_keys(ours, model)} of {len(ours.state_dict())} | | | | | | | | |")
     return 0
 
 

@@ -409,3 +409,33 @@ def test_state_dict_saved_before_diffusers_blocks_loads_and_computes_the_same(la
     with torch.no_grad():
         output = model(**inputs)
     torch.testing.assert_close(output, tensors[f"output.{layout}"], rtol=0, atol=1e-5)
+
+
+def test_diffusers_attention_and_resnet_blocks_compute_the_same_but_rename_keys():
+    """Why FaceVidUNet3D keeps its own Attention and ResnetBlock (docs/performance.md, "Why these blocks"): rebuilt
+    on diffusers' Attention (with a processor keeping FaceVid's backend and chunking) or ResnetBlock2D, the model
+    computes the same, but saved checkpoints and the default LoRA targets would no longer fit it. If diffusers
+    ever keeps these key names, this test fails and the choice should be revisited."""
+    from bench.backbone_vs_diffusers import BackendProcessor, with_diffusers_attention, with_diffusers_resnets
+    from models.lora import LoRAPatternError, lora_targets
+
+    model = randomize_zero_layers(make_model(temporal_feed_forward=True))
+    inputs = make_inputs()
+    inputs["encoder_attention_mask"] = padding_mask(2, 6)  # padding: the processor's mask path runs
+    keys = set(model.state_dict())
+    rebuilt = {"attention": with_diffusers_attention(model, BackendProcessor()),
+               "resnet": with_diffusers_resnets(model)}
+    with torch.no_grad():
+        expected = model(**inputs)
+        for other in rebuilt.values():
+            torch.testing.assert_close(other(**inputs), expected, rtol=0, atol=1e-6)
+    renamed = {name: (sorted(keys - set(other.state_dict())), sorted(set(other.state_dict()) - keys))
+               for name, other in rebuilt.items()}
+    gone, new = renamed["attention"]
+    assert gone and all(k.rsplit(".", 2)[-2] == "to_out" for k in gone)
+    assert new == sorted(k.replace(".to_out.", ".to_out.0.") for k in gone)
+    gone, new = renamed["resnet"]
+    assert gone and new == sorted(k.replace(".shortcut.", ".conv_shortcut.") for k in gone)
+    assert lora_targets(model, ["*.to_out"])
+    with pytest.raises(LoRAPatternError, match="to_out"):
+        lora_targets(rebuilt["attention"], ["*.to_out"])
