@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from facevid.cache_builder import build_cache
-from facevid.config import ConfigError, load_config
+from facevid.config import load_config
+from facevid.schema import ConfigError
 from facevid.trainer import build_accelerator, setup_logging
 
 

@@ -35,8 +35,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from facevid.config import ConfigError, RunConfig
 from facevid.objective import LossWeighting, Objective, Parameterization
+from facevid.schema import ConfigError, RunConfig
 from facevid.stages import TextToVideoStage, VAEStage
 from models.unet3d import FaceVidUNet3D
 

@@ -24,8 +24,8 @@ from evaluation.prompts import (
     prompts_from_manifest,
     render_reference,
 )
-from facevid.config import EVAL_METRICS as METRICS
-from facevid.config import EvaluationConfig
+from facevid.schema import EVAL_METRICS as METRICS
+from facevid.schema import EvaluationConfig
 
 logger = logging.getLogger("facevid")
 

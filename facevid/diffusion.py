@@ -8,7 +8,7 @@ import math
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from facevid.config import ConfigError, DiffusionConfig
+from facevid.schema import ConfigError, DiffusionConfig
 from models.pretrained import pretrained_scheduler_config
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}

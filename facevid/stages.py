@@ -19,13 +19,15 @@ from torch import nn
 
 from data.manifest import ClipRecord, read_manifest
 from data.video import VideoDecodeError, probe_video, tensor_to_frames
-from facevid.config import ConfigError, RunConfig, UNetConfig, import_plugin, resolve_pretrained
 from facevid.diffusion import build_noise_scheduler, check_pretrained_schedule
 from facevid.ema import ema_weights, trainable_parameters
 from facevid.engine import gather_on_main, rank_share
+from facevid.hub import resolve_pretrained
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
+from facevid.schema import ConfigError, RunConfig, UNetConfig
 from facevid.tasks import condition_channels, first_frame_condition
+from facevid.validation import import_plugin
 from models.backbones import load_backbone
 from models.dit import FaceVidDiT
 from models.lora import has_lora, save_lora, without_lora

@@ -49,12 +49,14 @@ from data.dataset import (
 from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.sampler import JointBatchSampler, ShardedEpochSampler
 from facevid.cache_builder import build_cache, check_cache
-from facevid.config import ConfigError, RunConfig, save_config, validate_clips
+from facevid.config import save_config
 from facevid.curves import plot_training_curves
 from facevid.ema import trainable_parameters
 from facevid.engine import DataParallelEngine, build_engine, patient_barrier, process_group_kwargs, rank_share
+from facevid.schema import ConfigError, RunConfig
 from facevid.stages import training_fps
 from facevid.trainable import select_trainable
+from facevid.validation import validate_clips
 
 logger = logging.getLogger("facevid")
 

@@ -20,7 +20,8 @@ from data.dataset import CachedClipDataset, VideoClipDataset
 from data.manifest import read_manifest
 from facevid import cache_builder
 from facevid.cache_builder import build_cache, expected_fingerprint
-from facevid.config import ConfigError, load_config, save_config
+from facevid.config import load_config, save_config
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer, build_accelerator
 from models.vae import decode_latents, encode_video_posterior, load_vae

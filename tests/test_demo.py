@@ -24,10 +24,11 @@ from demo.aids import (
     motion_weights,
     scale_motion,
 )
-from facevid.config import ConfigError, DiffusionConfig, load_config
+from facevid.config import load_config
 from facevid.diffusion import build_noise_scheduler, build_sampler
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline
+from facevid.schema import ConfigError, DiffusionConfig
 from facevid.stages import build_stage
 from models.unet3d import FaceVidUNet3D
 from models.vae import decode_latents, sample_latents

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from facevid.config import DiffusionConfig
 from facevid.diffusion import build_noise_scheduler, build_sampler
 from facevid.objective import (
     LossWeighting,
@@ -12,6 +11,7 @@ from facevid.objective import (
     Parameterization,
     video_noise,
 )
+from facevid.schema import DiffusionConfig
 
 
 def _objective(**kw):

@@ -18,10 +18,11 @@ from test_export import run_fresh_interpreter
 from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
-from facevid.config import ConfigError, DiffusionConfig, load_config
+from facevid.config import load_config
 from facevid.diffusion import build_noise_scheduler
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline, load_first_frame
+from facevid.schema import ConfigError, DiffusionConfig
 from facevid.stages import BACKBONES, TextToVideoStage, build_dit
 from facevid.tasks import condition_channels
 from facevid.trainer import Trainer, list_checkpoints
@@ -319,7 +320,7 @@ def test_the_dit_recipes_validate_and_have_their_stated_sizes(tmp_path, monkeypa
     from test_recipes import CONFIGS, load_recipe
 
     # Every check but the hub cache's (this machine has none of the recipe's hub models: an environment matter).
-    monkeypatch.setattr("facevid.config._check_hub_models", lambda cfg: None)
+    monkeypatch.setattr("facevid.validation.check_hub_models", lambda cfg: None)
     big = load_recipe("dit_256.yaml", tmp_path)
     assert big.unet.backbone == "dit" and (big.data.resolution, big.data.num_frames) == (256, 16)
     with torch.device("meta"):  # no memory for 664M parameters

@@ -40,9 +40,9 @@ from evaluation.prompts import (
 from evaluation.report import confusion_table, results_table
 from evaluation.runner import evaluate_run, flat_metrics, load_extractors, reference_videos
 from evaluation.training import TrainingEvaluation
-from facevid.config import EvaluationConfig
 from facevid.curves import plot_training_curves, read_curves
 from facevid.pipeline import FaceVidPipeline
+from facevid.schema import EvaluationConfig
 from facevid.stages import STAGES, TextToVideoStage
 from facevid.trainer import Trainer
 
@@ -442,7 +442,7 @@ def test_training_evaluates_every_n_steps_and_plots_curves(tiny_run):
 
 
 def test_evaluation_settings_are_checked_before_training(tmp_path):
-    from facevid.config import ConfigError
+    from facevid.schema import ConfigError
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("")

@@ -21,8 +21,8 @@ from test_trainable import load_recipe, select, tiny_unet
 from test_training import _PreemptedStage, losses
 from tiny import TINY, tiny_config
 
-from facevid.config import ConfigError
 from facevid.pipeline import FaceVidPipeline
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer, list_checkpoints
 from models.lora import LORA_WEIGHT_NAME, load_lora, lora_targets, read_lora

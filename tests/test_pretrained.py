@@ -11,8 +11,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 from tiny import tiny_config
 
-from facevid.config import ConfigError, DiffusionConfig
 from facevid.diffusion import check_pretrained_schedule, pretrained_schedule_mismatches
+from facevid.schema import ConfigError, DiffusionConfig
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer
 from models.pretrained import (

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
-from facevid.config import ConfigError, load_config
+from facevid.config import load_config
 from facevid.ema import trainable_parameters
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainable import is_temporal, select_trainable
 from facevid.trainer import Trainer, list_checkpoints
