@@ -27,7 +27,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from diffusers.training_utils import EMAModel
 from torch import nn
 
@@ -60,6 +65,32 @@ def patient_barrier(accelerator: Accelerator) -> None:
     if _patient_group is None:  # every rank gets here (it is a barrier), so creating the group is collective
         _patient_group = torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     torch.distributed.barrier(group=_patient_group)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: ranks must take the same branch around collectives."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+
+def build_accelerator(cfg, run_dir: Path) -> Accelerator:
+    """One Accelerator for every machine, from a RunConfig: the CPU case must say cpu=True, or
+    `accelerate launch --multi_gpu` on a CPU box starts independent, non-distributed processes."""
+    on_gpu = torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        cpu=not on_gpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s),
+                         # Image batches skip the temporal layers: DDP must expect parameters without a gradient.
+                         DistributedDataParallelKwargs(find_unused_parameters=cfg.data.image_batch_share > 0)],
+    )
 
 
 def requested_engine() -> str:
@@ -270,7 +301,7 @@ class FSDP2Engine(DataParallelEngine):
 
         logger.info("FSDP2 on %d ranks: %d FSDP units (each %s, and the root); this rank holds %.2fM of %.2fM "
                     "parameters", acc.num_processes, sum(isinstance(m, FSDPModule) for m in model.modules()),
-                    FSDP_WRAP_UNIT, sum(_local(p).numel() for p in model.parameters()) / 1e6,
+                    FSDP_WRAP_UNIT, sum(local_shard(p).numel() for p in model.parameters()) / 1e6,
                     sum(p.numel() for p in model.parameters()) / 1e6)
         return model, optimizer, scheduler
 
@@ -364,7 +395,8 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; any other tensor as it is."""
     return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 

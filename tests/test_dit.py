@@ -18,6 +18,7 @@ from test_export import run_fresh_interpreter
 from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
+from facevid.checkpoints import list_checkpoints
 from facevid.config import load_config
 from facevid.diffusion import build_noise_scheduler
 from facevid.objective import Objective
@@ -25,7 +26,7 @@ from facevid.pipeline import FaceVidPipeline, load_first_frame
 from facevid.schema import ConfigError, DiffusionConfig
 from facevid.stages import BACKBONES, TextToVideoStage, build_dit
 from facevid.tasks import condition_channels
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.backbones import load_backbone
 from models.dit import DiTBlock, FaceVidDiT, sincos_3d
 

@@ -24,9 +24,9 @@ from tiny import TINY, train_tiny_vae
 
 from data import synth
 from data.video import read_frames, write_video
+from facevid.checkpoints import list_checkpoints
 from facevid.engine import rank_share
 from facevid.pipeline import FaceVidPipeline
-from facevid.trainer import list_checkpoints
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,11 +22,12 @@ from data.dataset import CachedJointDataset, JointImageVideoDataset, collate_joi
 from data.manifest import read_manifest
 from data.sampler import JointBatchSampler
 from data.video import read_frames
+from facevid.checkpoints import list_checkpoints
 from facevid.config import load_config
 from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainable import is_temporal
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]

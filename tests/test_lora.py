@@ -21,10 +21,11 @@ from test_trainable import load_recipe, select, tiny_unet
 from test_training import _PreemptedStage, losses
 from tiny import TINY, tiny_config
 
+from facevid.checkpoints import list_checkpoints
 from facevid.pipeline import FaceVidPipeline
 from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.lora import LORA_WEIGHT_NAME, load_lora, lora_targets, read_lora
 from models.pretrained import from_unet3d, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D

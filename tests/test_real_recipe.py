@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 from data import synth
 from data.video import probe_video, read_frames
+from facevid.checkpoints import list_checkpoints
 from facevid.config import load_config
 from facevid.pipeline import FaceVidPipeline
-from facevid.trainer import list_checkpoints
 from models.text_encoder import FrozenTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
+from facevid.checkpoints import list_checkpoints
 from facevid.config import load_config
 from facevid.ema import trainable_parameters
 from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainable import is_temporal, select_trainable
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.pretrained import key_map, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D
 

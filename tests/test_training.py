@@ -17,12 +17,13 @@ from tiny import TINY, tiny_config, train_tiny_vae
 
 from data import synth
 from data.video import probe_video, read_frames
+from facevid.checkpoints import list_checkpoints
 from facevid.diffusion import build_noise_scheduler
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline
 from facevid.schema import DiffusionConfig
 from facevid.stages import TextToVideoStage
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
