@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facevid.config import load_config  # noqa: E402
 from facevid.diffusion import DiffusionObjective, build_noise_scheduler  # noqa: E402
-from facevid.stages import BACKBONES  # noqa: E402
+from facevid.stages.text_to_video import BACKBONES  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

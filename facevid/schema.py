@@ -145,7 +145,7 @@ class SampleConfig:
     negative_prompt: str = ""
     seed: int = 0
     # Frame rate of written videos. null = the fps the model was trained at, so motion plays at its real
-    # speed: data.target_fps when set, else the clips' fps / data.frame_stride, else 8 (facevid/stages.py:
+    # speed: data.target_fps when set, else the clips' fps / data.frame_stride, else 8 (facevid/stages/common.py:
     # training_fps). A run's config.yaml records the value it resolved to.
     fps: Optional[float] = None
 

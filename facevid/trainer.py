@@ -1,6 +1,6 @@
 """The training loop, shared by every stage: optimizer, EMA, accumulation, the step, validation, stopping.
 
-What is trained and how its loss is computed lives in a `Stage` (facevid/stages.py); around the loop, each
+What is trained and how its loss is computed lives in a `Stage` (facevid/stages/); around the loop, each
 concern has its module: the engine and accelerator (facevid/engine.py), the data (facevid/training_data.py),
 checkpoints (facevid/checkpoints.py), NaN/inf and replica checks (facevid/health.py), logs and trackers
 (facevid/run_log.py). So the VAE stage and the text-to-video stage checkpoint, resume and log alike.

@@ -34,7 +34,7 @@ from data.sampler import JointBatchSampler, ShardedEpochSampler
 from facevid.cache_builder import build_cache, check_cache
 from facevid.config import save_config
 from facevid.schema import ConfigError, RunConfig
-from facevid.stages import training_fps
+from facevid.stages.common import training_fps
 from facevid.validation import validate_clips
 
 logger = logging.getLogger("facevid")

@@ -24,7 +24,8 @@ from facevid.diffusion import build_noise_scheduler
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline, load_first_frame
 from facevid.schema import ConfigError, DiffusionConfig
-from facevid.stages import BACKBONES, TextToVideoStage, build_dit
+from facevid.stages import TextToVideoStage
+from facevid.stages.text_to_video import BACKBONES, build_dit
 from facevid.tasks import condition_channels
 from facevid.trainer import Trainer
 from models.backbones import load_backbone
