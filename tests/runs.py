@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file
+from test_engines import free_port
 from tiny import TINY
 
 from facevid.config import DiffusionConfig, RunConfig
@@ -105,10 +106,13 @@ def launch_demo(launch_config: str, manifest: Path, vae: Path, run: Path, *overr
                 timeout_s: int = 400) -> str:
     """`accelerate launch --config_file configs/accelerate/<launch_config> train.py` with demo_overrides, as a user
     would start it; returns the log (stdout + stderr) of a run that must succeed."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs/accelerate" / launch_config), str(REPO / "train.py"), "--config",
-           str(REPO / "configs/demo.yaml"), *demo_overrides(manifest, vae, run, *overrides)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout_s,
+    # `timeout` ends the ranks too (subprocess's timeout would leave them running); a free port, not accelerate's
+    # default 29500, which another test run on the machine may hold.
+    cmd = ["timeout", "-k", "10", str(timeout_s), sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs/accelerate" / launch_config), "--main_process_port", str(free_port()),
+           str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"),
+           *demo_overrides(manifest, vae, run, *overrides)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout_s + 30,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
