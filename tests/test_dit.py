@@ -235,8 +235,12 @@ def test_dit_export_loads_in_a_fresh_process(dit_i2v_run, tmp_path_factory, tmp_
 
 def test_uncond_dit_run_samples_without_a_prompt(tmp_path_factory):
     run = task_runs.trained_run(tmp_path_factory, "dit_uncond", *DIT, "task=uncond", "unet.dit.attention=full")
-    videos = FaceVidPipeline.from_run(run)(num_videos=2, **SAMPLING)
-    assert videos.shape == (2, 4, 16, 16, 3)
+    pipe = FaceVidPipeline.from_run(run)
+    assert pipe.task == "uncond" and type(pipe.unet) is FaceVidDiT and pipe.unet.config.attention == "full"
+    videos = pipe(num_videos=2, seed=3, **SAMPLING)
+    assert videos.shape == (2, 4, 16, 16, 3) and videos.dtype == np.uint8
+    assert not np.array_equal(videos[0], videos[1])  # one noise per video
+    assert np.array_equal(pipe(num_videos=1, seed=3, **SAMPLING)[0], videos[0])
 
 
 def test_exact_resume_of_a_dit_run(tmp_path_factory, tmp_path):
