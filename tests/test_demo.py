@@ -320,6 +320,15 @@ def test_text_motion_frames_add_a_zero_mean_per_frame_part_to_the_layout():
         assert motion_of(**one_frame).abs().max() < 1e-5  # a single frame has no motion to add
 
 
+def test_text_layout_is_added_to_still_image_batches_which_skip_the_temporal_layers():
+    """Joint image + video training calls the model with temporal=False; the demo UNet passes it on (otherwise its
+    trained temporal layers would act, and the difference to the plain UNet would not be the layout alone)."""
+    with torch.no_grad():
+        inputs, layout_of = added_output({}, {"text_layout_size": 4}, "text_layout_")
+        one_frame = {**inputs, "sample": inputs["sample"][:, :, :1]}
+        torch.testing.assert_close(layout_of(**one_frame, temporal=False), layout_of(**one_frame), atol=1e-5, rtol=0)
+
+
 def test_demo_unet_saves_and_loads_with_its_core_arguments(tmp_path):
     torch.manual_seed(0)
     model = randomize_zero_layers(DemoUNet3D(**TINY, text_layout_size=4, text_motion_frames=3).eval())

@@ -9,8 +9,8 @@ import pytest
 import task_runs
 import torch
 from diffusers import UNet2DConditionModel
+from runs import PreemptedStage, losses
 from safetensors.torch import load_file
-from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
 from facevid.checkpoints import list_checkpoints
@@ -130,7 +130,7 @@ def test_animatediff_recipe_trains_only_temporal_layers_and_resumes_exactly(imag
     straight = tiny_config(manifest, tmp_path / "straight", *common, vae=vae)
     Trainer(straight, TextToVideoStage(straight)).fit()
     first = tiny_config(manifest, tmp_path / "resumed", *common, vae=vae)
-    Trainer(first, _PreemptedStage(first, at=2)).fit()
+    Trainer(first, PreemptedStage(first, at=2)).fit()
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000002"]
     second = tiny_config(manifest, tmp_path / "resumed", *common, "resume=latest", vae=vae)
     Trainer(second, TextToVideoStage(second)).fit()
