@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from facevid.cache_builder import build_cache
-from facevid.config import ConfigError, load_config
-from facevid.trainer import build_accelerator, setup_logging
+from facevid.config import load_config
+from facevid.engine import build_accelerator
+from facevid.run_log import setup_logging
+from facevid.schema import ConfigError
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ machine). Activation memory, two ways that should agree:
 - "held after forward": net bytes the forward pass allocated and has not freed when backward starts
   (torch.profiler with profile_memory), i.e. everything kept for backward, checkpointed blocks' inputs included;
 - "saved for backward": bytes of the tensors autograd saves (torch.autograd.graph.saved_tensors_hooks,
-  parameters excluded, each storage once), the measure tests/test_unet.py uses.
+  parameters excluded, each storage once: bench/activations.py), the measure tests/test_unet.py uses.
 Neither depends on the allocator, unlike RSS; the peak of a step is this plus the largest block's transients.
 
 --diffusers-blocks adds FaceVidUNet3D rebuilt on diffusers' own blocks, same weights (docs/performance.md, "Why these
@@ -49,6 +49,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.activations import SavedForBackward  # noqa: E402
 from bench.timing import interleaved_median_seconds  # noqa: E402
 from models import attention as facevid_attention  # noqa: E402
 from models.pretrained import from_unet3d  # noqa: E402
@@ -189,19 +190,10 @@ def held_after_forward_bytes(model, inputs) -> int:
 
 
 def saved_activation_bytes(model, inputs) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedForBackward(model) as saved:
         step(model, inputs)
-    return sum(saved.values())
+    return saved.bytes
 
 
 def main(argv=None) -> int:

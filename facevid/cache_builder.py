@@ -36,8 +36,10 @@ from data.cache import (
 from data.dataset import read_still_image, window_starts
 from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.video import VideoDecodeError, frames_to_tensor, probe_video, read_frames
-from facevid.config import ConfigError, RunConfig, resolve_pretrained, validate_clips
 from facevid.engine import patient_barrier
+from facevid.hub import resolve_pretrained
+from facevid.schema import ConfigError, RunConfig
+from facevid.validation import validate_clips
 from models.text_encoder import FrozenTextEncoder
 from models.vae import encode_video_posterior, load_vae
 

@@ -8,7 +8,8 @@ config, so one recipe runs unchanged on one GPU, on many with DDP, or sharded wi
 - `DeepSpeedZeroEngine` ("zero2", "zero1"): DeepSpeed ZeRO through Accelerate; optimizer state (and
   gradients) partitioned, parameters whole on every rank, so everything else works as under DDP.
 - `FSDP2Engine` ("fsdp2"): `torch.distributed.fsdp.fully_shard` through Accelerate, one FSDP unit per
-  `UNetLayer` plus the root. Each rank holds 1/N of the parameters, gradients, AdamW state and EMA
+  `UNetLayer` plus the root; with a launch config's parallelism_config, HSDP (sharded within a node,
+  replicated across nodes: configs/accelerate/hsdp.yaml). Each rank holds 1/N of the parameters, gradients, AdamW state and EMA
   shadow (DTensors, same placement). Checkpoints are sharded (torch distributed checkpoint, DCP); a
   plain full model exists only on rank 0 and only while validating or writing the final weights.
 
@@ -27,7 +28,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from diffusers.training_utils import EMAModel
 from torch import nn
 
@@ -38,6 +44,8 @@ logger = logging.getLogger("facevid")
 # The FSDP wrap unit: one resnet + transformers block of FaceVidUNet3D (models/unet3d.py). FaceVidDiT's is DiTBlock,
 # named by its _no_split_modules (what Accelerate wraps when the launch config names no class).
 FSDP_WRAP_UNIT = "UNetLayer"
+# `accelerate launch` exports this with a config's parallelism_config (HSDP: dp_replicate_size x dp_shard_size).
+HSDP_SWITCH = "ACCELERATE_USE_PARALLELISM_CONFIG"
 EMA_SHARDS_DIR = "ema_shards"  # inside a checkpoint folder: the EMA shadow, one DCP shard per rank
 
 
@@ -60,6 +68,38 @@ def patient_barrier(accelerator: Accelerator) -> None:
     if _patient_group is None:  # every rank gets here (it is a barrier), so creating the group is collective
         _patient_group = torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     torch.distributed.barrier(group=_patient_group)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: ranks must take the same branch around collectives."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+
+def build_accelerator(cfg, run_dir: Path) -> Accelerator:
+    """One Accelerator for every machine, from a RunConfig: the CPU case must say cpu=True, or
+    `accelerate launch --multi_gpu` on a CPU box starts independent, non-distributed processes."""
+    on_gpu = torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    # On the CPU Accelerate refuses a parallelism config (HSDP) for its MULTI_CPU state; the FSDP switch below
+    # attaches it once the state is FSDP.
+    hidden = {HSDP_SWITCH: os.environ.pop(HSDP_SWITCH)} if not on_gpu and HSDP_SWITCH in os.environ else {}
+    try:
+        return Accelerator(
+            cpu=not on_gpu,
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+            kwargs_handlers=[process_group_kwargs(cfg.train.process_group_timeout_s),
+                             # Image batches skip the temporal layers: DDP must expect parameters without a gradient.
+                             DistributedDataParallelKwargs(find_unused_parameters=cfg.data.image_batch_share > 0)],
+        )
+    finally:
+        os.environ.update(hidden)
 
 
 def requested_engine() -> str:
@@ -122,6 +162,13 @@ def _switch_cpu_group_to_fsdp(accelerator: Accelerator) -> None:
     for shared in (AcceleratorState._shared_state, PartialState._shared_state):
         shared["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    if os.environ.get(HSDP_SWITCH, "false").lower() == "true":  # HSDP: the 2D mesh build_accelerator held back
+        from accelerate.parallelism_config import ParallelismConfig
+
+        config = ParallelismConfig()  # reads the PARALLELISM_CONFIG_* variables
+        AcceleratorState._shared_state["parallelism_config"] = config
+        AcceleratorState._shared_state["device_mesh"] = config.get_device_mesh("cpu")
+        config._validate_accelerator(accelerator)
     logger.warning("CPU process group: FSDP2 enabled on gloo (Accelerate would have fallen back to DDP)")
 
 
@@ -268,10 +315,12 @@ class FSDP2Engine(DataParallelEngine):
             ema.__class__ = _ShardedEMA
         from torch.distributed.fsdp import FSDPModule
 
+        mesh = next(p for p in model.parameters() if _is_dtensor(p)).device_mesh
         logger.info("FSDP2 on %d ranks: %d FSDP units (each %s, and the root); this rank holds %.2fM of %.2fM "
-                    "parameters", acc.num_processes, sum(isinstance(m, FSDPModule) for m in model.modules()),
-                    FSDP_WRAP_UNIT, sum(_local(p).numel() for p in model.parameters()) / 1e6,
-                    sum(p.numel() for p in model.parameters()) / 1e6)
+                    "parameters; mesh %s", acc.num_processes, sum(isinstance(m, FSDPModule) for m in model.modules()),
+                    FSDP_WRAP_UNIT, sum(local_shard(p).numel() for p in model.parameters()) / 1e6,
+                    sum(p.numel() for p in model.parameters()) / 1e6,
+                    dict(zip(mesh.mesh_dim_names or ("shard",), mesh.shape)))
         return model, optimizer, scheduler
 
     @staticmethod
@@ -364,7 +413,8 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; any other tensor as it is."""
     return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 

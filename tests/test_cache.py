@@ -20,9 +20,11 @@ from data.dataset import CachedClipDataset, VideoClipDataset
 from data.manifest import read_manifest
 from facevid import cache_builder
 from facevid.cache_builder import build_cache, expected_fingerprint
-from facevid.config import ConfigError, load_config, save_config
+from facevid.config import load_config, save_config
+from facevid.engine import build_accelerator
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
-from facevid.trainer import Trainer, build_accelerator
+from facevid.trainer import Trainer
 from models.vae import decode_latents, encode_video_posterior, load_vae
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,9 +24,9 @@ from tiny import TINY, train_tiny_vae
 
 from data import synth
 from data.video import read_frames, write_video
+from facevid.checkpoints import list_checkpoints
 from facevid.engine import rank_share
 from facevid.pipeline import FaceVidPipeline
-from facevid.trainer import list_checkpoints
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +34,14 @@ FSDP2_CPU = REPO / "configs/accelerate/fsdp2_2proc_cpu.yaml"
 DDP_CPU = REPO / "configs/accelerate/cpu_2proc.yaml"
 ZERO2_CPU = REPO / "configs/accelerate/zero2_2proc_cpu.yaml"
 MULTI_NODE = REPO / "configs/accelerate/multi_node.yaml"
+HSDP_CPU = REPO / "configs/accelerate/hsdp_4proc_cpu.yaml"
 # What `accelerate launch --config_file configs/accelerate/fsdp2*.yaml` exports to the training processes.
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
              "FSDP_TRANSFORMER_CLS_TO_WRAP": "UNetLayer", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
              "FSDP_RESHARD_AFTER_FORWARD": "true"}
+# ... and with configs/accelerate/hsdp_4proc_cpu.yaml: 2 replicas x 2 shards.
+HSDP_ENV = {**FSDP2_ENV, "ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE": "2",
+            "PARALLELISM_CONFIG_DP_SHARD_SIZE": "2"}
 
 
 def free_port() -> int:
@@ -47,12 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(fn, *args, timeout_s: float = 120) -> None:
-    """fn(rank, *args) on two forked processes forming one gloo group; a failure on either rank fails the
-    test, a hang is killed after timeout_s."""
+def run_two_ranks(fn, *args, timeout_s: float = 120, nprocs: int = 2) -> None:
+    """fn(rank, *args) on two (or nprocs) forked processes forming one gloo group; a failure on any rank fails
+    the test, a hang is killed after timeout_s."""
     from torch.multiprocessing import start_processes
 
-    context = start_processes(fn, args=(free_port(), *args), nprocs=2, start_method="fork", join=False)
+    context = start_processes(fn, args=(free_port(), *args), nprocs=nprocs, start_method="fork", join=False)
     deadline = time.time() + timeout_s
     while not context.join(timeout=2):
         if time.time() > deadline:
@@ -61,18 +65,20 @@ def run_two_ranks(fn, *args, timeout_s: float = 120) -> None:
             pytest.fail(f"2-rank run did not finish in {timeout_s} s")
 
 
-def _join_group(rank: int, port: int, extra_env: dict[str, str], timeout_s: int = 60):
-    """This process as `rank` of a 2-rank CPU group, built the way the Trainer builds it."""
-    from accelerate import Accelerator
+def _join_group(rank: int, port: int, extra_env: dict[str, str], timeout_s: int = 60, world: int = 2):
+    """This process as `rank` of a `world`-rank CPU group, built by the Trainer's own build_accelerator."""
     from accelerate.state import AcceleratorState
 
-    from facevid.engine import process_group_kwargs
+    from facevid.engine import build_accelerator
+    from facevid.schema import RunConfig
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra_env)
     AcceleratorState._reset_state(True)  # the fork inherits the parent's (single-process) state
-    return Accelerator(cpu=True, kwargs_handlers=[process_group_kwargs(timeout_s)])
+    cfg = RunConfig(output_dir=str(Path.cwd()))
+    cfg.train.tracker, cfg.train.process_group_timeout_s = "none", timeout_s
+    return build_accelerator(cfg, Path(cfg.output_dir))
 
 
 def tiny_unet() -> FaceVidUNet3D:
@@ -81,14 +87,16 @@ def tiny_unet() -> FaceVidUNet3D:
                          cross_attention_dim=8, temporal_feed_forward=True)
 
 
-def _fsdp2_engine_rank(rank: int, port: int, folder: str) -> None:
+def _fsdp2_engine_rank(rank: int, port: int, folder: str, world: int = 2) -> None:
+    """FSDP2 on 2 ranks; with world=4, HSDP: 2 replicas of a model sharded over 2 ranks each."""
     from accelerate.utils import DistributedType
     from diffusers.training_utils import EMAModel
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from facevid.engine import build_engine
 
-    acc = _join_group(rank, port, FSDP2_ENV)
+    acc = _join_group(rank, port, FSDP2_ENV if world == 2 else HSDP_ENV, world=world)
+    placements, mesh = ((Shard(0),), (2,)) if world == 2 else ((Replicate(), Shard(0)), (2, 2))
     engine = build_engine(acc)
     assert engine.name == "fsdp2" and acc.distributed_type == DistributedType.FSDP and acc.is_fsdp2
     unet = tiny_unet()
@@ -99,9 +107,10 @@ def _fsdp2_engine_rank(rank: int, port: int, folder: str) -> None:
     acc.register_for_checkpointing(ema)  # its counters (the decay warms up with them), as the Trainer does
     model, optimizer, scheduler = engine.prepare(unet, optimizer, scheduler, ema)
 
-    # Sharded: every parameter and its EMA shadow is a DTensor split along dim 0 over the two ranks.
+    # Sharded: every parameter and its EMA shadow is a DTensor split along dim 0 over two ranks (and, under
+    # HSDP, replicated over the two pairs).
     for p, shadow in zip(model.parameters(), ema.shadow_params):
-        assert isinstance(p, DTensor) and p.placements == (Shard(0),) and p.device_mesh.size() == 2
+        assert isinstance(p, DTensor) and p.placements == placements and tuple(p.device_mesh.shape) == mesh
         assert isinstance(shadow, DTensor) and shadow.placements == p.placements
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -145,6 +154,12 @@ def test_fsdp2_engine_shards_trains_resumes_and_consolidates(tmp_path):
     run_two_ranks(_fsdp2_engine_rank, str(tmp_path / "checkpoint"))
     shards = sorted(p.name for p in (tmp_path / "checkpoint" / "ema_shards").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own part of the EMA
+
+
+def test_hsdp_engine_replicates_shards_trains_resumes_and_consolidates(tmp_path):
+    """configs/accelerate/hsdp.yaml's mesh on 4 CPU ranks: the same checks as FSDP2's."""
+    run_two_ranks(_fsdp2_engine_rank, str(tmp_path / "checkpoint"), 4, nprocs=4, timeout_s=240)
+    assert (tmp_path / "checkpoint" / "ema_shards" / ".metadata").is_file()
 
 
 def _fallback_rank(rank: int, port: int, errors: str) -> None:
@@ -348,6 +363,29 @@ def test_fsdp2_and_ddp_train_the_same_model(fsdp2_run, synth_manifest, tiny_vae,
     launch(DDP_CPU, run, synth_manifest, tiny_vae, "train.max_steps=4")
     fsdp, ddp = losses(straight), losses(run)
     assert fsdp.keys() == ddp.keys() and all(abs(fsdp[s] - ddp[s]) <= 1e-5 * abs(ddp[s]) for s in ddp)
+
+
+@pytest.mark.slow  # two launches of 4 ranks on 2 cores
+def test_hsdp_launch_trains_on_a_2x2_mesh_and_resumes_bit_identically(synth_manifest, tiny_vae, tmp_path):
+    """`accelerate launch` with configs/accelerate/hsdp_4proc_cpu.yaml (4 ranks: 2 replicas x 2 shards) for 3
+    steps; the same run resumed from its step-2 checkpoint ends with the same losses and weights."""
+    import shutil
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    log = launch(HSDP_CPU, straight, synth_manifest, tiny_vae, "train.max_steps=3", "train.checkpoint_every=2",
+                 timeout_s=400)
+    assert "on 4 process(es), engine fsdp2" in log and "mesh {'dp_replicate': 2, 'dp_shard_cp': 2}" in log
+    shutil.copytree(straight, resumed)
+    for leftover in [list_checkpoints(resumed)[-1], resumed / "unet", resumed / "unet_ema"]:
+        shutil.rmtree(leftover)  # as if killed after the step-2 checkpoint
+    log = launch(HSDP_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=3", "train.checkpoint_every=2",
+                 "resume=latest", timeout_s=400)
+    assert "resuming from" in log and sorted(losses(resumed)) == [1, 2, 3]
+    assert losses(resumed) == losses(straight)
+    for folder in ("unet", "unet_ema"):
+        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 @pytest.mark.slow  # two launchers meeting at a rendezvous: 25-40 s on 2 cores

@@ -15,16 +15,17 @@ import pytest
 import task_runs
 import torch
 from diffusers import UNet3DConditionModel
+from runs import PreemptedStage, losses
 from safetensors.torch import load_file
 from test_export import GUIDANCE, SEED, STEPS, run_fresh_interpreter
 from test_trainable import load_recipe, select, tiny_unet
-from test_training import _PreemptedStage, losses
 from tiny import TINY, tiny_config
 
-from facevid.config import ConfigError
+from facevid.checkpoints import list_checkpoints
 from facevid.pipeline import FaceVidPipeline
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.lora import LORA_WEIGHT_NAME, load_lora, lora_targets, read_lora
 from models.pretrained import from_unet3d, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D
@@ -75,7 +76,7 @@ def lora_runs(tmp_path_factory):
     trainer = Trainer(straight, TextToVideoStage(straight))
     trainer.fit()
     first = tiny_config(manifest, root / "resumed", *common, vae=vae)
-    Trainer(first, _PreemptedStage(first, at=2)).fit()
+    Trainer(first, PreemptedStage(first, at=2)).fit()
     second = tiny_config(manifest, root / "resumed", *common, "resume=latest", vae=vae)
     Trainer(second, TextToVideoStage(second)).fit()
     return root / "straight", root / "resumed", trainer.accelerator.unwrap_model(trainer.model), pretrained

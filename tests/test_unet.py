@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bench.activations import SavedForBackward
 from models import attention as attention_module
 from models.attention import ATTENTION_BACKENDS, Attention, attention
 from models.unet3d import FaceVidUNet3D
@@ -336,21 +337,12 @@ def test_frames_are_independent_at_init():
 
 def _loss_grads_and_saved_bytes(model: FaceVidUNet3D, inputs: dict):
     """Loss, gradients, and bytes of activations autograd keeps for backward (parameters excluded)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedForBackward(model) as saved:
         loss = model(**inputs).pow(2).mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return loss.detach(), grads, sum(saved.values())
+    return loss.detach(), grads, saved.bytes
 
 
 def test_gradient_checkpointing_same_gradients_less_memory():
