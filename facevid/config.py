@@ -54,6 +54,9 @@ class DataConfig:
     cache_dtype: str = "fp16"  # fp16 | bf16 | fp32
     cache_windows_per_clip: int = 4  # frame windows stored per clip (evenly spaced over the clip)
     cache_shard_clips: int = 128  # clips per shard file; an interrupted build re-encodes at most one shard
+    # Frame windows per VAE encoder call while building the cache (x num_frames frames at once; decoding runs in
+    # data.num_workers DataLoader workers meanwhile). Lower it if the build runs out of accelerator memory.
+    cache_encode_batch: int = 4
     # Frame / resolution buckets (data/buckets.py), "FRAMESxHEIGHTxWIDTH" in pixels, e.g. [16x256x256, 16x256x448,
     # 24x256x256]: each clip trains at the largest bucket it fills, each batch from one bucket; the run writes
     # buckets.json (clips per bucket, clips that fit none and why, buckets smaller than the global batch).
@@ -532,6 +535,7 @@ def validate(cfg: RunConfig) -> None:
     positive_ints = [
         "data.resolution", "data.num_frames", "data.frame_stride", "text_encoder.max_length",
         "vae.chunk_frames", "data.cache_windows_per_clip", "data.cache_shard_clips", "vae.latent_channels",
+        "data.cache_encode_batch",
         "unet.layers_per_block", "unet.attention_head_dim", "unet.norm_num_groups", "unet.dit.patch_size",
         "unet.dit.temporal_patch_size", "unet.dit.hidden_size", "unet.dit.depth", "unet.dit.num_heads",
         "unet.dit.mlp_ratio",

@@ -126,7 +126,7 @@ def test_cache_files_respect_the_umask(clips, vae_dir, tmp_path):
 
 
 def test_interrupted_build_resumes_and_encodes_each_clip_once(clips, vae_dir, tmp_path, monkeypatch):
-    cfg = cache_config(clips, vae_dir, tmp_path)
+    cfg = cache_config(clips, vae_dir, tmp_path, "data.cache_encode_batch=2")
     calls = []
     real_read = cache_builder.read_frames
 
@@ -189,6 +189,7 @@ def test_two_rank_build_equals_one_rank(clips, vae_dir, tmp_path):
            str(REPO / "configs/demo.yaml"), f"output_dir={tmp_path / 'two'}", f"data.manifest={clips}",
            f"vae.pretrained={vae_dir}", f"data.cache_dir={two_dir}", "data.cache_shard_clips=2",
            f"text_encoder.max_length={one.text_encoder.max_length}",  # demo.yaml's differs from the schema's
+           "vae.sample_posterior=true", "data.num_workers=1",  # demo.yaml: false, 0; decode in a worker here
            *[o for o in TINY if not o.startswith("train.validation_prompts")]]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -196,9 +197,17 @@ def test_two_rank_build_equals_one_rank(clips, vae_dir, tmp_path):
     assert json.loads((two_dir / "report.json").read_text())["processes"] == 2
     assert {p.name.split("-")[0] for p in (two_dir / "shards").glob("*.safetensors")} == {"r0", "r1"}
     a, b = LatentCache(tmp_path / "one" / "cache"), LatentCache(two_dir)
-    assert a.windows.keys() == b.windows.keys() and set(a._where) == set(b._where)
-    for name in a._where:
-        assert torch.allclose(a._tensor(name).float(), b._tensor(name).float(), atol=2e-3), name
+    assert (two_dir / "index" / "clips.npy").is_file()  # written once, after both ranks finished
+    assert a.windows.keys() == b.windows.keys() and len(a.windows) == 8
+    assert a.text_keys() == b.text_keys() and a.text_keys()
+    for clip_id, windows in a.windows.items():
+        assert windows == b.windows[clip_id]
+        for start, flip in windows:
+            for x, y in zip(a.latent(clip_id, start, flip), b.latent(clip_id, start, flip)):
+                assert torch.allclose(x, y, atol=2e-3), clip_id
+    for key in a.text_keys():
+        (x, m), (y, n) = a.text(key), b.text(key)
+        assert torch.equal(m, n) and torch.allclose(x, y, atol=2e-3), key
 
 
 def test_training_from_cache_matches_on_the_fly(clips, vae_dir, tmp_path):
