@@ -222,7 +222,7 @@ def hub_revision(repo_id: str, hub_cache: str | Path | None = None) -> str:
     except Exception as err:  # offline, unknown repo, no access: all mean the same here
         raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache ({root}) and the hub could not say "
                          f"which revision it serves ({type(err).__name__}: {err}); download it first "
-                         f"(`huggingface-cli download {repo_id}`) or give a local folder") from err
+                         f"(`hf download {repo_id}`) or give a local folder") from err
     return f"hub:{repo_id}@{commit}"
 
 
