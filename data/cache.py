@@ -372,7 +372,8 @@ class CacheIndex:
         shards = json.loads((folder / "shards.json").read_text())
         if shards != [p.name for p in shard_files(cache_dir)]:
             return None
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _INDEX_ARRAYS}
+        # Plain ndarray views of the read-only maps: np.memmap's own indexing costs more than the lookup.
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r").view(np.ndarray) for name in _INDEX_ARRAYS}
         return cls(shards, folder=folder, **arrays)
 
     def __reduce__(self):
@@ -388,8 +389,9 @@ class CacheIndex:
     def clip_row(self, clip_id: str) -> int | None:
         return self._find(self.clips, clip_id.encode())
 
-    def windows_of(self, row: int) -> np.ndarray:
-        return self.windows[self.clip_windows[row]:self.clip_windows[row + 1]]
+    def windows_of(self, row: int) -> list[tuple[int, int, int]]:
+        """[(start, flip, shard)] of the clip in `row`."""
+        return self.windows[self.clip_windows[row]:self.clip_windows[row + 1]].tolist()
 
     def text_row(self, key: str) -> int | None:
         return self._find(self.texts, key.encode())
@@ -409,7 +411,7 @@ class ClipWindows(Mapping):
         row = self.index.clip_row(clip_id)
         if row is None:
             raise KeyError(clip_id)
-        return [(int(w["start"]), int(w["flip"])) for w in self.index.windows_of(row)]
+        return [(start, flip) for start, flip, _ in self.index.windows_of(row)]
 
     def __contains__(self, clip_id) -> bool:
         return isinstance(clip_id, str) and self.index.clip_row(clip_id) is not None
@@ -459,10 +461,10 @@ class LatentCache:
     def latent(self, clip_id: str, start: int, flip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The window's posterior (mean, std), float32; std is zero in a mean-only cache (posterior "mean")."""
         row = self.index.clip_row(clip_id)
-        found = [] if row is None else [w for w in self.index.windows_of(row) if (w["start"], w["flip"]) == (start, flip)]
+        found = [] if row is None else [w[2] for w in self.index.windows_of(row) if w[:2] == (start, flip)]
         if not found:
             raise KeyError(f"{self.cache_dir}: no cached window of clip {clip_id!r} at start {start}, flip {flip}")
-        shard = int(found[0]["shard"])
+        shard = found[0]
         mean = self._tensor(shard, latent_name(clip_id, start, flip, "mean")).float()
         if self.fingerprint is not None and self.fingerprint.posterior == "mean":
             return mean, torch.zeros_like(mean)
@@ -474,14 +476,14 @@ class LatentCache:
         row = self.index.text_row(key)
         if row is None:
             raise KeyError(f"{self.cache_dir}: no cached text embedding {key!r}")
-        shard, padded = (int(v) for v in self.index.text_info[row])
+        shard, padded = self.index.text_info[row].tolist()
         embeds = self._tensor(shard, f"text/{key}/embeds").float()
         if padded:
             return embeds, self._tensor(shard, f"text/{key}/mask").bool()
-        length = self.fingerprint.text_max_length
-        full = embeds.new_zeros(length, embeds.shape[1])
-        full[: len(embeds)] = embeds
-        return full, torch.arange(length) < len(embeds)
+        tokens, length = embeds.shape[0], self.fingerprint.text_max_length
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[:tokens] = True
+        return torch.nn.functional.pad(embeds, (0, 0, 0, length - tokens)), mask
 
     def text_keys(self) -> list[str]:
         return [key.decode() for key in self.index.texts]

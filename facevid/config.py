@@ -55,8 +55,9 @@ class DataConfig:
     cache_windows_per_clip: int = 4  # frame windows stored per clip (evenly spaced over the clip)
     cache_shard_clips: int = 128  # clips per shard file; an interrupted build re-encodes at most one shard
     # Frame windows per VAE encoder call while building the cache (x num_frames frames at once; decoding runs in
-    # data.num_workers DataLoader workers meanwhile). Lower it if the build runs out of accelerator memory.
-    cache_encode_batch: int = 4
+    # data.num_workers DataLoader workers meanwhile). null = 4 on an accelerator (lower it if the build runs out of
+    # memory), 1 on a CPU, where bigger calls only thrash its caches (docs/cache.md).
+    cache_encode_batch: Optional[int] = None
     # Frame / resolution buckets (data/buckets.py), "FRAMESxHEIGHTxWIDTH" in pixels, e.g. [16x256x256, 16x256x448,
     # 24x256x256]: each clip trains at the largest bucket it fills, each batch from one bucket; the run writes
     # buckets.json (clips per bucket, clips that fit none and why, buckets smaller than the global batch).
@@ -535,7 +536,6 @@ def validate(cfg: RunConfig) -> None:
     positive_ints = [
         "data.resolution", "data.num_frames", "data.frame_stride", "text_encoder.max_length",
         "vae.chunk_frames", "data.cache_windows_per_clip", "data.cache_shard_clips", "vae.latent_channels",
-        "data.cache_encode_batch",
         "unet.layers_per_block", "unet.attention_head_dim", "unet.norm_num_groups", "unet.dit.patch_size",
         "unet.dit.temporal_patch_size", "unet.dit.hidden_size", "unet.dit.depth", "unet.dit.num_heads",
         "unet.dit.mlp_ratio",
@@ -547,6 +547,9 @@ def validate(cfg: RunConfig) -> None:
     for key in positive_ints:
         if _get(cfg, key) < 1:
             _fail(key, _get(cfg, key), "must be an integer >= 1")
+    if cfg.data.cache_encode_batch is not None and cfg.data.cache_encode_batch < 1:
+        _fail("data.cache_encode_batch", cfg.data.cache_encode_batch, "must be an integer >= 1, or null (4 on an "
+              "accelerator, 1 on a CPU)")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every",
                 "train.replica_check_every", "train.val_loss_clips", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
                 "vae.kl_weight"]:
