@@ -331,6 +331,10 @@ def test_text_is_stored_unpadded_and_the_batch_is_the_padded_one(clips, vae_dir,
         out_trimmed = unet(latents, t, x["text_embeds"][:2], x["text_mask"][:2])
         out_padded = unet(latents, t, y["text_embeds"][:2], y["text_mask"][:2])
     assert torch.equal(out_trimmed, out_padded)
+    # Padded states serve a model that masks them; trimmed ones cannot serve one that reads the padding.
+    check_cache(cache_config(clips, vae_dir, tmp_path / "padded", long))
+    with pytest.raises(ConfigError, match="text_storage: cache has 'trimmed', config needs 'padded'"):
+        check_cache(cache_config(clips, vae_dir, tmp_path / "trimmed", long, "unet.layout=modelscope"))
 
 
 def test_posterior_mean_only_without_posterior_sampling(clips, vae_dir, tmp_path):
@@ -414,6 +418,14 @@ def test_old_format_version_is_refused_with_the_rebuild_command(clips, vae_dir, 
     assert "format version 1" in capsys.readouterr().err
     assert cache_script.main(["--config", str(tmp_path / "cfg.yaml"), "--rebuild"]) == 0
     assert LatentCache(tmp_path / "cache").fingerprint.format_version == 2
+
+
+def test_encode_batch_is_validated(clips, vae_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'data.cache_encode_batch' = 0 is invalid: must be an integer >= 1, or null"):
+        cache_config(clips, vae_dir, tmp_path, "data.cache_encode_batch=0")
+    cfg = cache_config(clips, vae_dir, tmp_path)
+    assert cache_builder.encode_batch(cfg, torch.device("cpu")) == 1
+    assert cache_builder.encode_batch(cfg, torch.device("cuda")) == 4  # only compared, never used
 
 
 def test_workers_decode_and_batched_encoding_equal_the_one_window_path(clips, vae_dir, tmp_path, monkeypatch):
