@@ -5,8 +5,8 @@
 Uses the config's VAE, text encoder, resolution, frames and data.cache_* settings; splits the clips
 across all Accelerate processes (each decodes in data.num_workers DataLoader workers and encodes
 data.cache_encode_batch windows per VAE call); resumes an interrupted build. --rebuild first deletes
-the cache files in data.cache_dir (of any format version, nothing else) and builds from scratch. Train from it with data.cache=use
-(or data.cache=auto, which runs this step itself before training).
+the cache files in data.cache_dir (of any format version, nothing else) and builds from scratch.
+Train from it with data.cache=use (or data.cache=auto, which runs this step itself before training).
 """
 
 import argparse
