@@ -30,6 +30,10 @@ class DataConfig:
     cache_dtype: str = "fp16"  # fp16 | bf16 | fp32
     cache_windows_per_clip: int = 4  # frame windows stored per clip (evenly spaced over the clip)
     cache_shard_clips: int = 128  # clips per shard file; an interrupted build re-encodes at most one shard
+    # Frame windows per VAE encoder call while building the cache (x num_frames frames at once; decoding runs in
+    # data.num_workers DataLoader workers meanwhile). null = 4 on an accelerator (lower it if the build runs out of
+    # memory), 1 on a CPU, where bigger calls only thrash its caches (docs/cache.md).
+    cache_encode_batch: Optional[int] = None
     # Frame / resolution buckets (data/buckets.py), "FRAMESxHEIGHTxWIDTH" in pixels, e.g. [16x256x256, 16x256x448,
     # 24x256x256]: each clip trains at the largest bucket it fills, each batch from one bucket; the run writes
     # buckets.json (clips per bucket, clips that fit none and why, buckets smaller than the global batch).

@@ -50,6 +50,9 @@ def validate(cfg: RunConfig) -> None:
     for key in positive_ints:
         if key_value(cfg, key) < 1:
             fail(key, key_value(cfg, key), "must be an integer >= 1")
+    if cfg.data.cache_encode_batch is not None and cfg.data.cache_encode_batch < 1:
+        fail("data.cache_encode_batch", cfg.data.cache_encode_batch, "must be an integer >= 1, or null (4 on an "
+             "accelerator, 1 on a CPU)")
     for key in ["data.num_workers", "train.lr_warmup_steps", "train.validate_every",
                 "train.replica_check_every", "train.val_loss_clips", "train.max_nonfinite_steps", "eval.every", "vae.layers_per_block",
                 "vae.kl_weight"]:
