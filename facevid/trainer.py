@@ -128,7 +128,9 @@ def weights_checksum(params, chunk: int = 1 << 22) -> torch.Tensor:
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded (DTensor) tensor; any other tensor as it is."""
+    """This rank's part of a sharded tensor (FSDP2 DTensor, ZeRO-3 parameter slice); any other tensor as it is."""
+    if hasattr(tensor, "ds_tensor"):  # a ZeRO-3 parameter's own .data is empty outside its forward
+        return tensor.ds_tensor
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
