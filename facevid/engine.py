@@ -259,6 +259,12 @@ class DeepSpeedZero3Engine(DeepSpeedZeroEngine):
             raise RuntimeError("zero3_init_flag: true is not supported (the trained model is partitioned when "
                                "DeepSpeed wraps it); set zero3_init_flag: false in the accelerate config "
                                "(configs/accelerate/zero3.yaml)")
+        from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+        # Accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says; from_pretrained
+        # would then build the frozen text encoder partitioned, outside any DeepSpeed engine (its forward fails).
+        unset_hf_deepspeed_config()
+        assert not is_deepspeed_zero3_enabled()
 
     def prepare(self, model: nn.Module, optimizer, scheduler, ema=None):
         acc = self.accelerator

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 FSDP2_CPU = REPO / "configs/accelerate/fsdp2_2proc_cpu.yaml"
 DDP_CPU = REPO / "configs/accelerate/cpu_2proc.yaml"
 ZERO2_CPU = REPO / "configs/accelerate/zero2_2proc_cpu.yaml"
+ZERO3_CPU = REPO / "configs/accelerate/zero3_2proc_cpu.yaml"
 MULTI_NODE = REPO / "configs/accelerate/multi_node.yaml"
 # What `accelerate launch --config_file configs/accelerate/fsdp2*.yaml` exports to the training processes.
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
@@ -376,6 +377,20 @@ def losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+def assert_same_final_weights(run: Path, other: Path) -> None:
+    """The two runs' unet/ and unet_ema/ folders hold bit-identical tensors."""
+    for folder in ("unet", "unet_ema"):
+        a = load_file(run / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(other / folder / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def assert_losses_match(run: Path, reference: Path) -> None:
+    """Same steps logged, losses equal to float rounding (another engine sums in another order)."""
+    got, want = losses(run), losses(reference)
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)
+
+
 def split_over_ranks(dcp_folder: Path) -> dict[str, int]:
     """For each tensor in a torch distributed checkpoint: how many ranks' pieces it was saved from."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -447,10 +462,7 @@ def test_fsdp2_launch_resumes_bit_identically(fsdp2_run, synth_manifest, tiny_va
     log = launch(FSDP2_CPU, run, synth_manifest, tiny_vae, "train.max_steps=4", "resume=latest")
     assert "resuming from" in log and "engine fsdp2" in log
     assert losses(run) == losses(straight)
-    for folder in ("unet", "unet_ema"):
-        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(run / folder / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    assert_same_final_weights(run, straight)
 
 
 @pytest.mark.slow
@@ -459,8 +471,7 @@ def test_fsdp2_and_ddp_train_the_same_model(fsdp2_run, synth_manifest, tiny_vae,
     straight, _ = fsdp2_run
     run = tmp_path / "ddp"
     launch(DDP_CPU, run, synth_manifest, tiny_vae, "train.max_steps=4")
-    fsdp, ddp = losses(straight), losses(run)
-    assert fsdp.keys() == ddp.keys() and all(abs(fsdp[s] - ddp[s]) <= 1e-5 * abs(ddp[s]) for s in ddp)
+    assert_losses_match(straight, run)
 
 
 @pytest.mark.slow  # two launchers meeting at a rendezvous: 25-40 s on 2 cores
@@ -514,11 +525,47 @@ def test_zero2_launch_partitions_optimizer_state_and_resumes_bit_identically(syn
     assert "resuming from" in launch(ZERO2_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=4",
                                      "resume=latest")
     assert losses(resumed) == losses(straight)
-    for folder in ("unet", "unet_ema"):
-        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    assert_same_final_weights(resumed, straight)
 
     launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4")
-    zero, plain = losses(straight), losses(ddp)
-    assert zero.keys() == plain.keys() and all(abs(zero[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
+    assert_losses_match(straight, ddp)
+
+
+@pytest.mark.slow  # three launches, ~2 min on 2 cores
+def test_zero3_launch_partitions_parameters_resumes_bit_identically_and_exports(synth_manifest, tiny_vae, tmp_path):
+    """ZeRO-3 through `accelerate launch train.py`: parameters, AdamW state and EMA partitioned (each rank saves
+    about half), validation split over the ranks (3 prompts on 2: rank 1 joins every forward with a padding
+    video), 2 + resume 2 == 4 steps exactly, DDP's losses, and final folders any diffusers code loads."""
+    pytest.importorskip("deepspeed")
+    straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
+    log = launch(ZERO3_CPU, straight, synth_manifest, tiny_vae, "train.max_steps=4", "train.replica_check_every=2",
+                 timeout_s=400)
+    assert "engine zero3" in log and "DeepSpeed ZeRO-3 on 2 ranks" in log
+    assert "step 2: replica check skipped: zero3 shards the weights" in log
+    assert sorted(p.name[:2] for p in (straight / "samples" / "step-00000002").glob("*.mp4")) == ["00", "01", "02"]
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["step"] for row in rows if "val/loss" in row) == [2, 4]
+
+    total = sum(t.numel() for t in load_file(straight / "unet" / "diffusion_pytorch_model.safetensors").values())
+    checkpoint = list_checkpoints(straight)[-1]
+    for rank in (0, 1):  # each rank's fp32 master slice, AdamW moments and EMA slice: about half of the model
+        optim = torch.load(checkpoint / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           weights_only=False)["optimizer_state_dict"]
+        ema = torch.load(checkpoint / f"ema_partition_rank{rank}.pt")["shadow_params"]
+        for size in (sum(t.numel() for t in optim["fp32_flat_groups"]), sum(t.numel() for t in ema)):
+            assert abs(size - total / 2) < 0.01 * total, (rank, size, total)
+
+    launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=2", timeout_s=400)
+    assert "resuming from" in launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=4",
+                                     "resume=latest", timeout_s=400)
+    assert losses(resumed) == losses(straight)
+    assert_same_final_weights(resumed, straight)
+
+    launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4")
+    assert_losses_match(straight, ddp)
+    # Full fp32 tensors that plain diffusers loading takes (the demo's extra heads aside: a plug-in's subclass).
+    full = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    unet, ema = (FaceVidUNet3D.from_pretrained(straight / name) for name in ("unet", "unet_ema"))
+    assert all(v.dtype == torch.float32 and torch.equal(v, full[k]) for k, v in unet.state_dict().items())
+    assert not torch.equal(unet.conv_in.weight, ema.conv_in.weight)  # the EMA is its own average
+    assert FaceVidPipeline.from_run(straight).unet.dtype == torch.float32  # what sample.py / export.py load
