@@ -189,6 +189,7 @@ def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) 
     large = [p for p in params if p.ds_numel >= PERSISTENCE]
     assert large and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 for p in large)
     assert all(s.dtype == torch.float32 and s.numel() == p.ds_tensor.numel() for s, p in zip(ema.shadow_params, params))
+    assert model.optimizer.gradient_accumulation_dtype == torch.float32  # also under bf16: fp32 sums, fp32 master
     assert sum(p.ds_tensor.numel() for p in params) < 0.6 * sum(p.ds_numel for p in params)
 
     def step(seed: int) -> float:
