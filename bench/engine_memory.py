@@ -18,7 +18,11 @@ Two tables, each figure labelled with how it was obtained:
             under bf16) + AdamW 8 + EMA 4 bytes per element of the rank's slice, + 2 bytes per persistent
             element (+ up to 4 bytes per slice element during the optimizer step, when DeepSpeed flattens the
             slice's gradients into one fp32 tensor for AdamW: shown separately).
-   Activations, communication buckets and the allocator's caching are not in these figures.
+   "buffers" are what the engine allocates besides: DDP's gradient buckets (a second fp32 copy of all gradients,
+   as the trainer builds DDP: gradient_as_bucket_view off), ZeRO-3's gradient reduce bucket (reduce_bucket_size,
+   DeepSpeed's default 5e8 elements, in the bf16 communication dtype, whatever the model size); FSDP2's
+   all-gather buffers hold one unit at a time and are not counted. Activations and allocator caching are not
+   in these figures.
 
 2. MEASURED at reduced width (--measure-width: block_out_channels [w, 2w, 4w, 4w], the recipe otherwise) on --world
    real CPU ranks (gloo): for each engine `accelerate launch` with its CPU config (configs/accelerate/
@@ -58,6 +62,7 @@ from facevid.stages import build_unet  # noqa: E402
 RECIPE = REPO / "configs" / "t2v_256.yaml"
 TEXT_WIDTH = 768  # the recipe's text encoder width (CLIP ViT-L/14): the UNet's cross-attention dim
 PERSISTENCE = 100_000  # DeepSpeed's default stage3_param_persistence_threshold (elements)
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 ENGINE_CONFIGS = {"ddp": "cpu_2proc.yaml", "fsdp2": "fsdp2_2proc_cpu.yaml", "zero3": "zero3_2proc_cpu.yaml"}
 GIB = 1024 ** 3
 MARK = "ENGINE_MEMORY "  # prefix of the workers' result lines
@@ -109,14 +114,14 @@ def counted_table(world: int) -> list[dict]:
     slices, persistent = zero3_elements(model, world)
     rows = [
         dict(engine="DDP", elements=total, weights=4 * total, grads=4 * total, adamw=8 * total, ema=4 * total,
-             transient=0),
+             buffers=4 * total, transient=0),
         dict(engine="FSDP2", elements=shard, weights=4 * shard, grads=4 * shard, adamw=8 * shard, ema=4 * shard,
-             transient=0),
+             buffers=0, transient=0),
         dict(engine="ZeRO-3", elements=slices + persistent, weights=6 * slices + 2 * persistent, grads=4 * slices,
-             adamw=8 * slices, ema=4 * slices, transient=4 * slices),
+             adamw=8 * slices, ema=4 * slices, buffers=2 * REDUCE_BUCKET, transient=4 * slices),
     ]
     for row in rows:
-        row["total"] = row["weights"] + row["grads"] + row["adamw"] + row["ema"]
+        row["total"] = row["weights"] + row["grads"] + row["adamw"] + row["ema"] + row["buffers"]
     return [dict(row, params_total=total) for row in rows]
 
 
@@ -124,13 +129,13 @@ def print_counted(rows: list[dict], world: int) -> None:
     total = rows[0]["params_total"]
     print(f"\nCOUNTED (meta device, no memory used): configs/t2v_256.yaml UNet at full width, {total / 1e6:.1f}M "
           f"parameters, {world} ranks, bf16 mixed precision as in the GPU configs. GiB per rank:")
-    print("| engine | parameter elements held | weights | gradients | AdamW state | EMA | total | vs DDP |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | parameter elements held | weights | gradients | AdamW state | EMA | buffers | total | vs DDP |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f" (+{r['transient'] / GIB:.2f} during the step)" if r["transient"] else ""
         print(f"| {r['engine']} | {r['elements'] / 1e6:.1f}M | {r['weights'] / GIB:.2f} | {r['grads'] / GIB:.2f} | "
-              f"{r['adamw'] / GIB:.2f} | {r['ema'] / GIB:.2f} | {r['total'] / GIB:.2f}{peak} | "
-              f"{r['total'] / rows[0]['total']:.2f}x |")
+              f"{r['adamw'] / GIB:.2f} | {r['ema'] / GIB:.2f} | {r['buffers'] / GIB:.2f} | "
+              f"{r['total'] / GIB:.2f}{peak} | {r['total'] / rows[0]['total']:.2f}x |")
 
 
 # ---------------------------------------------------------------------------------------- measuring

@@ -271,8 +271,8 @@ class DeepSpeedZero3Engine(DeepSpeedZeroEngine):
         # Weightless copy on rank 0 that the gathered full weights go into (validation on rank 0, final save).
         self._skeleton = _meta_copy(model) if acc.is_main_process else None
         if acc.mixed_precision == "bf16":
-            # Accumulate and reduce gradients in fp32, as FSDP2 does (DeepSpeed's default under bf16 is bf16, whose
-            # sums over many ranks and micro-batches lose the low bits); 2 more bytes per element of the slice.
+            # Accumulate the gradient slices in fp32 (DeepSpeed's default under bf16 is bf16, whose sums over many
+            # micro-batches lose the low bits); 2 more bytes per element of the slice. Communication stays bf16.
             acc.state.deepspeed_plugin.deepspeed_config.setdefault("data_types", {}).setdefault(
                 "grad_accum_dtype", "fp32")
         model, optimizer, scheduler = super().prepare(model, optimizer, scheduler)
