@@ -167,7 +167,7 @@ def worker(width: int) -> None:
 
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
-    engine = build_engine(acc, SimpleNamespace(batch_size=1, max_grad_norm=1.0))
+    engine = build_engine(acc, SimpleNamespace(batch_size=1, max_grad_norm=1.0, gradient_accumulation_steps=1))
     before = rss_bytes()
     torch.manual_seed(0)
     model = recipe_unet(width, device="cpu")

@@ -225,6 +225,9 @@ class DeepSpeedZeroEngine(DataParallelEngine):
         acc = self.accelerator
         config = acc.state.deepspeed_plugin.deepspeed_config
         # DeepSpeed owns the micro-batch size, accumulation and clipping: take them from the training config.
+        # `accelerate launch` exports the YAML's gradient_accumulation_steps, which the Accelerator prefers to the
+        # trainer's value: set it back, or train.gradient_accumulation_steps would be silently ignored.
+        acc.gradient_accumulation_steps = self.train.gradient_accumulation_steps
         config["train_micro_batch_size_per_gpu"] = self.train.batch_size
         config["gradient_accumulation_steps"] = acc.gradient_accumulation_steps
         config["gradient_clipping"] = self.train.max_grad_norm

@@ -1,9 +1,11 @@
-"""Distributed engines on the CPU (2 gloo ranks): FSDP2 shards, trains, checkpoints, resumes exactly and
-consolidates; a launch that asks for FSDP2 and would silently get DDP fails.
+"""Distributed engines on the CPU (2 gloo ranks): FSDP2 and DeepSpeed ZeRO-3 shard, train, checkpoint, resume
+exactly and consolidate; ZeRO-2 partitions the optimizer; a launch that asks for FSDP2 and would silently get DDP
+fails.
 
-Two kinds of tests: the engine alone on two forked ranks (seconds), and the production `accelerate launch
-train.py` with configs/accelerate/fsdp2_2proc_cpu.yaml. Every one checks that sharding is really in use
-(DTensor parameters, distributed_type FSDP, a checkpoint whose tensors are split over both ranks)."""
+Two kinds of tests: the engine alone on two forked ranks (seconds; ZeRO-3 ~40 s), and the production
+`accelerate launch train.py` with configs/accelerate/*_2proc_cpu.yaml. Every one checks that sharding is really
+in use (DTensor parameters and distributed_type FSDP; a DeepSpeedEngine at the right stage with partitioned
+parameters; a checkpoint whose tensors are split over both ranks)."""
 
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) 
     from facevid.engine import _gather_slices, build_engine
 
     acc = _join_group(rank, port, {**ZERO3_ENV, "ACCELERATE_MIXED_PRECISION": mixed_precision})
-    engine = build_engine(acc, SimpleNamespace(batch_size=2, max_grad_norm=0.5))
+    engine = build_engine(acc, SimpleNamespace(batch_size=2, max_grad_norm=0.5, gradient_accumulation_steps=1))
     assert engine.name == "zero3" and acc.distributed_type == DistributedType.DEEPSPEED and not engine.replicated
     acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
     unet = tiny_unet()
@@ -536,11 +538,14 @@ def test_zero2_launch_partitions_optimizer_state_and_resumes_bit_identically(syn
 def test_zero3_launch_partitions_parameters_resumes_bit_identically_and_exports(synth_manifest, tiny_vae, tmp_path):
     """ZeRO-3 through `accelerate launch train.py`: parameters, AdamW state and EMA partitioned (each rank saves
     about half), validation split over the ranks (3 prompts on 2: rank 1 joins every forward with a padding
-    video), 2 + resume 2 == 4 steps exactly, DDP's losses, and final folders any diffusers code loads."""
+    video), 2 + resume 2 == 4 steps exactly, DDP's losses, and final folders any diffusers code loads. With
+    gradient accumulation and clipping that bites: both are DeepSpeed's own under ZeRO, set from the training
+    config (the launcher's YAML value of gradient_accumulation_steps would otherwise win silently)."""
     pytest.importorskip("deepspeed")
     straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
+    accumulate = ("train.gradient_accumulation_steps=2", "train.max_grad_norm=0.05")
     log = launch(ZERO3_CPU, straight, synth_manifest, tiny_vae, "train.max_steps=4", "train.replica_check_every=2",
-                 timeout_s=400)
+                 *accumulate, timeout_s=400)
     assert "engine zero3" in log and "DeepSpeed ZeRO-3 on 2 ranks" in log
     assert "step 2: replica check skipped: zero3 shards the weights" in log
     assert sorted(p.name[:2] for p in (straight / "samples" / "step-00000002").glob("*.mp4")) == ["00", "01", "02"]
@@ -556,13 +561,13 @@ def test_zero3_launch_partitions_parameters_resumes_bit_identically_and_exports(
         for size in (sum(t.numel() for t in optim["fp32_flat_groups"]), sum(t.numel() for t in ema)):
             assert abs(size - total / 2) < 0.01 * total, (rank, size, total)
 
-    launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=2", timeout_s=400)
+    launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=2", *accumulate, timeout_s=400)
     assert "resuming from" in launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=4",
-                                     "resume=latest", timeout_s=400)
+                                     "resume=latest", *accumulate, timeout_s=400)
     assert losses(resumed) == losses(straight)
     assert_same_final_weights(resumed, straight)
 
-    launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4")
+    launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4", *accumulate)
     assert_losses_match(straight, ddp)
     # Full fp32 tensors that plain diffusers loading takes (the demo's extra heads aside: a plug-in's subclass).
     full = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
