@@ -308,10 +308,14 @@ class DeepSpeedZero3Engine(DeepSpeedZeroEngine):
                        Path(folder) / EMA_PARTITION_FILE.format(rank=acc.process_index))
 
     def load_state(self, folder: Path, ema=None) -> None:
-        self.accelerator.load_state(str(folder))
+        acc = self.accelerator
+        written = len(list(Path(folder).glob("pytorch_model*/zero_pp_rank_*_model_states.pt")))
+        if written != acc.num_processes:  # DeepSpeed would fail later, less clearly
+            raise RuntimeError(f"{folder} holds ZeRO-3 partitions of {written} rank(s); this run has "
+                               f"{acc.num_processes}: resume with the number of ranks that wrote it")
+        acc.load_state(str(folder))
         if ema is None:
             return
-        acc = self.accelerator
         path = Path(folder) / EMA_PARTITION_FILE.format(rank=acc.process_index)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {folder} was not written by a ZeRO-3 run with EMA on "

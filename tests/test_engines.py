@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -244,6 +245,15 @@ def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) 
         assert gap < 1e-5 and off > 1e-2, (gap, off)
     else:
         assert plain is None and plain_ema is None
+
+    # A checkpoint from another number of ranks is refused by name, before DeepSpeed reads anything.
+    other = Path(folder).with_name("other_world")
+    if rank == 0:
+        shutil.copytree(folder, other)
+        (other / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    torch.distributed.barrier()
+    with pytest.raises(RuntimeError, match="partitions of 1 rank.*this run has 2: resume with the number of ranks"):
+        engine.load_state(other, ema)
     acc.end_training()
 
 
