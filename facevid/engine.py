@@ -350,7 +350,7 @@ class DeepSpeedZero3Engine(DeepSpeedZeroEngine):
                 shadows.append(whole)
         if not acc.is_main_process:
             return None, None
-        plain = self._skeleton
+        plain = _meta_copy(self._skeleton)  # a fresh one: the skeleton itself never holds weights between calls
         dtypes = {n: q.dtype for n, q in plain.named_parameters()}
         result = plain.load_state_dict({n: t.to(dtypes[n]) for n, t in full.items()}, strict=False, assign=True)
         buffers = {n for n, _ in plain.named_buffers()}

@@ -234,6 +234,7 @@ def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) 
     plain, plain_ema = engine.consolidated(model, ema)  # collective; rank 0 alone gets the full fp32 weights
     if rank == 0:
         assert type(plain) is FaceVidUNet3D and all(p.dtype == torch.float32 for p in plain.parameters())
+        assert all(p.is_meta for p in engine._skeleton.parameters())  # no full copy kept once the caller drops it
         assert all(torch.equal(p, w) for p, w in zip(plain.parameters(), weights))
         assert all(torch.equal(s, w) for s, w in zip(plain_ema.shadow_params, shadows))
         assert not torch.equal(plain.state_dict()["conv_in.weight"], initial["conv_in.weight"])  # it trained
