@@ -297,6 +297,16 @@ class DeepSpeedZero3Engine(DeepSpeedZeroEngine):
                     persistent / 1e6)
         return model, optimizer, scheduler
 
+    @contextmanager
+    def ema_weights(self, model: nn.Module, ema=None):
+        """As DataParallelEngine.ema_weights, and afterwards every gathered parameter is released: forwards outside
+        training (validation) can leave layers gathered, a full model's worth of memory kept into training."""
+        try:
+            with DataParallelEngine.ema_weights(model, ema) as swapped:
+                yield swapped
+        finally:
+            _release_gathered(list(model.parameters()))
+
     # ------------------------------------------------------------ checkpoints
     def save_state(self, folder: Path, ema=None) -> None:
         """DeepSpeed writes each rank's model and optimizer partitions; each rank writes its EMA slices."""
@@ -536,14 +546,20 @@ def _gather_slices(param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces)[: param.ds_numel].view(param.ds_shape)
 
 
+def _release_gathered(params: list[nn.Parameter]) -> None:
+    """Drops every gathered copy of the model's ZeRO-3 parameters (the small persistent ones too); the next
+    forward gathers them again from the slices. Local: no communication."""
+    if params:
+        params[0]._z3_optimizer.empty_partition_cache()
+
+
 def _write_slices(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
     """Puts `values` (one slice per parameter) into the ZeRO-3 slices forwards gather from, and drops every
-    gathered copy (the small persistent ones included), so the next forward sees the new values."""
+    gathered copy, so the next forward sees the new values."""
     with torch.no_grad():
         for p, value in zip(params, values):
             p.ds_tensor.data.copy_(value)
-    if params:
-        params[0]._z3_optimizer.empty_partition_cache()
+    _release_gathered(params)
 
 
 class _PartitionedEMA(_ShardedEMA):

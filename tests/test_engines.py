@@ -230,6 +230,9 @@ def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) 
         after = module(*probe)
     assert torch.equal(before, after) and not torch.equal(before, with_ema)
     assert all(torch.equal(a, b) for a, b in zip(full_weights(), weights))
+    with torch.no_grad(), engine.ema_weights(module, None) as plain_module:  # validation without an EMA
+        assert torch.equal(plain_module(*probe), before)
+    assert all(p.numel() == 0 for p in params)  # nothing left gathered into training (persistent ones neither)
 
     plain, plain_ema = engine.consolidated(model, ema)  # collective; rank 0 alone gets the full fp32 weights
     if rank == 0:
@@ -255,6 +258,12 @@ def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) 
     torch.distributed.barrier()
     with pytest.raises(RuntimeError, match="partitions of 1 rank.*this run has 2: resume with the number of ranks"):
         engine.load_state(other, ema)
+
+    # The Trainer's NaN check before each checkpoint reads this rank's slices (.data is empty or a gathered copy).
+    from facevid.trainer import _local
+
+    large[0].ds_tensor.data[0] = float("nan")
+    assert _local(large[0]) is large[0].ds_tensor and not torch.isfinite(_local(large[0])).all()
     acc.end_training()
 
 
