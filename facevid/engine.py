@@ -522,7 +522,7 @@ class FSDP2Engine(DataParallelEngine):
                 shadows.append(gathered)
         if not acc.is_main_process:
             return None, None
-        plain = self._skeleton
+        plain = _meta_copy(self._skeleton)  # a fresh one: the skeleton itself never holds weights between calls
         plain.load_state_dict(full, assign=True)
         plain.to(acc.device)
         plain_ema = None

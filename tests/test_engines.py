@@ -148,6 +148,7 @@ def _fsdp2_engine_rank(rank: int, port: int, folder: str, world: int = 2) -> Non
     plain, plain_ema = engine.consolidated(model, ema)  # collective; rank 0 alone gets the full weights
     if rank == 0:
         assert type(plain) is FaceVidUNet3D and not any(isinstance(p, DTensor) for p in plain.parameters())
+        assert all(p.is_meta for p in engine._skeleton.parameters())  # rank 0 keeps no full copy between calls
         assert all(torch.equal(p, w) for p, w in zip(plain.parameters(), weights))
         assert all(torch.equal(s, w) for s, w in zip(plain_ema.shadow_params, shadows))
         assert not torch.equal(plain.state_dict()["conv_in.weight"], initial["conv_in.weight"])  # it trained
