@@ -1,14 +1,24 @@
-"""FaceVidUNet3D vs FaceVidDiT at matched parameter count: parameters, FLOPs of a training step (forward +
-backward, torch.utils.flop_counter), step time (forward + backward + AdamW) and activation memory, with and without
-gradient checkpointing. No training run: what each backbone costs per step, not how good it gets (that comparison
-needs a real training budget; README).
+"""FaceVidUNet3D vs FaceVidDiT at matched parameter count.
+
+Per-step costs (default): parameters, FLOPs of a training step (forward + backward, torch.utils.flop_counter),
+step time (forward + backward + AdamW) and activation memory, with and without gradient checkpointing.
 
     python bench/unet_vs_dit.py                      # the demo backbones (configs/demo.yaml, configs/demo_dit.yaml)
     python bench/unet_vs_dit.py --batch 8 --device cuda
 
+The comparison (--train; docs/unet_vs_dit.md): FaceVid-Synth (generated unless present), the demo VAE (trained
+unless --vae names one), one latent cache, then configs/compare_unet.yaml and configs/compare_dit.yaml (4.66M /
+4.61M parameters) trained with the same data, seed, objective and schedule for the same training FLOPs (the UNet's
+--unet-steps steps; the DiT gets budget / its FLOPs a step), val/loss on 32 held-out clips, then
+`evaluate.py --metrics alignment` on held-out prompts; prints the results table (RUN/comparison.md) and draws both
+loss curves against training FLOPs (--plot).
+
+    python bench/unet_vs_dit.py --train --vae-steps 1000 --threads 1
+
 Activation memory: on CUDA the peak allocated during forward + backward minus the memory before it; on CPU the
 bytes autograd saves for backward (saved_tensors_hooks), which misses what checkpoint boundaries keep, so the CPU
-figure with checkpointing is a lower bound.
+figure with checkpointing is a lower bound. FLOPs count the denoiser only: training reads cached latents and text
+states, so the frozen VAE and text encoder cost nothing a step.
 """
 
 from __future__ import annotations
