@@ -14,6 +14,9 @@ unless --vae names one), one latent cache, then configs/compare_unet.yaml and co
 loss curves against training FLOPs (--plot).
 
     python bench/unet_vs_dit.py --train --vae-steps 1000 --threads 1
+    python bench/unet_vs_dit.py --train --seed 1 --vae runs/compare/vae/vae --cache-dir runs/compare/cache \\
+        --out runs/compare-seed1 --plot runs/compare-seed1/curves.png
+    python bench/unet_vs_dit.py --summarize runs/compare runs/compare-seed1     # the mean over seeds
 
 Activation memory: on CUDA the peak allocated during forward + backward minus the memory before it; on CPU the
 bytes autograd saves for backward (saved_tensors_hooks), which misses what checkpoint boundaries keep, so the CPU
@@ -230,7 +233,7 @@ def compare(args) -> int:
         else:
             shutil.rmtree(run, ignore_errors=True)
             _run([python, "train.py", "--config", f"configs/{r['config']}", f"output_dir={run}", f"seed={args.seed}",
-                  f"data.manifest={manifest}", f"vae.pretrained={vae}", f"data.cache_dir={out / 'cache'}",
+                  f"data.manifest={manifest}", f"vae.pretrained={vae}", f"data.cache_dir={args.cache_dir or out / 'cache'}",
                   f"train.max_steps={r['steps']}", f"train.checkpoint_every={r['steps']}",
                   f"train.validate_every={max(1, r['steps'] // args.val_points)}"], log, args.threads)
             _run([python, "evaluate.py", "--run", str(run), "--metrics", "alignment",
@@ -242,12 +245,39 @@ def compare(args) -> int:
     report = (f"{budget / 1e12:.1f} TFLOP of training each (the UNet's {args.unet_steps} steps), seed {args.seed}, "
               f"{args.eval_prompts} held-out prompts, {args.threads} thread(s)\n\n{table}\n\nloss curves: {figure}\n")
     (out / "comparison.md").write_text(report)
-    (out / "comparison.json").write_text(json.dumps(
+    write_comparison(rows, out)
+    print(report)
+    return 0
+
+
+def write_comparison(rows: dict, out: Path) -> Path:
+    """OUT/comparison.json: every number of the table and both curves, what --summarize reads."""
+    path = out / "comparison.json"
+    path.write_text(json.dumps(
         {n: {k: v for k, v in r.items() if k != "alignment"} | {"alignment": {
             k: r["alignment"][k] for k in ("per_attribute", "mean_accuracy", "exact_match")}}
          for n, r in rows.items()}, indent=2))
-    print(report)
-    return 0
+    return path
+
+
+def summarize(folders: list[str]) -> str:
+    """Several --train comparisons (e.g. one per --seed) as one table: each number the mean over them, the mean
+    accuracy also with its spread (min-max) and each comparison's own value."""
+    runs = [json.loads((Path(f) / "comparison.json").read_text()) for f in folders]
+    attributes = list(runs[0]["UNet"]["alignment"]["per_attribute"])
+    head = ["backbone", "comparisons", "final train loss", "val loss"] + [a.replace("_", " ") for a in attributes]
+    lines = ["| " + " | ".join(head + ["mean (min-max)", "each"]) + " |", "|" + "---|" * (len(head) + 2)]
+    for name in runs[0]:
+        rows = [r[name] for r in runs]
+        means = [100 * r["alignment"]["mean_accuracy"] for r in rows]
+        cells = [name, str(len(rows)), f"{statistics.mean(r['final_train_loss'] for r in rows):.4f}",
+                 f"{statistics.mean(r['val'][-1][1] for r in rows):.4f}"]
+        cells += [f"{100 * statistics.mean(r['alignment']['per_attribute'][a]['accuracy'] for r in rows):.0f}%"
+                  for a in attributes]
+        cells += [f"**{statistics.mean(means):.1f}%** ({min(means):.1f}-{max(means):.1f})",
+                  " / ".join(f"{m:.1f}" for m in means)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", default="runs/compare", help="runs, cache, log.txt and comparison.md go here")
     train.add_argument("--data", default="outputs/facevid_synth", help="FaceVid-Synth folder (generated if empty)")
     train.add_argument("--vae", help="a trained demo VAE folder (RUN/vae) to reuse; default: train one")
+    train.add_argument("--cache-dir", help="latent cache folder (default OUT/cache); another comparison's, to reuse "
+                                           "it with the same VAE")
     train.add_argument("--vae-steps", type=int, default=2000, help="steps of the VAE trained when --vae is not given")
     train.add_argument("--unet-steps", type=int, default=240,
                        help="the budget: this many UNet steps' FLOPs; the DiT gets as many steps as fit in them")
@@ -276,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     train.add_argument("--reuse", action="store_true", help="keep a backbone's finished, evaluated run")
     train.add_argument("--plot", default="docs/unet_vs_dit_curves.png", help="the loss curves PNG")
+    parser.add_argument("--summarize", nargs="+", metavar="OUT",
+                        help="only print one table over these finished --train comparisons (--out folders)")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     if args.train:
         args.unet_config = args.unet_config or "compare_unet.yaml"
         args.dit_config = args.dit_config or "compare_dit.yaml"

@@ -410,6 +410,17 @@ def test_the_comparison_reads_real_runs_into_one_table_and_one_figure(tmp_path_f
         assert cells[8] == f"{r['val'][-1][1]:.4f}"
         assert cells[-1] == f"**{100 * r['alignment']['mean_accuracy']:.1f}%**"
     assert table[4].startswith("| chance |")
+    # Two comparisons (as two seeds would write them) summarised: the mean of their accuracies, and each one.
+    for seed, scale in enumerate((1.0, 0.5)):
+        (tmp_path / f"seed{seed}").mkdir()
+        bench.write_comparison({name: {**r, "alignment": {**r["alignment"], "mean_accuracy": scale * r["alignment"][
+            "mean_accuracy"]}} for name, r in rows.items()}, tmp_path / f"seed{seed}")
+    summary = bench.summarize([str(tmp_path / "seed0"), str(tmp_path / "seed1")]).splitlines()
+    for line, (name, r) in zip(summary[2:], rows.items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        accuracy = 100 * r["alignment"]["mean_accuracy"]
+        assert cells[:2] == [name, "2"] and cells[-1] == f"{accuracy:.1f} / {accuracy / 2:.1f}"
+        assert cells[-2].startswith(f"**{0.75 * accuracy:.1f}%**")
     figure = bench.plot_losses(rows, tmp_path / "curves.png")
     pixels = np.asarray(Image.open(figure).convert("RGB"))
     assert pixels.shape == (250, 880, 3)  # two panels: training loss, val loss
