@@ -17,6 +17,7 @@ loss curves against training FLOPs (--plot).
     python bench/unet_vs_dit.py --train --seed 1 --vae runs/compare/vae/vae --cache-dir runs/compare/cache \\
         --out runs/compare-seed1 --plot runs/compare-seed1/curves.png
     python bench/unet_vs_dit.py --summarize runs/compare runs/compare-seed1     # the mean over seeds
+    python bench/unet_vs_dit.py --at-scale    # FLOPs of the 256 px x 16 frame GPU recipes, on the meta device
 
 Activation memory: on CUDA the peak allocated during forward + backward minus the memory before it; on CPU the
 bytes autograd saves for backward (saved_tensors_hooks), which misses what checkpoint boundaries keep, so the CPU
@@ -107,6 +108,22 @@ def measure(model, cfg, args, checkpointing: bool) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {"flops": flops, "seconds": statistics.median(times[1:]), "activations": activations}
+
+
+def meta_flops(config: str, batch: int, frames: int, latent: int, text_width: int) -> tuple[int, int]:
+    """(FLOPs of a training step's forward + backward, parameters) of a config's backbone, built and run on the meta
+    device: no memory and no time, so the GPU recipes' sizes can be counted anywhere (attention as explicit
+    matmuls, the "math" backend, which the counter sees whole)."""
+    cfg = load_config(CONFIGS / config, validate_files=False)
+    with torch.device("meta"):
+        model = BACKBONES[cfg.unet.backbone](cfg.unet, 4, 0, text_width)
+        model.set_attention_backend("math")
+        tokens = cfg.text_encoder.max_length
+        latents = torch.randn(batch, 4, frames, latent, latent)
+        text, mask = torch.randn(batch, tokens, text_width), torch.ones(batch, tokens, dtype=torch.bool)
+        with FlopCounterMode(display=False) as counter:
+            model(latents, torch.zeros(batch, dtype=torch.long), text, mask).float().pow(2).mean().backward()
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------- --train: the comparison
@@ -308,11 +325,19 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     train.add_argument("--reuse", action="store_true", help="keep a backbone's finished, evaluated run")
     train.add_argument("--plot", default="docs/unet_vs_dit_curves.png", help="the loss curves PNG")
+    parser.add_argument("--at-scale", action="store_true",
+                        help="only count FLOPs and parameters of the GPU recipes (t2v_256.yaml, dit_256.yaml)")
     parser.add_argument("--summarize", nargs="+", metavar="OUT",
                         help="only print one table over these finished --train comparisons (--out folders)")
     args = parser.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
+        return 0
+    if args.at_scale:  # the GPU recipes at 256 px x 16 frames: SD's VAE (factor 8), CLIP ViT-L/14 text (768 wide)
+        for config in ("t2v_256.yaml", "dit_256.yaml"):
+            flops, params = meta_flops(config, 1, 16, 32, 768)
+            print(f"{config}: {params / 1e6:.1f}M parameters, {flops / 1e12:.2f} TFLOP a clip (forward + backward, "
+                  f"4 x 16 x 32 x 32 latents), {flops / params / 1e3:.1f} kFLOP a parameter")
         return 0
     if args.train:
         args.unet_config = args.unet_config or "compare_unet.yaml"

@@ -375,14 +375,34 @@ def test_both_backbones_keep_the_one_denoiser_contract():
         assert model(sample, timestep, text, mask).shape == sample.shape
 
 
+def _bench():
+    spec = importlib.util.spec_from_file_location("_unet_vs_dit", task_runs.REPO / "bench" / "unet_vs_dit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_flops_counted_on_the_meta_device_agree_with_a_real_training_step():
+    """bench/unet_vs_dit.py --at-scale counts the GPU recipes without building them; at the comparison's size the
+    same count on a real CPU step agrees (within the counter's different formulas for SDPA and explicit-matmul
+    attention), and doubling the batch doubles it."""
+    bench = _bench()
+    for config in ("compare_unet.yaml", "compare_dit.yaml"):
+        flops, params = bench.meta_flops(config, 2, 8, 8, 384)
+        model, cfg = bench.build(config, 384)
+        shape = SimpleNamespace(batch=2, frames=8, latent=8, text_tokens=48, text_width=384, steps=1, device="cpu")
+        real = bench.measure(model, cfg, shape, checkpointing=False)["flops"]
+        assert params == sum(p.numel() for p in model.parameters())
+        assert abs(flops - real) < 0.06 * real
+        assert bench.meta_flops(config, 4, 8, 8, 384)[0] == 2 * flops
+
+
 def test_the_comparison_reads_real_runs_into_one_table_and_one_figure(tmp_path_factory, tmp_path):
     """bench/unet_vs_dit.py --train's last part on two real tiny runs (a UNet and a DiT, each with val/loss on a
     held-out clip and evaluate.py's alignment on held-out prompts): the table states each run's own numbers."""
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("_unet_vs_dit", task_runs.REPO / "bench" / "unet_vs_dit.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     evaluate = task_runs.entry_point("evaluate")
     rows = {}
     for name, backbone in (("UNet", []), ("DiT", DIT)):
