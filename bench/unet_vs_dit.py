@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_check import model_flops  # noqa: E402
 from facevid.config import load_config  # noqa: E402
 from facevid.diffusion import build_noise_scheduler  # noqa: E402
 from facevid.objective import Objective  # noqa: E402
@@ -112,18 +113,8 @@ def measure(model, cfg, args, checkpointing: bool) -> dict:
 
 def meta_flops(config: str, batch: int, frames: int, latent: int, text_width: int) -> tuple[int, int]:
     """(FLOPs of a training step's forward + backward, parameters) of a config's backbone, built and run on the meta
-    device: no memory and no time, so the GPU recipes' sizes can be counted anywhere (attention as explicit
-    matmuls, the "math" backend, which the counter sees whole)."""
-    cfg = load_config(CONFIGS / config, validate_files=False)
-    with torch.device("meta"):
-        model = BACKBONES[cfg.unet.backbone](cfg.unet, 4, 0, text_width)
-        model.set_attention_backend("math")
-        tokens = cfg.text_encoder.max_length
-        latents = torch.randn(batch, 4, frames, latent, latent)
-        text, mask = torch.randn(batch, tokens, text_width), torch.ones(batch, tokens, dtype=torch.bool)
-        with FlopCounterMode(display=False) as counter:
-            model(latents, torch.zeros(batch, dtype=torch.long), text, mask).float().pow(2).mean().backward()
-    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+    device (bench/gpu_check.py: model_flops): no memory and no time, so the GPU recipes can be counted anywhere."""
+    return model_flops(load_config(CONFIGS / config, validate_files=False), batch, frames, latent, text_width)
 
 
 # ------------------------------------------------------------------------------------------- --train: the comparison
