@@ -243,7 +243,8 @@ def compare(args) -> int:
             _run([python, "train.py", "--config", f"configs/{r['config']}", f"output_dir={run}", f"seed={args.seed}",
                   f"data.manifest={manifest}", f"vae.pretrained={vae}", f"data.cache_dir={args.cache_dir or out / 'cache'}",
                   f"train.max_steps={r['steps']}", f"train.checkpoint_every={r['steps']}",
-                  f"train.validate_every={max(1, r['steps'] // args.val_points)}"], log, args.threads)
+                  f"train.validate_every={max(1, r['steps'] // args.val_points)}"]
+                 + ([f"train.learning_rate={args.learning_rate}"] if args.learning_rate else []), log, args.threads)
             _run([python, "evaluate.py", "--run", str(run), "--metrics", "alignment",
                   "--synth-heldout", str(args.eval_prompts), "--out", str(run / "eval" / "heldout")], log, args.threads)
         r.update(read_run(run))
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--unet-steps", type=int, default=240,
                        help="the budget: this many UNet steps' FLOPs; the DiT gets as many steps as fit in them")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--learning-rate", type=float,
+                       help="one rate for both backbones (default: each config's own: UNet 1e-3, DiT 5e-4)")
     train.add_argument("--val-points", type=int, default=6, help="val/loss evaluations per run (and one at the end)")
     train.add_argument("--eval-prompts", type=int, default=64, help="held-out FaceVid-Synth prompts for alignment")
     train.add_argument("--timing-steps", type=int, default=2, help="timed steps per backbone for s/step")
