@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from facevid.config import load_config  # noqa: E402
 from facevid.engine import FSDP_WRAP_UNIT  # noqa: E402
-from facevid.stages import build_unet  # noqa: E402
+from facevid.stages.text_to_video import build_unet  # noqa: E402
 
 RECIPE = REPO / "configs" / "t2v_256.yaml"
 TEXT_WIDTH = 768  # the recipe's text encoder width (CLIP ViT-L/14): the UNet's cross-attention dim

@@ -49,7 +49,7 @@ from data import synth  # noqa: E402
 from facevid.config import load_config  # noqa: E402
 from facevid.diffusion import build_noise_scheduler  # noqa: E402
 from facevid.objective import Objective  # noqa: E402
-from facevid.stages.text_to_video import build_unet  # noqa: E402
+from facevid.stages.text_to_video import BACKBONES, build_unet  # noqa: E402
 from models.attention import xformers_available  # noqa: E402
 
 RECIPE = REPO / "configs" / "t2v_256.yaml"
@@ -122,12 +122,12 @@ class UNetStep:
 
 
 def model_flops(cfg, batch: int, frames: int, latent_size: int, text_width: int) -> tuple[int, int]:
-    """(FLOPs of one forward + backward for `batch` clips, parameters) of the config's UNet, counted on the meta
+    """(FLOPs of one forward + backward for `batch` clips, parameters) of the config's backbone, counted on the meta
     device (no memory, no time) at batch 1 and scaled: attention as explicit matmuls (the "math" backend, which
     the counter sees whole), no gradient-checkpoint recomputation (model FLOPs, not hardware FLOPs)."""
     tokens = cfg.text_encoder.max_length
     with torch.device("meta"):
-        model = build_unet(cfg.unet, 4, 0, text_width)
+        model = BACKBONES[cfg.unet.backbone](cfg.unet, 4, 0, text_width)  # bench/unet_vs_dit.py: the DiT too
         model.set_attention_backend("math")
         latents = torch.randn(1, 4, frames, latent_size, latent_size)
         text, mask = torch.randn(1, tokens, text_width), torch.ones(1, tokens, dtype=torch.bool)

@@ -51,19 +51,32 @@ def _format(value: float) -> str:
 
 
 def _panel(title: str, steps: np.ndarray, values: np.ndarray) -> Image.Image:
+    return overlay_panel(title, {"": (steps, values)})
+
+
+# Colours of overlaid series, in order (matplotlib's first four).
+_LINES = (_LINE, (255, 127, 14), (44, 160, 44), (214, 39, 40))
+
+
+def overlay_panel(title: str, series: dict[str, tuple[np.ndarray, np.ndarray]], x_label: str = "step"
+                  ) -> Image.Image:
+    """One panel with one line per {label: (x, y)} on shared axes (a legend when labelled), e.g. two runs'
+    losses against training FLOPs (bench/unet_vs_dit.py)."""
     width, height = _PANEL
     image = Image.new("RGB", _PANEL, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     left, top = _MARGIN["left"], _MARGIN["top"]
     right, bottom = width - _MARGIN["right"], height - _MARGIN["bottom"]
+    every_x = np.concatenate([np.asarray(x, dtype=float) for x, _ in series.values()])
+    every_y = np.concatenate([np.asarray(y, dtype=float) for _, y in series.values()])
     # Loss-like curves spanning more than a decade read better on a log axis.
-    log = bool((values > 0).all() and values.max() / values.min() > 10)
-    shown = np.log10(values) if log else values
+    log = bool((every_y > 0).all() and every_y.max() / every_y.min() > 10)
+    shown = np.log10(every_y) if log else every_y
     y_low, y_high = float(shown.min()), float(shown.max())
     if y_high - y_low < 1e-12:
         y_low, y_high = y_low - 0.5, y_high + 0.5
-    x_low, x_high = float(steps.min()), float(max(steps.max(), steps.min() + 1))
+    x_low, x_high = float(every_x.min()), float(max(every_x.max(), every_x.min() + 1))
     to_x = lambda s: left + (s - x_low) / (x_high - x_low) * (right - left)  # noqa: E731
     to_y = lambda v: bottom - (v - y_low) / (y_high - y_low) * (bottom - top)  # noqa: E731
 
@@ -77,13 +90,18 @@ def _panel(title: str, steps: np.ndarray, values: np.ndarray) -> Image.Image:
         x = to_x(tick)
         draw.line([x, bottom, x, bottom + 4], fill="black")
         draw.text((x - 10, bottom + 8), _format(tick), fill="black", font=font)
-    draw.text((right - 30, height - 14), "step", fill=(90, 90, 90), font=font)
-    xy = [(to_x(s), to_y(v)) for s, v in zip(steps, shown)]
-    if len(xy) > 1:
-        draw.line(xy, fill=_LINE, width=2)
-    if len(xy) <= 30:  # few points (validation, evaluation): mark each
-        for x, y in xy:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_LINE)
+    draw.text((right - 6 * len(x_label), height - 14), x_label, fill=(90, 90, 90), font=font)
+    for i, (label, (steps, values)) in enumerate(series.items()):
+        colour = _LINES[i % len(_LINES)]
+        values = np.asarray(values, dtype=float)
+        xy = [(to_x(s), to_y(v)) for s, v in zip(steps, np.log10(values) if log else values)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if len(xy) <= 30:  # few points (validation, evaluation): mark each
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if label:
+            draw.text((right - 80, top + 6 + 12 * i), label, fill=colour, font=font)
     return image
 
 

@@ -1,10 +1,8 @@
 """FaceVidDiT: a latent video diffusion transformer, the alternative backbone to FaceVidUNet3D (unet.backbone: dit).
 
-Same contract as FaceVidUNet3D: forward(sample (B, C, F, H, W), timestep, encoder_hidden_states,
-encoder_attention_mask=None, condition=None) -> (B, C, F, H, W), the same config attributes the trainer and
-pipeline read (in_channels, condition_channels, cross_attention_dim, spatial_factor), the same attention backends
-(models/attention.py) and diffusers save/load, so the trainer, cache, objective, samplers, tasks and export use it
-unchanged.
+Implements the denoiser contract FaceVidUNet3D keeps (models/denoiser.py: VideoDenoiser), with the same attention
+backends (models/attention.py) and diffusers save/load, so the trainer, cache, objective, samplers, tasks and export
+use it unchanged.
 
     latents (+ condition channels) --patchify (Conv3d, kernel = stride = temporal_patch x patch x patch)-->
     tokens (B, F' * H' * W', D) + 3D sin-cos positions --> depth x DiTBlock --> adaLN, Linear --> unpatchify
@@ -55,6 +53,7 @@ from einops import rearrange
 from torch import nn
 
 from models.attention import Attention, usable_attention_backend
+from models.denoiser import VideoDenoiser
 from models.unet3d import FaceVidUNet3D, _masked_mean, feed_forward
 
 ATTENTION_LAYOUTS = ("alternating", "full")
@@ -120,7 +119,7 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
-class FaceVidDiT(ModelMixin, ConfigMixin):
+class FaceVidDiT(VideoDenoiser, ModelMixin, ConfigMixin):
     """Latent video diffusion transformer: (B, C, F, H, W) noisy latents + timestep + text -> (B, C_out, F, H, W).
 
     Args:
@@ -144,9 +143,7 @@ class FaceVidDiT(ModelMixin, ConfigMixin):
     _no_split_modules = ["DiTBlock"]  # Accelerate's FSDP2 wraps these when the config names no class
     ignore_for_config = ["attention_backend"]
 
-    # The input checks, timestep embedding and attention-backend switches are FaceVidUNet3D's own: one place each.
-    _check_inputs = FaceVidUNet3D._check_inputs
-    _embed_timestep = FaceVidUNet3D._embed_timestep
+    # The attention-backend switches are FaceVidUNet3D's own: one place each (input checks: VideoDenoiser).
     set_attention_backend = FaceVidUNet3D.set_attention_backend
     reset_attention_backend = FaceVidUNet3D.reset_attention_backend
     enable_xformers_memory_efficient_attention = FaceVidUNet3D.enable_xformers_memory_efficient_attention
@@ -208,25 +205,8 @@ class FaceVidDiT(ModelMixin, ConfigMixin):
         """The latent's height and width must be multiples of this (the UNet's is 2 ** (levels - 1))."""
         return self.config.patch_size
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """
-        Args:
-            sample: noisy latents (B, in_channels, F, H, W), any F >= 1; H, W multiples of patch_size.
-            timestep: scalar or (B,).
-            encoder_hidden_states: text states (B, L, cross_attention_dim).
-            encoder_attention_mask: optional (B, L), 1/True = real token, 0/False = padding (ignored).
-            condition: (B, condition_channels, F, H, W) when the model has condition_channels > 0.
-
-        Returns:
-            (B, out_channels, F, H, W).
-        """
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None, condition=None):
+        """The denoiser contract (models/denoiser.py: VideoDenoiser.forward); H and W multiples of patch_size."""
         self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, condition)
         config = self.config
         batch_size, _, num_frames, height, width = sample.shape

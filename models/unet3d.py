@@ -44,6 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from models.attention import Attention, usable_attention_backend
+from models.denoiser import VideoDenoiser
 
 TEMPORAL_POSITION_ENCODINGS = ("sinusoidal", "none")
 FF_ACTIVATIONS = ("gelu", "geglu")
@@ -292,7 +293,7 @@ def _masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
-class FaceVidUNet3D(ModelMixin, ConfigMixin):
+class FaceVidUNet3D(VideoDenoiser, ModelMixin, ConfigMixin):
     """Latent video diffusion UNet: (B, C, F, H, W) noisy latents + timestep + text -> (B, C_out, F, H, W).
 
     Args:
@@ -527,49 +528,6 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
     def disable_xformers_memory_efficient_attention(self) -> None:
         self.set_attention_backend("auto")
 
-    def _check_inputs(self, sample, encoder_hidden_states, encoder_attention_mask, condition) -> None:
-        config = self.config
-        if sample.ndim != 5:
-            raise ValueError(f"sample must be (B, C, F, H, W), got shape {tuple(sample.shape)}.")
-        factor = self.spatial_factor
-        height, width = sample.shape[-2:]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"sample height and width must be divisible by {factor} (the model's spatial_factor), "
-                f"got H={height}, W={width}; e.g. use H={max(factor, height // factor * factor)}, "
-                f"W={max(factor, width // factor * factor)}."
-            )
-        batch_size = sample.shape[0]
-        text_shape = tuple(encoder_hidden_states.shape)
-        if len(text_shape) != 3 or text_shape[0] != batch_size or text_shape[2] != config.cross_attention_dim:
-            raise ValueError(
-                f"encoder_hidden_states must be (B={batch_size}, L, {config.cross_attention_dim}), "
-                f"got {text_shape}."
-            )
-        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != text_shape[:2]:
-            raise ValueError(
-                f"encoder_attention_mask must be (B, L) = {text_shape[:2]}, "
-                f"got {tuple(encoder_attention_mask.shape)}."
-            )
-        if config.condition_channels == 0 and condition is not None:
-            raise ValueError("condition was given but the model was built with condition_channels=0.")
-        if config.condition_channels > 0:
-            expected = (batch_size, config.condition_channels, *sample.shape[2:])
-            if condition is None or tuple(condition.shape) != expected:
-                got = None if condition is None else tuple(condition.shape)
-                raise ValueError(f"condition must have shape {expected}, got {got}.")
-
-    def _embed_timestep(self, timestep, batch_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-        timesteps = torch.as_tensor(timestep, device=device)
-        if timesteps.ndim == 0 or timesteps.numel() == 1:
-            timesteps = timesteps.reshape(1).expand(batch_size)
-        if timesteps.shape != (batch_size,):
-            raise ValueError(
-                f"timestep must be a scalar or have shape ({batch_size},), got {tuple(timesteps.shape)}."
-            )
-        # Timesteps returns float32; match the model dtype before the MLP.
-        return self.time_embedding(self.time_proj(timesteps).to(dtype))
-
     def embed_conditions(self, timestep, encoder_hidden_states, encoder_attention_mask, sample):
         """(B, temb) embedding every ResnetBlock gets (timestep [+ pooled text]), and the (B, D) pooled text.
         `sample` is the UNet's input (after the condition channels), for its batch size, dtype and device."""
@@ -588,21 +546,14 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         condition: torch.Tensor | None = None,
         temporal: bool = True,
     ) -> torch.Tensor:
-        """
+        """The denoiser contract (models/denoiser.py: VideoDenoiser.forward), and:
+
         Args:
-            sample: noisy latents (B, in_channels, F, H, W), any F >= 1.
-            timestep: scalar or (B,).
-            encoder_hidden_states: text states (B, L, cross_attention_dim).
-            encoder_attention_mask: optional (B, L), 1/True = real token, 0/False = padding (ignored).
-                Ignored when the model was built with cross_attention_mask=False.
-            condition: (B, condition_channels, F, H, W) when the model has condition_channels > 0.
+            encoder_attention_mask: ignored when the model was built with cross_attention_mask=False.
             temporal: False runs the spatial layers only (joint image + video training: an image batch, F = 1,
                 trains them alone). The temporal blocks, temporal convs and the text motion head are skipped,
                 so their parameters get no gradient: at F = 1 they are not the identity (attention over one
                 frame still applies its value and output projections, a temporal conv its centre tap).
-
-        Returns:
-            (B, out_channels, F, H, W).
         """
         self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, condition)
         num_frames = sample.shape[2]

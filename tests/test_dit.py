@@ -2,6 +2,7 @@
 fixed batch, and tiny real runs through the production Trainer for every task (exact resume, save/load, sampling
 via FaceVidPipeline.from_run and sample.py, the FaceVid-format export loaded in a fresh process)."""
 
+import importlib.util
 import json
 import os
 from types import SimpleNamespace
@@ -333,3 +334,99 @@ def test_lora_trains_on_the_dit_and_merges_for_sampling(tmp_path_factory):
     pipe = FaceVidPipeline.from_run(run)
     assert type(pipe.unet) is FaceVidDiT and "lora" in pipe.weights
     assert pipe(["a person talking"], **SAMPLING).shape == (1, 4, 16, 16, 3)
+
+
+def test_both_backbones_keep_the_one_denoiser_contract():
+    """models/denoiser.py holds the contract: both backbones are VideoDenoisers, their input checks are its one
+    implementation (the same error for the same bad input) and neither forward restates its documentation."""
+    from models.denoiser import VideoDenoiser
+    from models.unet3d import FaceVidUNet3D
+
+    torch.manual_seed(0)
+    unet = FaceVidUNet3D(in_channels=4, out_channels=4, block_out_channels=(16, 16), attention_levels=(False, True),
+                         attention_head_dim=8, cross_attention_dim=24, norm_num_groups=8)
+    dit = tiny_dit()
+    for model in (unet, dit):
+        assert isinstance(model, VideoDenoiser)
+        assert type(model)._check_inputs is VideoDenoiser._check_inputs
+        assert "VideoDenoiser.forward" in type(model).forward.__doc__
+        assert "Returns:" not in type(model).forward.__doc__  # documented once, in the base
+        sample, timestep, text, mask, _ = inputs(height=8, width=8)
+        with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(B=2, L, 24\), got \(2, 7, 23\)"):
+            model(sample, timestep, text[..., :23], mask)
+        with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \(2,\), got \(3,\)"):
+            model(sample, torch.tensor([1, 2, 3]), text, mask)
+        assert model(sample, timestep, text, mask).shape == sample.shape
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("_unet_vs_dit", task_runs.REPO / "bench" / "unet_vs_dit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_flops_counted_on_the_meta_device_agree_with_a_real_training_step():
+    """bench/unet_vs_dit.py --at-scale counts the GPU recipes without building them; at the comparison's size the
+    same count on a real CPU step agrees (within the counter's different formulas for SDPA and explicit-matmul
+    attention), and doubling the batch doubles it."""
+    bench = _bench()
+    for config in ("compare_unet.yaml", "compare_dit.yaml"):
+        flops, params = bench.meta_flops(config, 2, 8, 8, 384)
+        model, cfg = bench.build(config, 384)
+        shape = SimpleNamespace(batch=2, frames=8, latent=8, text_tokens=48, text_width=384, steps=1, device="cpu")
+        real = bench.measure(model, cfg, shape, checkpointing=False)["flops"]
+        assert params == sum(p.numel() for p in model.parameters())
+        assert abs(flops - real) < 0.06 * real
+        assert bench.meta_flops(config, 4, 8, 8, 384)[0] == 2 * flops
+
+
+def test_the_comparison_reads_real_runs_into_one_table_and_one_figure(tmp_path_factory, tmp_path):
+    """bench/unet_vs_dit.py --train's last part on two real tiny runs (a UNet and a DiT, each with val/loss on a
+    held-out clip and evaluate.py's alignment on held-out prompts): the table states each run's own numbers."""
+    from PIL import Image
+
+    bench = _bench()
+    evaluate = task_runs.entry_point("evaluate")
+    rows = {}
+    for name, backbone in (("UNet", []), ("DiT", DIT)):
+        run = task_runs.trained_run(tmp_path_factory, f"compare_{name}", *backbone, "train.val_loss_clips=1",
+                                    "train.log_every=1", "train.max_steps=3", "train.validate_every=2")
+        assert evaluate.main(["--run", str(run), "--metrics", "alignment", "--synth-heldout", "2", "--steps", "2",
+                              "--out", str(run / "eval" / "heldout")]) == 0
+        model = load_backbone(run / "unet")
+        cfg = load_config(run / "config.yaml", validate_files=False)
+        shape = SimpleNamespace(batch=2, frames=4, latent=8, text_tokens=5, text_width=model.config.cross_attention_dim,
+                                steps=1, device="cpu")
+        plain = bench.measure(model, cfg, shape, checkpointing=False)
+        rows[name] = {"params": sum(p.numel() for p in model.parameters()), "flops": plain["flops"], "steps": 3,
+                      "seconds": plain["seconds"], "activations": plain["activations"],
+                      "activations_ckpt": bench.measure(model, cfg, shape, checkpointing=True)["activations"],
+                      **bench.read_run(run)}
+        assert [step for step, _ in rows[name]["val"]] == [2, 3] and len(rows[name]["train"]) == 3
+        assert plain["flops"] > 0 and plain["activations"] > 0
+
+    table = bench.comparison_table(rows).splitlines()
+    assert table[0].startswith("| backbone | params | GFLOP/step") and table[0].endswith("| action | mean |")
+    for line, (name, r) in zip(table[2:4], rows.items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == name and cells[3] == "3"
+        assert cells[8] == f"{r['val'][-1][1]:.4f}"
+        assert cells[-1] == f"**{100 * r['alignment']['mean_accuracy']:.1f}%**"
+    assert table[4].startswith("| chance |")
+    # Two comparisons (as two seeds would write them) summarised: the mean of their accuracies, and each one.
+    for seed, scale in enumerate((1.0, 0.5)):
+        (tmp_path / f"seed{seed}").mkdir()
+        bench.write_comparison({name: {**r, "alignment": {**r["alignment"], "mean_accuracy": scale * r["alignment"][
+            "mean_accuracy"]}} for name, r in rows.items()}, tmp_path / f"seed{seed}")
+    summary = bench.summarize([str(tmp_path / "seed0"), str(tmp_path / "seed1")]).splitlines()
+    for line, (name, r) in zip(summary[2:], rows.items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        accuracy = 100 * r["alignment"]["mean_accuracy"]
+        assert cells[:2] == [name, "2"] and cells[-1] == f"{accuracy:.1f} / {accuracy / 2:.1f}"
+        assert cells[-2].startswith(f"**{0.75 * accuracy:.1f}%**")
+    figure = bench.plot_losses(rows, tmp_path / "curves.png")
+    pixels = np.asarray(Image.open(figure).convert("RGB"))
+    assert pixels.shape == (250, 880, 3)  # two panels: training loss, val loss
+    for colour in ((31, 119, 180), (255, 127, 14)):  # a line of each backbone
+        assert (pixels == colour).all(axis=-1).sum() > 20
