@@ -170,12 +170,12 @@ class BucketedClipDataset(_ClipDataset):
         self._position = {index: position for members in self._members for position, index in enumerate(members)}
         self._probes: dict[str, VideoInfo] = {}
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def _item(self, key: tuple[int, int], epoch: int) -> dict:
         index, bucket_index = (int(k) for k in key)
         if self.plan.bucket_of[index] != bucket_index:
             raise ValueError(f"clip {index} belongs to bucket {self.plan.bucket_of[index]}, not {bucket_index}")
         bucket, members = self.plan.buckets[bucket_index], self._members[bucket_index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         position = self._position[index]
         skipped: list[SkippedItem] = []
         for attempt in range(min(self.max_substitutions + 1, len(members))):

@@ -46,6 +46,12 @@ class DataConfig:
     target_fps: Optional[float] = None  # when set (and the clip's fps is known) overrides frame_stride
     caption_dropout: float = 0.1  # share of captions replaced by "" for classifier-free guidance
     num_workers: int = 1
+    # With workers (data.num_workers > 0): keep them alive across epochs, and how many batches each loads ahead
+    # (null = torch's default, 2). pin_memory: page-locked batches for asynchronous copies to the GPU; null = on
+    # when training on CUDA.
+    persistent_workers: bool = True
+    prefetch_factor: Optional[int] = None
+    pin_memory: Optional[bool] = None
     flip: bool = False  # horizontal flip with p=0.5 (cached as a second latent)
     # Latent + text-embedding cache (data/cache.py): none = encode on the fly every step;
     # use = train from cache_dir (refused unless its fingerprint matches); auto = build what is missing, then use.
@@ -553,6 +559,9 @@ def validate(cfg: RunConfig) -> None:
             _fail(key, _get(cfg, key), "must be > 0")
     if cfg.sample.fps is not None and not cfg.sample.fps > 0:
         _fail("sample.fps", cfg.sample.fps, "must be > 0, or null for the fps the model is trained at")
+    if cfg.data.prefetch_factor is not None and cfg.data.prefetch_factor < 1:
+        _fail("data.prefetch_factor", cfg.data.prefetch_factor, "must be an integer >= 1 (batches each worker "
+              "loads ahead), or null for torch's default (2)")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         _fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:

@@ -31,9 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.buckets import bucketed_training_data, collate_bucketed
@@ -47,11 +45,11 @@ from data.dataset import (
     collate_joint,
 )
 from data.manifest import SkippedItem, append_skip_report, read_manifest
-from data.sampler import JointBatchSampler, ShardedEpochSampler
+from data.sampler import JointBatchSampler, ShardedEpochSampler, training_loader
 from facevid.cache_builder import build_cache, check_cache
 from facevid.config import ConfigError, RunConfig, save_config, validate_clips
 from facevid.curves import plot_training_curves
-from facevid.ema import trainable_parameters
+from facevid.ema import new_ema, trainable_parameters
 from facevid.engine import DataParallelEngine, build_engine, patient_barrier, process_group_kwargs, rank_share
 from facevid.stages import training_fps
 from facevid.trainable import select_trainable
@@ -201,7 +199,7 @@ class Trainer:
         )
         self.ema = None
         if cfg.train.ema_decay is not None:
-            self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
+            self.ema = new_ema(trainable, cfg.train.ema_decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
         self.model, self.optimizer, self.lr_scheduler = self.engine.prepare(
@@ -234,26 +232,26 @@ class Trainer:
             records, heldout = records[: -cfg.train.val_loss_clips], records[-cfg.train.val_loss_clips:]
             self.heldout = self._dataset(heldout)
             logger.info("val/loss: the manifest's last %d clips are held out of training", len(heldout))
-        batching = dict(batch_size=cfg.train.batch_size, collate_fn=collate_clips, drop_last=True)
+        batch_size, collate = None, collate_clips  # batch_size None: the sampler yields whole batches
         if cfg.data.image_batch_share:
             self.dataset, self.sampler = self._joint_data(records)
-            batching = dict(batch_sampler=self.sampler, collate_fn=collate_joint)
+            collate = collate_joint
         elif cfg.data.buckets:
             self.dataset, self.sampler = self._bucketed_data(records)
-            batching = dict(batch_sampler=self.sampler, collate_fn=collate_bucketed)
+            collate = collate_bucketed
         else:
             self.dataset = self._dataset(records)
-        if "batch_sampler" not in batching:
+            batch_size = cfg.train.batch_size
             self.sampler = ShardedEpochSampler(
                 len(self.dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
                 rank=acc.process_index, seed=cfg.seed,
             )
-            batching["sampler"] = self.sampler
-        self.loader = DataLoader(
-            self.dataset, **batching,
-            num_workers=cfg.data.num_workers, worker_init_fn=_ignore_stop_signals_in_worker,
-            # Workers get their seeds from this generator, not from the global RNG.
-            generator=torch.Generator().manual_seed(cfg.seed),
+        d = cfg.data
+        self.loader = training_loader(
+            self.dataset, self.sampler, collate, batch_size, num_workers=d.num_workers,
+            persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+            pin_memory=acc.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
+            seed=cfg.seed, worker_init_fn=_ignore_stop_signals_in_worker,
         )
 
     def _dataset(self, records):
@@ -627,6 +625,10 @@ class Trainer:
         finally:  # also after an error (NaN loss, full disk): Ctrl-C must work again in the caller
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
+            # Persistent workers would otherwise live as long as this Trainer object (torch's own clean-up).
+            workers = getattr(getattr(self, "loader", None), "_iterator", None)
+            if workers is not None:
+                workers._shutdown_workers()
 
     def _fit(self) -> Path:
         self._setup()

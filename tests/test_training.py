@@ -112,7 +112,8 @@ def test_exact_resume_after_sigterm(synth_manifest, tiny_vae, tmp_path, accumula
 
     12 clips at batch 2 make 6 batches an epoch, so the resumed half also crosses an epoch boundary.
     """
-    common = ["train.max_steps=8", "data.num_workers=1", f"train.gradient_accumulation_steps={accumulation}"]
+    # Two persistent workers (the default data.persistent_workers) prefetching across the resume point.
+    common = ["train.max_steps=8", "data.num_workers=2", f"train.gradient_accumulation_steps={accumulation}"]
     straight = tiny_config(synth_manifest, tmp_path / "straight", *common, vae=tiny_vae)
     Trainer(straight, TextToVideoStage(straight)).fit()
 

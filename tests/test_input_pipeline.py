@@ -1,0 +1,93 @@
+"""The training input pipeline: persistent DataLoader workers that still see every epoch, the loader options
+(config keys, validated), the foreach EMA."""
+
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+
+from data.dataset import VideoClipDataset, collate_clips
+from data.manifest import ClipRecord
+from data.sampler import EpochKey, ShardedEpochSampler, training_loader
+from facevid.config import ConfigError, load_config, validate
+from facevid.ema import new_ema
+
+
+@pytest.fixture
+def clips(make_video):
+    """Six 24-frame clips: a 4-frame window has 21 possible starts, so the epochs' windows differ."""
+    return [ClipRecord(clip_id=f"c{i}", video=str(make_video(f"c{i}.mp4", num_frames=24, height=16, width=16)[0]),
+                       captions=[f"caption {i}"]) for i in range(6)]
+
+
+def test_persistent_workers_see_each_epoch(clips):
+    """Two persistent workers over three epochs: every item is the one the dataset builds for (epoch, index),
+    although the workers' dataset copies were made at epoch 0 and never told of set_epoch."""
+    dataset = VideoClipDataset(clips, num_frames=4, resolution=16, seed=3)
+    sampler = ShardedEpochSampler(len(dataset), batch_size=2, seed=3)
+    loader = training_loader(dataset, sampler, collate_clips, batch_size=2, num_workers=2, persistent_workers=True,
+                             prefetch_factor=1, seed=3)
+    seen, workers = {}, []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)  # dataset.set_epoch deliberately NOT called: only the keys carry the epoch
+        for batch in loader:
+            for index, pixels in zip(batch["index"], batch["pixel_values"]):
+                seen[epoch, index] = pixels
+        workers.append([w.pid for w in loader._iterator._workers])
+    assert workers[0] == workers[1] == workers[2] and len(workers[0]) == 2  # the same two processes throughout
+    assert len(seen) == 3 * len(clips)
+    for (epoch, index), pixels in seen.items():
+        assert torch.equal(pixels, dataset[EpochKey(epoch, index)]["pixel_values"]), (epoch, index)
+    # The epoch really changes the windows (else this test could not tell a stale epoch from a fresh one).
+    assert any(not torch.equal(seen[0, i], seen[1, i]) for i in range(len(clips)))
+    loader._iterator._shutdown_workers()
+
+
+def test_epoch_key_and_set_epoch_agree(clips):
+    dataset = VideoClipDataset(clips, num_frames=4, resolution=16, seed=3)
+    dataset.set_epoch(2)
+    assert torch.equal(dataset[1]["pixel_values"], dataset[EpochKey(2, 1)]["pixel_values"])
+
+
+def test_loader_options_reach_the_dataloader(clips):
+    dataset = VideoClipDataset(clips, num_frames=4, resolution=16)
+    sampler = ShardedEpochSampler(len(dataset), batch_size=2)
+    loader = training_loader(dataset, sampler, collate_clips, 2, num_workers=1, persistent_workers=False,
+                             prefetch_factor=3, pin_memory=False)
+    assert (loader.persistent_workers, loader.prefetch_factor, loader.num_workers) == (False, 3, 1)
+    without = training_loader(dataset, sampler, collate_clips, 2, num_workers=0, prefetch_factor=3)
+    assert without.prefetch_factor is None and not without.persistent_workers  # torch refuses them without workers
+    assert [len(b["index"]) for b in without] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("override, key", [("data.prefetch_factor=0", "data.prefetch_factor"),
+                                           ("data.num_workers=-1", "data.num_workers")])
+def test_loader_config_is_validated(tmp_path, override, key):
+    cfg = load_config(None, ["stage=vae", f"output_dir={tmp_path}", f"data.manifest={tmp_path / 'm.jsonl'}",
+                             override], validate_files=False)
+    with pytest.raises(ConfigError, match=key):  # before any file is looked at
+        validate(cfg)
+
+
+def test_loader_config_defaults(tmp_path):
+    cfg = load_config(None, ["stage=vae", f"output_dir={tmp_path}", f"data.manifest={tmp_path / 'm.jsonl'}"],
+                      validate_files=False)
+    assert (cfg.data.persistent_workers, cfg.data.prefetch_factor, cfg.data.pin_memory) == (True, None, None)
+
+
+def test_foreach_ema_matches_the_per_tensor_loop():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    fast, slow = new_ema(params, 0.9), EMAModel(params, decay=0.9)
+    assert fast.foreach and not slow.foreach
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        fast.step(params)
+        slow.step(params)
+    for a, b in zip(fast.shadow_params, slow.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fast.shadow_params[0], params[0])  # the average lags the weights: it did average
+    state = fast.state_dict()
+    slow.load_state_dict(state)  # one state-dict format: checkpoints load either way
+    assert slow.optimization_step == fast.optimization_step == 3
