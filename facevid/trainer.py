@@ -34,7 +34,7 @@ from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from data.buckets import bucketed_training_data, collate_bucketed
+from data.buckets import bucketed_training_data, collate_bucketed, parse_buckets, saved_or_new_plan
 from data.cache import LatentCache, text_key
 from data.dataset import (
     CachedClipDataset,
@@ -51,6 +51,7 @@ from facevid.config import ConfigError, RunConfig, save_config, validate_clips
 from facevid.curves import plot_training_curves
 from facevid.ema import new_ema, trainable_parameters
 from facevid.engine import DataParallelEngine, build_engine, patient_barrier, process_group_kwargs, rank_share
+from facevid.rank_zero import on_main_process
 from facevid.stages import training_fps
 from facevid.trainable import select_trainable
 
@@ -258,7 +259,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.data.cache != "none":
             return self._cached_dataset(records)
-        validate_clips(cfg, records)  # a window longer than every clip would fail at the first batch
+        # A window longer than every clip would fail at the first batch; rank 0 reads the headers, all ranks fail.
+        on_main_process(self.accelerator, lambda: validate_clips(cfg, records))
         return VideoClipDataset(
             records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
             resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
@@ -293,9 +295,17 @@ class Trainer:
     def _bucketed_data(self, records):
         """data.buckets: each clip at the largest bucket it fills; buckets.json says where every clip went."""
         cfg, acc = self.cfg, self.accelerator
+        d = cfg.data
+        # Rank 0 probes the clips (or reuses the plan this run saved before) and shares the plan.
+        plan, reused = on_main_process(acc, lambda: saved_or_new_plan(
+            Path(cfg.output_dir) / "buckets.json", records, parse_buckets(list(d.buckets)), d.frame_stride,
+            d.target_fps, d.bucket_max_crop))
         dataset, sampler, report = bucketed_training_data(
             records, list(cfg.data.buckets), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.seed,
-            cfg.data.frame_stride, cfg.data.target_fps, cfg.data.bucket_max_crop, cfg.data.flip)
+            cfg.data.frame_stride, cfg.data.target_fps, cfg.data.bucket_max_crop, cfg.data.flip, plan=plan)
+        if reused:
+            logger.info("buckets: plan reused from %s (same clips and settings): no clip probed",
+                        Path(cfg.output_dir) / "buckets.json")
         if acc.is_main_process:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "buckets.json").write_text(json.dumps(report, indent=2) + "\n")

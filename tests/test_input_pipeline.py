@@ -1,15 +1,22 @@
 """The training input pipeline: persistent DataLoader workers that still see every epoch, the loader options
-(config keys, validated), the foreach EMA."""
+(config keys, validated), the foreach EMA, start-up checks done on rank 0 only and the bucket plan reused."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import debug_launcher
 from diffusers.training_utils import EMAModel
 
+from data.buckets import bucketed_training_data, parse_buckets, saved_or_new_plan
 from data.dataset import VideoClipDataset, collate_clips
 from data.manifest import ClipRecord
 from data.sampler import EpochKey, ShardedEpochSampler, training_loader
+from data.video import probe_video
 from facevid.config import ConfigError, load_config, validate
 from facevid.ema import new_ema
+from facevid.rank_zero import on_main_process
 
 
 @pytest.fixture
@@ -91,3 +98,62 @@ def test_foreach_ema_matches_the_per_tensor_loop():
     state = fast.state_dict()
     slow.load_state_dict(state)  # one state-dict format: checkpoints load either way
     assert slow.optimization_step == fast.optimization_step == 3
+
+
+# ------------------------------------------------------------------ start-up: probe once, share, reuse
+
+def test_bucket_plan_is_reused_from_buckets_json_without_probing(clips, tmp_path):
+    specs = ["4x16x16", "8x16x16"]
+    buckets = parse_buckets(specs)
+    _, _, report = bucketed_training_data(clips, specs, batch_size=2, num_replicas=1, rank=0, seed=0)
+    saved = tmp_path / "buckets.json"
+    saved.write_text(json.dumps(report, indent=2))
+
+    def no_probe(path):
+        raise AssertionError(f"probed {path} although the saved plan matches")
+
+    plan, reused = saved_or_new_plan(saved, clips, buckets, probe=no_probe)
+    assert reused and plan.bucket_of == report["bucket_of"] == [1] * len(clips)
+
+    probed = []
+
+    def counting_probe(path):
+        probed.append(path)
+        return probe_video(path)
+
+    for changed in [dict(records=clips[:-1]), dict(buckets=buckets[:1]), dict(max_crop=0.1)]:
+        args = {"records": clips, "buckets": buckets, **changed}
+        plan, reused = saved_or_new_plan(saved, probe=counting_probe, **args)
+        assert not reused and len(plan.bucket_of) == len(args["records"]), changed
+    assert len(probed) == 2 * len(clips) + len(clips) - 1  # each changed setting re-probed every clip
+    saved.write_text("{torn")
+    assert not saved_or_new_plan(saved, clips, buckets)[1]  # a damaged file is re-planned, not trusted
+
+
+def _probe_on_rank_zero(folder):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+
+    def work():
+        (Path(folder) / f"ran-on-{acc.process_index}").touch()
+        return {"plan": [1, 2, 3], "by": acc.process_index}
+
+    result = on_main_process(acc, work)
+    (Path(folder) / f"result-{acc.process_index}.json").write_text(json.dumps(result))
+
+    def failing():
+        raise ConfigError("config key 'data.num_frames' = 99 is invalid: no clip is long enough")
+
+    try:
+        on_main_process(acc, failing)
+    except ConfigError as err:
+        (Path(folder) / f"error-{acc.process_index}.txt").write_text(str(err))
+
+
+def test_start_up_probes_run_on_rank_zero_and_every_rank_gets_the_result_or_the_error(tmp_path):
+    debug_launcher(_probe_on_rank_zero, args=(str(tmp_path),), num_processes=2)
+    assert sorted(p.name for p in tmp_path.glob("ran-on-*")) == ["ran-on-0"]  # rank 1 did no work
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"result-{rank}.json").read_text()) == {"plan": [1, 2, 3], "by": 0}
+        assert "data.num_frames" in (tmp_path / f"error-{rank}.txt").read_text()  # both ranks fail alike
