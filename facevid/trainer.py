@@ -47,6 +47,7 @@ from data.dataset import (
 from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.sampler import JointBatchSampler, ShardedEpochSampler, training_loader
 from facevid.cache_builder import build_cache, check_cache
+from facevid.compile import compile_model
 from facevid.config import ConfigError, RunConfig, save_config, validate_clips
 from facevid.curves import plot_training_curves
 from facevid.ema import new_ema, trainable_parameters
@@ -185,6 +186,7 @@ class Trainer:
         if self.evaluation is not None and acc.is_main_process:
             self.evaluation.prepare(self.dataset, acc.device)
         select_trainable(self.model, cfg)  # train.trainable: freezes the rest (or adds LoRA adapters), logs counts
+        compile_model(self.model, cfg.train.compile)  # train.compile: in place, so parameter names stay clean
         trainable = trainable_parameters(self.model)  # the only parameters the optimizer and the EMA see
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),

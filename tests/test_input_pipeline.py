@@ -2,6 +2,7 @@
 (config keys, validated), the foreach EMA, start-up checks done on rank 0 only and the bucket plan reused."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,47 @@ def test_start_up_probes_run_on_rank_zero_and_every_rank_gets_the_result_or_the_
     for rank in (0, 1):
         assert json.loads((tmp_path / f"result-{rank}.json").read_text()) == {"plan": [1, 2, 3], "by": 0}
         assert "data.num_frames" in (tmp_path / f"error-{rank}.txt").read_text()  # both ranks fail alike
+
+
+# ------------------------------------------------------------------ host syncs in the training loop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # two tiny training runs, ~30 s
+def test_no_host_sync_from_our_code_per_micro_step(tmp_path, monkeypatch):
+    """Reading a tensor on the host (.item(), bool(), float(), .tolist()) makes the host wait for the device. The
+    project's own code may do it per optimizer step (the finiteness check) and per log interval, never per
+    micro-step: 3 optimizer steps with 4 micro-steps each read exactly as often as with 1."""
+    from tiny import tiny_config, train_tiny_vae
+
+    from data import synth
+    from facevid.stages import TextToVideoStage
+    from facevid.trainer import Trainer
+
+    manifest = synth.generate(tmp_path / "synth", num_clips=8, num_frames=8, resolution=32, fps=8.0, seed=1,
+                              progress=False)
+    vae = train_tiny_vae(manifest, tmp_path / "vae", steps=1)
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+            if REPO in caller.parents and "tests" not in caller.parts:  # the project's code, not libraries
+                reads.append(f"{name} at {caller.relative_to(REPO)}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        counted(name)
+    per_run = {}
+    for accumulation in (1, 4):
+        reads.clear()
+        cfg = tiny_config(manifest, tmp_path / f"run{accumulation}", "train.max_steps=3", "train.log_every=100",
+                          f"train.gradient_accumulation_steps={accumulation}", vae=vae)
+        Trainer(cfg, TextToVideoStage(cfg)).fit()
+        per_run[accumulation] = sorted(reads)
+    assert per_run[1], "no read counted at all: the counting does not work"
+    assert per_run[4] == per_run[1]
