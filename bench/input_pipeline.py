@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/input_pipeline.py [--clips 24] [--batches 12] [--steps 12]
 
 Prints:
-1. samples/s of 16-frame 256 px windows: raw PyAV decode in this process (data.video.read_frames), the training
+1. samples/s of 16-frame 256 px windows: raw PyAV decode in this process (data.video.read_frames), the same
+   clips as training items built and collated in this process (random window, float tensor), the training
    DataLoader decoding on the fly with 1 and 2 persistent workers (data/sampler.py training_loader over
    VideoClipDataset: probe, window, decode, tensor, collate), and the DataLoader reading the latent cache
    (CachedClipDataset; SD-VAE-sized latents 4x16x32x32 and 77x768 text states, fp16, random values);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,6 +62,14 @@ def raw_decode(records, batches: int, batch: int) -> float:
         read_frames(records[i % len(records)].video, range(0, FRAMES), RESOLUTION)
         count += 1
     return count / (time.perf_counter() - start)
+
+
+def items_in_process(dataset, batches: int, batch: int) -> float:
+    """samples/s of the dataset's items built in this process and collated (no DataLoader, no worker)."""
+    start = time.perf_counter()
+    for b in range(batches):
+        collate_clips([dataset[(b * batch + i) % len(dataset)] for i in range(batch)])
+    return batches * batch / (time.perf_counter() - start)
 
 
 def loader_rate(dataset, workers: int, batches: int, batch: int) -> float:
@@ -115,6 +125,7 @@ def trainer_step_time(cfg) -> tuple[float, Trainer]:
 
 def bare_step_times(model, stage, batch, steps: int) -> list[float]:
     """Seconds per step of compute_loss + backward + AdamW on one prepared batch, nothing around it."""
+    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     generator = torch.Generator().manual_seed(0)
     times = []
@@ -138,12 +149,14 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")  # a cold compile, not the disk cache's
         print(f"generating {args.clips} FaceVid-Synth clips, {FRAMES + 8} frames at {RESOLUTION} px ...", flush=True)
         manifest = synth.generate(work / "synth256", num_clips=args.clips, num_frames=FRAMES + 8,
                                   resolution=RESOLUTION, fps=12.0, seed=0, progress=False)
         records = read_manifest(manifest)[0]
         dataset = VideoClipDataset(records, num_frames=FRAMES, resolution=RESOLUTION, seed=0)
-        rows = [("raw PyAV decode, this process", raw_decode(records, args.batches, 2))]
+        rows = [("raw PyAV decode, this process", raw_decode(records, args.batches, 2)),
+                ("dataset items + collate, this process", items_in_process(dataset, args.batches, 2))]
         for workers in (1, 2):
             rows.append((f"DataLoader on the fly, {workers} persistent worker(s)",
                          loader_rate(dataset, workers, args.batches, 2)))

@@ -84,11 +84,14 @@ def test_compiled_run_matches_eager_and_resumes(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), step
-    for folder in ("unet", "unet_ema"):  # saved weights: the same names, values within compile's rounding
+    for folder in ("unet", "unet_ema"):  # saved weights: the same names and nearly the same values
         x = load_file(eager / folder / "diffusion_pytorch_model.safetensors")
         y = load_file(compiled / folder / "diffusion_pytorch_model.safetensors")
         assert x.keys() == y.keys()
-        assert all(torch.allclose(x[k], y[k], rtol=1e-3, atol=1e-5) for k in x), folder
+        # AdamW moves a weight by at most ~lr per step whatever its gradient, so rounding differences in
+        # near-zero gradients can move single weights by up to 2 x lr x steps; typical ones agree far closer.
+        diff = torch.cat([(x[k] - y[k]).abs().flatten() for k in x])
+        assert diff.max() <= 2 * 1e-3 * 4 and diff.median() < 1e-5, (folder, diff.max(), diff.median())
     checkpoint = load_file(list_checkpoints(compiled)[-1] / "model.safetensors")
     assert not any("_orig_mod" in k for k in checkpoint)
 
