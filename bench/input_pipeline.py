@@ -41,7 +41,7 @@ from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips  # n
 from data.manifest import read_manifest  # noqa: E402
 from data.sampler import ShardedEpochSampler, training_loader  # noqa: E402
 from data.video import read_frames  # noqa: E402
-from facevid.compile import compile_model  # noqa: E402
+from facevid.compile import compile_model, repeated_blocks  # noqa: E402
 from facevid.config import load_config  # noqa: E402
 from facevid.stages import TextToVideoStage  # noqa: E402
 from facevid.trainer import Trainer  # noqa: E402
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=24)
     parser.add_argument("--batches", type=int, default=12, help="batches of 2 timed per loader measurement")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per training measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the input-pipeline rows")
     parser.add_argument("--skip-compile", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -155,45 +156,67 @@ def main() -> None:
                                   resolution=RESOLUTION, fps=12.0, seed=0, progress=False)
         records = read_manifest(manifest)[0]
         dataset = VideoClipDataset(records, num_frames=FRAMES, resolution=RESOLUTION, seed=0)
-        rows = [("raw PyAV decode, this process", raw_decode(records, args.batches, 2)),
-                ("dataset items + collate, this process", items_in_process(dataset, args.batches, 2))]
-        for workers in (1, 2):
-            rows.append((f"DataLoader on the fly, {workers} persistent worker(s)",
-                         loader_rate(dataset, workers, args.batches, 2)))
         cached = cached_dataset(records, work / "cache")
-        rows.append(("DataLoader from the latent cache, 1 worker", loader_rate(cached, 1, args.batches * 4, 2)))
-        raw = rows[0][1]
-        print(f"\n1. Input pipeline, {FRAMES} frames x {RESOLUTION} px, batches of 2 "
-              f"(torch threads {torch.get_num_threads()}):")
-        for name, rate in rows:
-            print(f"   {name:52s} {rate:8.1f} samples/s  ({rate / raw:.2f}x raw decode)")
+        measures = {
+            "raw PyAV decode, this process": lambda: raw_decode(records, args.batches, 2),
+            "dataset items + collate, this process": lambda: items_in_process(dataset, args.batches, 2),
+            "DataLoader on the fly, 1 persistent worker": lambda: loader_rate(dataset, 1, args.batches, 2),
+            "DataLoader on the fly, 2 persistent workers": lambda: loader_rate(dataset, 2, args.batches, 2),
+            "DataLoader from the latent cache, 1 worker": lambda: loader_rate(cached, 1, args.batches * 4, 2),
+        }
+        # Interleaved rounds, medians: the load of a shared machine drifts from minute to minute.
+        rates = {name: [] for name in measures}
+        for _ in range(args.rounds):
+            for name, measure in measures.items():
+                rates[name].append(measure())
+        raw = statistics.median(rates["raw PyAV decode, this process"])
+        print(f"\n1. Input pipeline, {FRAMES} frames x {RESOLUTION} px, batches of 2 (torch threads "
+              f"{torch.get_num_threads()}; median of {args.rounds} interleaved rounds):")
+        for name, values in rates.items():
+            rate = statistics.median(values)
+            print(f"   {name:46s} {rate:8.1f} samples/s  ({rate / raw:.2f}x raw decode; rounds "
+                  f"{', '.join(f'{v:.1f}' for v in values)})")
 
         vae = work / "vae"
         build_tiny_vae([32, 32], 1, 4).save_pretrained(vae)
         small = synth.generate(work / "synth32", num_clips=16, num_frames=16, resolution=32, fps=8.0, seed=1,
                                progress=False)
-        cfg = tiny_run_config(small, vae, work / "run", args.steps + 2)
-        trainer_s, trainer = trainer_step_time(cfg)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        batch = collate_clips([trainer.dataset[i] for i in range(2)])
-        bare = bare_step_times(model, trainer.stage, batch, args.steps + 2)[2:]
-        bare_s = statistics.median(bare)
+        trainer_steps, bare_steps = [], []
+        for round_ in range(2):  # trainer, bare, trainer, bare: the same minutes for both
+            cfg = tiny_run_config(small, vae, work / f"run{round_}", args.steps + 2)
+            trainer_s, trainer = trainer_step_time(cfg)
+            trainer_steps.append(trainer_s)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            batch = collate_clips([trainer.dataset[i] for i in range(2)])
+            bare_steps.append(statistics.median(bare_step_times(model, trainer.stage, batch, args.steps + 2)[2:]))
+        trainer_s, bare_s = statistics.median(trainer_steps), statistics.median(bare_steps)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"\n2. Trainer overhead, tiny t2v run ({params:.2f}M-param UNet, batch 2, 8x32x32 px clips, VAE and "
               f"text encoder on the fly, 1 worker):")
+        print(f"   (rounds: trainer {', '.join(f'{t * 1e3:.0f}' for t in trainer_steps)} ms, bare "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in bare_steps)} ms)")
         print(f"   trainer step {trainer_s * 1e3:.1f} ms, bare fwd/bwd/AdamW {bare_s * 1e3:.1f} ms: overhead "
               f"{(trainer_s - bare_s) * 1e3:.1f} ms per step ({(trainer_s - bare_s) / trainer_s:.0%})")
 
         if not args.skip_compile:
-            eager = bare_step_times(model, trainer.stage, batch, args.steps + 2)[2:]
+            blocks = repeated_blocks(model)
             compile_model(model, "blocks")
-            compiled = bare_step_times(model, trainer.stage, batch, args.steps + 2)
-            eager_s, compiled_s = statistics.median(eager), statistics.median(compiled[2:])
-            print("\n3. train.compile=blocks vs eager, the same bare step:")
-            print(f"   cold first step (compiles forward and backward) {compiled[0]:.1f} s")
+            compiled_calls = [b._compiled_call_impl for b in blocks]
+            cold = bare_step_times(model, trainer.stage, batch, 2)  # compiles forward and backward
+            eager_steps, compiled_steps = [], []
+            for _ in range(2):  # eager and compiled in turn (nn.Module.compile is a per-module switch)
+                for block in blocks:
+                    block._compiled_call_impl = None
+                eager_steps += bare_step_times(model, trainer.stage, batch, args.steps // 2)
+                for block, call in zip(blocks, compiled_calls):
+                    block._compiled_call_impl = call
+                compiled_steps += bare_step_times(model, trainer.stage, batch, args.steps // 2)
+            eager_s, compiled_s = statistics.median(eager_steps), statistics.median(compiled_steps)
+            print(f"\n3. train.compile=blocks ({len(blocks)} UNetLayer blocks) vs eager, the same bare step, "
+                  f"in turns:")
+            print(f"   cold first step (compiles forward and backward) {cold[0]:.1f} s, second {cold[1]:.2f} s")
             print(f"   steady step: eager {eager_s * 1e3:.1f} ms, compiled {compiled_s * 1e3:.1f} ms "
                   f"({eager_s / compiled_s:.2f}x)")
-
 
 if __name__ == "__main__":
     main()
