@@ -166,14 +166,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow  # two tiny training runs, ~30 s
-def test_no_host_sync_from_our_code_per_micro_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["t2v", "vae"])
+def test_no_host_sync_from_our_code_per_micro_step(tmp_path, monkeypatch, stage):
     """Reading a tensor on the host (.item(), bool(), float(), .tolist()) makes the host wait for the device. The
     project's own code may do it per optimizer step (the finiteness check) and per log interval, never per
-    micro-step: 3 optimizer steps with 4 micro-steps each read exactly as often as with 1."""
+    micro-step: 3 optimizer steps with 4 micro-steps each read exactly as often as with 1. The VAE stage runs
+    with its random training crop (vae.train_crop)."""
     from tiny import tiny_config, train_tiny_vae
 
     from data import synth
-    from facevid.stages import TextToVideoStage
+    from facevid.stages import STAGES
     from facevid.trainer import Trainer
 
     manifest = synth.generate(tmp_path / "synth", num_clips=8, num_frames=8, resolution=32, fps=8.0, seed=1,
@@ -196,9 +198,10 @@ def test_no_host_sync_from_our_code_per_micro_step(tmp_path, monkeypatch):
     per_run = {}
     for accumulation in (1, 4):
         reads.clear()
+        extra = ["vae.train_crop=8", "train.ema_decay=null"] if stage == "vae" else []
         cfg = tiny_config(manifest, tmp_path / f"run{accumulation}", "train.max_steps=3", "train.log_every=100",
-                          f"train.gradient_accumulation_steps={accumulation}", vae=vae)
-        Trainer(cfg, TextToVideoStage(cfg)).fit()
+                          f"train.gradient_accumulation_steps={accumulation}", *extra, stage=stage, vae=vae)
+        Trainer(cfg, STAGES[stage](cfg)).fit()
         per_run[accumulation] = sorted(reads)
     assert per_run[1], "no read counted at all: the counting does not work"
     assert per_run[4] == per_run[1]
