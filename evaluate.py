@@ -16,7 +16,7 @@ import sys
 from data.video import VideoDecodeError
 from evaluation.features import MissingWeightsError
 from evaluation.runner import METRICS, check_metrics
-from facevid.config import EvaluationConfig
+from facevid.schema import EvaluationConfig
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from data.video import VideoDecodeError
 from facevid.pipeline import FaceVidPipeline, load_first_frame, write_samples
-from facevid.stages import training_fps
+from facevid.stages.common import training_fps
 from facevid.tasks import check_request
 
 

@@ -7,9 +7,12 @@ a plug-in's: plugin.module), the evaluation callback when eval.every > 0, and th
 import argparse
 import sys
 
-from facevid.config import ConfigError, load_config
+from facevid.checkpoints import CheckpointWriteError
+from facevid.config import load_config
+from facevid.health import NonFiniteLossError
+from facevid.schema import ConfigError
 from facevid.stages import build_stage
-from facevid.trainer import CheckpointWriteError, NonFiniteLossError, Trainer
+from facevid.trainer import Trainer
 
 
 def main(argv=None) -> int:

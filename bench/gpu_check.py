@@ -49,7 +49,7 @@ from data import synth  # noqa: E402
 from facevid.config import load_config  # noqa: E402
 from facevid.diffusion import build_noise_scheduler  # noqa: E402
 from facevid.objective import Objective  # noqa: E402
-from facevid.stages import build_unet  # noqa: E402
+from facevid.stages.text_to_video import build_unet  # noqa: E402
 from models.attention import xformers_available  # noqa: E402
 
 RECIPE = REPO / "configs" / "t2v_256.yaml"

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.cache import LatentCache  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
-from facevid.diffusion import frame_motion  # noqa: E402
+from demo.aids import frame_motion  # noqa: E402
 from models.vae import load_vae  # noqa: E402
 
 

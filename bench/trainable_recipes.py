@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import interleaved_median_seconds  # noqa: E402
 from facevid.config import load_config  # noqa: E402
 from facevid.ema import trainable_parameters  # noqa: E402
-from facevid.stages import build_unet  # noqa: E402
+from facevid.stages.text_to_video import build_unet  # noqa: E402
 from facevid.trainable import select_trainable  # noqa: E402
 from models.pretrained import facevid_config_from_unet2d, facevid_config_from_unet3d  # noqa: E402
 from models.unet3d import FaceVidUNet3D  # noqa: E402

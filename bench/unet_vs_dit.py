@@ -7,8 +7,8 @@ needs a real training budget; README).
     python bench/unet_vs_dit.py --batch 8 --device cuda
 
 Activation memory: on CUDA the peak allocated during forward + backward minus the memory before it; on CPU the
-bytes autograd saves for backward (saved_tensors_hooks), which misses what checkpoint boundaries keep, so the CPU
-figure with checkpointing is a lower bound.
+bytes autograd saves for backward (bench/activations.py: each storage once, parameters left out), which misses what
+checkpoint boundaries keep, so the CPU figure with checkpointing is a lower bound.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.activations import SavedForBackward  # noqa: E402
 from facevid.config import load_config  # noqa: E402
-from facevid.diffusion import DiffusionObjective, build_noise_scheduler  # noqa: E402
-from facevid.stages import BACKBONES  # noqa: E402
+from facevid.diffusion import build_noise_scheduler  # noqa: E402
+from facevid.objective import Objective  # noqa: E402
+from facevid.stages.text_to_video import BACKBONES  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -44,7 +46,7 @@ def measure(model, cfg, args, checkpointing: bool) -> dict:
         model.enable_gradient_checkpointing()
     else:
         model.disable_gradient_checkpointing()
-    objective = DiffusionObjective(build_noise_scheduler(cfg.diffusion), cfg.diffusion)
+    objective = Objective.from_config(cfg.diffusion, build_noise_scheduler(cfg.diffusion))
     latents = torch.randn(args.batch, 4, args.frames, args.latent, args.latent, device=device)
     text = torch.randn(args.batch, args.text_tokens, args.text_width, device=device)
     generator = torch.Generator(device).manual_seed(0)
@@ -65,16 +67,10 @@ def measure(model, cfg, args, checkpointing: bool) -> dict:
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - before
     else:
-        saved = []
-
-        def pack(tensor):
-            saved.append(tensor.numel() * tensor.element_size())
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with SavedForBackward(model) as saved:
             value = loss()
         value.backward()
-        activations = sum(saved)
+        activations = saved.bytes
     model.zero_grad(set_to_none=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

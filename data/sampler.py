@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+T = TypeVar("T")
 
-class ShardedEpochSampler(Sampler[int]):
+
+class _EpochSampler(Sampler[T]):
+    """What the samplers below share: this rank's place among `num_replicas`, and the (seed, epoch, start_batch)
+    state their order depends on alone, so `set_epoch` resumes exactly."""
+
+    def __init__(self, batch_size: int, num_replicas: int, rank: int, seed: int):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+
+class ShardedEpochSampler(_EpochSampler[int]):
     """Shuffles once per epoch from (seed, epoch), hands each rank an equal share, can start mid-epoch.
 
     Every rank gets the same number of full batches, so data-parallel ranks stay in lock-step; a
@@ -22,24 +43,13 @@ class ShardedEpochSampler(Sampler[int]):
                  seed: int = 0, shuffle: bool = True):
         if num_items < 1:
             raise ValueError("the dataset is empty: no clip to sample from")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        super().__init__(batch_size, num_replicas, rank, seed)
         self.num_items = num_items
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
         self.shuffle = shuffle
-        self.epoch = 0
-        self.start_batch = 0
 
     @property
     def batches_per_epoch(self) -> int:
         return max(1, self.num_items // (self.batch_size * self.num_replicas))
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
 
     def epoch_indices(self) -> np.ndarray:
         """This rank's indices for the whole current epoch."""
@@ -57,7 +67,7 @@ class ShardedEpochSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
-class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+class BucketBatchSampler(_EpochSampler[list[tuple[int, int]]]):
     """Batches of (clip index, bucket index), every batch from one bucket (data/buckets.py), for a DataLoader's
     `batch_sampler`.
 
@@ -71,14 +81,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, bucket_of: list[int | None], batch_size: int, num_replicas: int = 1, rank: int = 0,
                  seed: int = 0):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
+        super().__init__(batch_size, num_replicas, rank, seed)
         global_batch = batch_size * num_replicas
         buckets = sorted({b for b in bucket_of if b is not None})
         self.members = {b: np.array([i for i, x in enumerate(bucket_of) if x == b]) for b in buckets}
@@ -92,10 +95,6 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
     def batches_per_epoch(self) -> int:
         global_batch = self.batch_size * self.num_replicas
         return sum(len(m) // global_batch for m in self.members.values())
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
 
     def epoch_batches(self) -> list[tuple[int, np.ndarray]]:
         """(bucket, clip indices of one global batch) for every step of the current epoch, in order."""
@@ -116,7 +115,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.batches_per_epoch - self.start_batch
 
 
-class JointBatchSampler(Sampler[list[tuple[int, bool]]]):
+class JointBatchSampler(_EpochSampler[list[tuple[int, bool]]]):
     """Joint image + video training: batches of (record index, image) for a DataLoader's `batch_sampler`, each
     batch all video windows or all still images (JointImageVideoDataset, data/dataset.py).
 
@@ -130,8 +129,7 @@ class JointBatchSampler(Sampler[list[tuple[int, bool]]]):
 
     def __init__(self, video_indices: list[int], image_indices: list[int], batch_size: int, image_share: float,
                  num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        super().__init__(batch_size, num_replicas, rank, seed)
         if not 0.0 <= image_share <= 1.0:
             raise ValueError(f"image_share must be in [0, 1], got {image_share}")
         if image_share < 1.0 and not video_indices:
@@ -140,13 +138,7 @@ class JointBatchSampler(Sampler[list[tuple[int, bool]]]):
             raise ValueError("no image to fill the image batches (image share > 0)")
         self.video_indices = np.asarray(video_indices, dtype=np.int64)
         self.image_indices = np.asarray(image_indices, dtype=np.int64)
-        self.batch_size = batch_size
         self.image_share = image_share
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -154,10 +146,6 @@ class JointBatchSampler(Sampler[list[tuple[int, bool]]]):
         if self.image_share == 1.0:
             return max(1, len(self.image_indices) // global_batch)
         return max(1, round(max(1, len(self.video_indices) // global_batch) / (1.0 - self.image_share)))
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
 
     def image_steps(self) -> np.ndarray:
         """Whether each step of the current epoch is an image batch (the same on every rank)."""

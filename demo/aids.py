@@ -35,8 +35,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from facevid.config import ConfigError, RunConfig
 from facevid.objective import LossWeighting, Objective, Parameterization
+from facevid.schema import ConfigError, RunConfig
 from facevid.stages import TextToVideoStage, VAEStage
 from models.unet3d import FaceVidUNet3D
 
@@ -268,8 +268,10 @@ class DemoUNet3D(FaceVidUNet3D):
         # FaceVidUNet3D's arguments reach it through **kwargs: from_pretrained must keep them too.
         return ConfigMixin._get_init_keys(input_class) | ConfigMixin._get_init_keys(FaceVidUNet3D)
 
-    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None, condition=None):
-        out = super().forward(sample, timestep, encoder_hidden_states, encoder_attention_mask, condition)
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None, condition=None,
+                temporal=True):
+        # temporal=False: a still-image batch of joint image + video training (the layout prior still applies).
+        out = super().forward(sample, timestep, encoder_hidden_states, encoder_attention_mask, condition, temporal)
         model_input = sample if condition is None else torch.cat([sample, condition], dim=1)
         temb, pooled_text = self.embed_conditions(timestep, encoder_hidden_states, encoder_attention_mask,
                                                   model_input)

@@ -7,8 +7,8 @@ from pathlib import Path
 from evaluation.prompts import prompts_from_file, prompts_from_manifest
 from evaluation.report import results_table
 from evaluation.runner import evaluate_run, load_extractors
-from facevid.config import EvaluationConfig
 from facevid.curves import plot_training_curves
+from facevid.schema import EvaluationConfig
 
 
 def run_cli(args, config: EvaluationConfig, device: str) -> int:

@@ -22,6 +22,8 @@ from evaluation.plots import comparison_sheet
 
 _COLUMNS = ["Model", "Training set", "Eval set", "Videos", "FVD ↓", "FID ↓", "CLIP score ↑", "Frame consistency ↑",
             "Attribute acc. ↑", "Exact match ↑"]
+# The alignment blocks measured on real clips, beside the generated videos' own: (key in the result, column label).
+_REFERENCES = (("reference_real", "real clips"), ("reference_vae", "real via VAE"))
 
 
 def _number(value, digits: int = 1) -> str:
@@ -94,8 +96,7 @@ def attribute_table(alignment: dict) -> str:
     """Per-attribute accuracy: generated videos (all, and per held-out group) next to the chance
     level and the two references (real clips; real clips through the run's VAE)."""
     groups = alignment.get("groups", {})
-    references = [(k, label) for k, label in (("reference_real", "real clips"), ("reference_vae", "real via VAE"))
-                  if k in alignment]
+    references = [(k, label) for k, label in _REFERENCES if k in alignment]
     header = ["Attribute", "Chance", "Generated"] + [f"Generated, {g}" for g in groups] + [r[1] for r in references]
     rows = []
     for name in list(synth.ATTRIBUTES) + ["mean", "exact match"]:
@@ -115,9 +116,7 @@ def attribute_table(alignment: dict) -> str:
 
 def motion_table(alignment: dict) -> str:
     """Mean |frame t+1 - frame t| of the generated videos next to the real references, per prompted action."""
-    blocks = [("Generated", alignment)] + [(label, alignment[k]) for k, label in
-                                          (("reference_real", "real clips"), ("reference_vae", "real via VAE"))
-                                          if k in alignment]
+    blocks = [("Generated", alignment)] + [(label, alignment[k]) for k, label in _REFERENCES if k in alignment]
     actions = list(alignment["frame_change"]["by_action"])
     rows = [[a] + [f"{b['frame_change']['by_action'][a]:.2f}" for _, b in blocks] for a in actions]
     rows.append(["all"] + [f"{b['frame_change']['mean']:.2f}" for _, b in blocks])
@@ -135,21 +134,20 @@ def confusion_table(alignment: dict) -> str:
 def notes(result: dict) -> list[str]:
     """What each number was computed on."""
     m, g = result["metrics"], result["generation"]
-    out = [f"Generation: {g['num_videos']} videos of {g['num_frames']} frames at {g['resolution']} px, "
+    played = f" played at {g['fps']:g} fps" if g.get("fps") else ""
+    out = [f"Generation: {g['num_videos']} videos of {g['num_frames']} frames at {g['resolution']} px{played}, "
            f"{g['scheduler']} {g['steps']} steps, guidance {g['guidance_scale']}, seeds {g['seed']}.."
            f"{g['seed'] + g['num_videos'] - 1}."]
     if "fvd" in m:
         f = m["fvd"]
-        out.append(f"FVD: I3D features of {f['num_real_videos']} real and {f['num_generated_videos']} generated videos "
-                   f"({f['frames_per_video']} frames, fed to I3D as {f['frames_fed_to_i3d']}).")
-        if "protocol" in f:
-            out.append(protocol_note("FVD", f["protocol"]))
+        out += _frechet_notes("FVD", f, f"I3D features of {f['num_real_videos']} real and {f['num_generated_videos']} "
+                                        f"generated videos ({f['frames_per_video']} frames, fed to I3D as "
+                                        f"{f['frames_fed_to_i3d']})")
     if "fid" in m:
         f = m["fid"]
-        out.append(f"FID: Inception features of {f['num_real_frames']} real frames ({f['num_real_videos']} videos) and "
-                   f"{f['num_generated_frames']} generated frames ({f['num_generated_videos']} videos).")
-        if "protocol" in f:
-            out.append(protocol_note("FID", f["protocol"]))
+        out += _frechet_notes("FID", f, f"Inception features of {f['num_real_frames']} real frames "
+                                        f"({f['num_real_videos']} videos) and {f['num_generated_frames']} generated "
+                                        f"frames ({f['num_generated_videos']} videos)")
     if "clip" in m:
         c = m["clip"]
         out.append(f"CLIP score: 100 x cosine(prompt, frame), mean over {c['frames_per_video']} frames x "
@@ -160,6 +158,11 @@ def notes(result: dict) -> list[str]:
                    f"attributes; attribute acc. = mean over the 9 attributes (chance in brackets), exact match = all 9 "
                    f"right.")
     return out
+
+
+def _frechet_notes(name: str, metric: dict, features: str) -> list[str]:
+    """What a Frechet distance was computed on: its features, then its protocol when the result records one."""
+    return [f"{name}: {features}."] + ([protocol_note(name, metric["protocol"])] if "protocol" in metric else [])
 
 
 def markdown_report(result: dict) -> str:
@@ -178,7 +181,8 @@ def markdown_report(result: dict) -> str:
 
 def write_report(result: dict, out_dir: str | Path, prompts, generated: np.ndarray, real: np.ndarray | None,
                  config, paired: bool = True) -> dict[str, str]:
-    """metrics.json, metrics.md, samples.png (generated above real, first videos); mp4s on request.
+    """metrics.json, metrics.md, samples.png (generated above real, first videos); mp4s on request, played at
+    result["generation"]["fps"] (the run's training fps, so motion plays at the speed the model learnt).
     Unpaired real clips (a prompt file against a manifest) are labelled as reference clips."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +192,7 @@ def write_report(result: dict, out_dir: str | Path, prompts, generated: np.ndarr
                      real_label="real" if paired else "reference clip")
     if config.save_videos:
         for i, video in enumerate(generated):
-            write_video(out_dir / "videos" / f"{i:03d}.mp4", video, fps=8.0)
+            write_video(out_dir / "videos" / f"{i:03d}.mp4", video, fps=result["generation"]["fps"])
         files["videos"] = out_dir / "videos"
     files = {k: str(v) for k, v in files.items()}
     metrics = {k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in result["metrics"].items()}

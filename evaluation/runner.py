@@ -24,8 +24,8 @@ from evaluation.prompts import (
     prompts_from_manifest,
     render_reference,
 )
-from facevid.config import EVAL_METRICS as METRICS
-from facevid.config import EvaluationConfig
+from facevid.schema import EVAL_METRICS as METRICS
+from facevid.schema import EvaluationConfig
 
 logger = logging.getLogger("facevid")
 
@@ -203,6 +203,7 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
     of training does not change the training run.
     """
     from evaluation.report import write_report
+    from facevid.stages.common import training_fps
 
     config = config or EvaluationConfig()
     run_dir = Path(run_dir)
@@ -266,7 +267,8 @@ def evaluate_run(run_dir: str | Path, *, pipeline=None, prompts: Sequence[EvalPr
         "generation": {"num_videos": len(prompts), "num_frames": num_frames, "resolution": resolution,
                        "seed": config.seed, "steps": config.steps or run_config.sample.num_inference_steps,
                        "guidance_scale": config.guidance_scale or run_config.sample.guidance_scale,
-                       "scheduler": config.scheduler or run_config.sample.scheduler},
+                       "scheduler": config.scheduler or run_config.sample.scheduler,
+                       "fps": training_fps(run_config)},  # what saved videos play at: sample.py's default
         "metrics": results, "timing": timings, "config": asdict(config),
     }
     if write:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from evaluation.prompts import heldout_prompts, prompts_from_file
 from evaluation.runner import evaluate_run, flat_metrics, load_extractors
-from facevid.config import ConfigError, RunConfig
+from facevid.schema import ConfigError, RunConfig
 
 logger = logging.getLogger("facevid")
 

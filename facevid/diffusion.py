@@ -8,7 +8,7 @@ import math
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from facevid.config import ConfigError, DiffusionConfig
+from facevid.schema import ConfigError, DiffusionConfig
 from models.pretrained import pretrained_scheduler_config
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
@@ -70,7 +70,11 @@ def build_sampler(train_scheduler_config, name: str):
     """An inference scheduler that shares the training schedule (betas, prediction type)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SAMPLERS)}")
-    extra = {}
+    # The spacing is always passed: a config held in memory lists the keys it left at their defaults
+    # (`_use_default_values`), and from_config gives those the sampler's own defaults ("linspace" for DPM++),
+    # while the same config read back from scheduler_config.json names "leading". Validation (in memory) and
+    # sample.py / export (from the file) must draw the same timesteps.
+    extra = {"timestep_spacing": train_scheduler_config.get("timestep_spacing", "leading")}
     if train_scheduler_config.get("rescale_betas_zero_snr"):
         # A zero-terminal-SNR model must start sampling from the pure-noise step.
         extra["timestep_spacing"] = "trailing"

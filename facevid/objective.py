@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from facevid.config import DiffusionConfig
+from facevid.schema import DiffusionConfig
 
 
 def video_noise(shape, generator: torch.Generator, frame_correlation: float = 0.0, device=None,

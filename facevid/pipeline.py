@@ -16,10 +16,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.video import center_crop_resize, frames_to_tensor, read_frames, tensor_to_frames
-from facevid.config import RunConfig, import_plugin, load_config, resolve_pretrained
+from facevid.config import load_config
 from facevid.diffusion import build_sampler
+from facevid.hub import resolve_pretrained
 from facevid.objective import Objective
+from facevid.schema import RunConfig
 from facevid.tasks import check_request, condition_channels, first_frame_condition
+from facevid.validation import import_plugin
 from models.backbones import BACKBONE_CLASSES, load_backbone
 from models.lora import load_lora, lora_folder, merge_lora
 from models.text_encoder import FrozenTextEncoder

@@ -24,7 +24,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from facevid.config import ConfigError, RunConfig
+from facevid.schema import ConfigError, RunConfig
 from models.pretrained import TEMPORAL_MODULES
 
 logger = logging.getLogger("facevid")

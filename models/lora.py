@@ -165,7 +165,7 @@ def without_lora(unet: nn.Module):
 
 
 def lora_folder(run_dir: str | Path, use_ema: bool = True) -> Path | None:
-    """A LoRA run's adapter folder (facevid/stages.py writes lora/ and, with EMA, lora_ema/); None otherwise."""
+    """A LoRA run's adapter folder (facevid/stages/text_to_video.py writes lora/ and, with EMA, lora_ema/); None otherwise."""
     for name in ("lora_ema", "lora") if use_ema else ("lora",):
         if (Path(run_dir) / name / LORA_WEIGHT_NAME).is_file():
             return Path(run_dir) / name

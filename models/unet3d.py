@@ -35,8 +35,11 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.activations import GEGLU
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import TemporalConvLayer
+from diffusers.models.upsampling import Upsample2D
 from einops import rearrange
 from torch import nn
 
@@ -60,20 +63,9 @@ def interleaved_sinusoids(num_frames: int, dim: int, device=None) -> torch.Tenso
     return table
 
 
-class GEGLU(nn.Module):
-    """Linear to 2x the width, then value * gelu(gate) (the feed-forward input of Stable Diffusion's UNets)."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
 def feed_forward(dim: int, dropout: float, activation: str = "gelu", mult: int = 4) -> nn.Sequential:
-    """The last module is always the output Linear (callers zero-initialise it)."""
+    """The last module is always the output Linear (callers zero-initialise it). "geglu" is diffusers' GEGLU
+    (value * gelu(gate), Stable Diffusion's feed-forward input), whose `proj` keeps the key names."""
     if activation == "geglu":
         return nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
     return nn.Sequential(
@@ -108,30 +100,6 @@ class ResnetBlock(nn.Module):
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.shortcut(x) + h
-
-
-class TemporalConv(nn.Module):
-    """UNet3DConditionModel's TemporalConvLayer: four (GroupNorm, SiLU, [Dropout], Conv3d over 3 frames) stages on
-    the whole video, added to the input. The last conv starts at zero, so the block starts as the identity."""
-
-    def __init__(self, channels: int, groups: int, dropout: float):
-        super().__init__()
-
-        def stage(with_dropout: bool) -> nn.Sequential:
-            dropout_layer = [nn.Dropout(dropout)] if with_dropout else []
-            return nn.Sequential(
-                nn.GroupNorm(groups, channels), nn.SiLU(), *dropout_layer,
-                nn.Conv3d(channels, channels, kernel_size=(3, 1, 1), padding=(1, 0, 0)),
-            )
-
-        self.conv1, self.conv2, self.conv3, self.conv4 = stage(False), stage(True), stage(True), stage(True)
-        nn.init.zeros_(self.conv4[-1].weight)
-        nn.init.zeros_(self.conv4[-1].bias)
-
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        video = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
-        out = video + self.conv4(self.conv3(self.conv2(self.conv1(video))))
-        return rearrange(out, "b c f h w -> (b f) c h w")
 
 
 class SpatialTransformer(nn.Module):
@@ -274,7 +242,7 @@ class TemporalTransformer(nn.Module):
 
 
 class UNetLayer(nn.Module):
-    """[ResnetBlock] -> [TemporalConv] -> [SpatialTransformer] -> [TemporalTransformer]; any may be absent.
+    """[ResnetBlock] -> [TemporalConvLayer] -> [SpatialTransformer] -> [TemporalTransformer]; any may be absent.
 
     With gradient checkpointing on (ModelMixin.enable_gradient_checkpointing sets `gradient_checkpointing` and
     `_gradient_checkpointing_func` on this module), each sub-block keeps only its inputs for backward and
@@ -286,7 +254,7 @@ class UNetLayer(nn.Module):
         resnet: ResnetBlock | None,
         spatial: SpatialTransformer | None = None,
         temporal: TemporalTransformer | None = None,
-        temporal_conv: TemporalConv | None = None,
+        temporal_conv: TemporalConvLayer | None = None,
     ):
         super().__init__()
         self.resnet = resnet
@@ -314,17 +282,6 @@ class UNetLayer(nn.Module):
         if self.temporal is not None and temporal:
             x = self._maybe_checkpoint(self.temporal, x, num_frames)
         return x
-
-
-class Upsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv (no checkerboard artefacts, unlike transposed convs)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -363,7 +320,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
         dropout: dropout in resnets, attention outputs and feed-forwards.
         norm_eps: epsilon of the ResnetBlock and output GroupNorms.
         ff_activation: "gelu" (Linear, GELU, Linear) or "geglu" (Stable Diffusion's gated GELU) feed-forwards.
-        temporal_conv: a TemporalConv (UNet3DConditionModel's TemporalConvLayer) after every ResnetBlock.
+        temporal_conv: a TemporalConvLayer (UNet3DConditionModel's, from diffusers) after every ResnetBlock.
         temporal_block: "attention" (FaceVid's), "transformer" (UNet3DConditionModel's) or "animatediff" (an
             AnimateDiff motion module: always 8 heads, GEGLU feed-forward with ff_activation="geglu"), see
             TemporalTransformer.
@@ -465,7 +422,7 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
             resnet = ResnetBlock(in_ch, out_ch, temb_channels, norm_num_groups, dropout, norm_eps)
             spatial_block = temporal_block_ = temporal_conv_block = None
             if temporal_conv:
-                temporal_conv_block = TemporalConv(out_ch, norm_num_groups, dropout)
+                temporal_conv_block = TemporalConvLayer(out_ch, dropout=dropout, norm_num_groups=norm_num_groups)
             if spatial:
                 spatial_block = SpatialTransformer(
                     out_ch, heads, cross_attention_dim, norm_num_groups, dropout, attention_backend, ff_activation
@@ -541,7 +498,8 @@ class FaceVidUNet3D(ModelMixin, ConfigMixin):
                 channels = block_out_channels[level]
             self.up_layers.append(layers)
             if level > 0:
-                self.upsamplers.append(Upsample(channels))
+                # Nearest 2x then a 3x3 conv (no checkerboard artefacts, unlike transposed convs).
+                self.upsamplers.append(Upsample2D(channels, use_conv=True))
 
         self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)

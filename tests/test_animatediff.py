@@ -13,7 +13,8 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from safetensors.torch import save_file
 from torch import nn
 
-from facevid.config import ConfigError, load_config
+from facevid.config import load_config
+from facevid.schema import ConfigError
 from models.animatediff import (
     diffusers_to_original,
     from_unet2d_and_motion,

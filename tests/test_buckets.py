@@ -22,7 +22,8 @@ from data.buckets import (
 )
 from data.manifest import ClipRecord, write_manifest
 from data.sampler import BucketBatchSampler
-from facevid.config import ConfigError, load_config
+from facevid.config import load_config
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer
 

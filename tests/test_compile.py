@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from tiny import tiny_config, train_tiny_vae
 
 from data import synth
+from facevid.checkpoints import list_checkpoints
 from facevid.compile import compile_model, repeated_blocks
 from facevid.config import ConfigError, load_config, validate
 from facevid.stages import TextToVideoStage
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.dit import FaceVidDiT
 from models.unet3d import FaceVidUNet3D
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from facevid.config import ConfigError, load_config, save_config
+from facevid.config import load_config, save_config
+from facevid.schema import ConfigError
 
 
 @pytest.fixture

@@ -171,7 +171,9 @@ def test_window_longer_than_every_clip_is_a_config_error(tmp_path, make_video):
     import json
 
     from data.manifest import read_manifest
-    from facevid.config import ConfigError, load_config, validate_clips
+    from facevid.config import load_config
+    from facevid.schema import ConfigError
+    from facevid.validation import validate_clips
 
     for name, frames in (("a", 10), ("b", 12)):
         make_video(f"{name}.mp4", num_frames=frames, fps=FPS)

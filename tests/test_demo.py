@@ -24,10 +24,11 @@ from demo.aids import (
     motion_weights,
     scale_motion,
 )
-from facevid.config import ConfigError, DiffusionConfig, load_config
+from facevid.config import load_config
 from facevid.diffusion import build_noise_scheduler, build_sampler
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline
+from facevid.schema import ConfigError, DiffusionConfig
 from facevid.stages import build_stage
 from models.unet3d import FaceVidUNet3D
 from models.vae import decode_latents, sample_latents
@@ -317,6 +318,15 @@ def test_text_motion_frames_add_a_zero_mean_per_frame_part_to_the_layout():
         torch.testing.assert_close(motion_of(sample=torch.randn_like(inputs["sample"])), motion, atol=1e-5, rtol=0)
         one_frame = {k: v[:, :, :1] if k == "sample" else v for k, v in inputs.items()}
         assert motion_of(**one_frame).abs().max() < 1e-5  # a single frame has no motion to add
+
+
+def test_text_layout_is_added_to_still_image_batches_which_skip_the_temporal_layers():
+    """Joint image + video training calls the model with temporal=False; the demo UNet passes it on (otherwise its
+    trained temporal layers would act, and the difference to the plain UNet would not be the layout alone)."""
+    with torch.no_grad():
+        inputs, layout_of = added_output({}, {"text_layout_size": 4}, "text_layout_")
+        one_frame = {**inputs, "sample": inputs["sample"][:, :, :1]}
+        torch.testing.assert_close(layout_of(**one_frame, temporal=False), layout_of(**one_frame), atol=1e-5, rtol=0)
 
 
 def test_demo_unet_saves_and_loads_with_its_core_arguments(tmp_path):

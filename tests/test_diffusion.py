@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from facevid.config import DiffusionConfig
 from facevid.diffusion import build_noise_scheduler, build_sampler
 from facevid.objective import (
     LossWeighting,
@@ -12,6 +11,7 @@ from facevid.objective import (
     Parameterization,
     video_noise,
 )
+from facevid.schema import DiffusionConfig
 
 
 def _objective(**kw):
@@ -74,6 +74,21 @@ def test_zero_terminal_snr_and_samplers():
         assert sampler.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="ddim, dpm"):
         build_sampler(scheduler.config, "euler")
+
+
+def test_samplers_take_the_same_timesteps_from_a_config_in_memory_and_from_its_file(tmp_path):
+    """Validation builds its sampler from the training scheduler's config in memory, sample.py and export from
+    scheduler_config.json: the same timesteps (they differed: DPM++ fell back to its own default spacing)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = build_noise_scheduler(DiffusionConfig())
+    scheduler.save_pretrained(tmp_path)
+    from_file = DDPMScheduler.load_config(tmp_path)
+    for name in ("dpm++", "ddim"):
+        in_memory, saved = build_sampler(scheduler.config, name), build_sampler(from_file, name)
+        in_memory.set_timesteps(25), saved.set_timesteps(25)
+        assert torch.equal(in_memory.timesteps, saved.timesteps), name
+        assert in_memory.config.timestep_spacing == "leading"
 
 
 def test_video_noise_frame_correlation():

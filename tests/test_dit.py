@@ -12,19 +12,18 @@ import task_runs
 import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
+from runs import assert_same_weights, fixed_batch_losses, losses, train_straight_and_resumed
 from safetensors.torch import load_file
 from test_engines import FSDP2_ENV, _join_group, run_two_ranks
 from test_export import run_fresh_interpreter
-from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
-from facevid.config import ConfigError, DiffusionConfig, load_config
-from facevid.diffusion import build_noise_scheduler
-from facevid.objective import Objective
+from facevid.config import load_config
 from facevid.pipeline import FaceVidPipeline, load_first_frame
-from facevid.stages import BACKBONES, TextToVideoStage, build_dit
+from facevid.schema import ConfigError
+from facevid.stages import TextToVideoStage
+from facevid.stages.text_to_video import BACKBONES, build_dit
 from facevid.tasks import condition_channels
-from facevid.trainer import Trainer, list_checkpoints
 from models.backbones import load_backbone
 from models.dit import DiTBlock, FaceVidDiT, sincos_3d
 
@@ -142,19 +141,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = FaceVidDiT(in_channels=4, cross_attention_dim=384, hidden_size=64, depth=2, num_heads=4)
-    cfg = DiffusionConfig()
-    objective = Objective.from_config(cfg, build_noise_scheduler(cfg))
-    latents, text = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 384)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    history = []
-    for _ in range(25):
-        # The same noise and timesteps every step: a fixed problem the model must fit.
-        loss = objective.loss(lambda x, t: model(x, t, text), latents, torch.Generator().manual_seed(0))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = fixed_batch_losses(FaceVidDiT(in_channels=4, cross_attention_dim=384, hidden_size=64, depth=2,
+                                            num_heads=4))
     assert history[-1] < 0.5 * history[0]
 
 
@@ -249,26 +237,22 @@ def test_dit_export_loads_in_a_fresh_process(dit_i2v_run, tmp_path_factory, tmp_
 
 def test_uncond_dit_run_samples_without_a_prompt(tmp_path_factory):
     run = task_runs.trained_run(tmp_path_factory, "dit_uncond", *DIT, "task=uncond", "unet.dit.attention=full")
-    videos = FaceVidPipeline.from_run(run)(num_videos=2, **SAMPLING)
-    assert videos.shape == (2, 4, 16, 16, 3)
+    pipe = FaceVidPipeline.from_run(run)
+    assert pipe.task == "uncond" and type(pipe.unet) is FaceVidDiT and pipe.unet.config.attention == "full"
+    videos = pipe(num_videos=2, seed=3, **SAMPLING)
+    assert videos.shape == (2, 4, 16, 16, 3) and videos.dtype == np.uint8
+    assert not np.array_equal(videos[0], videos[1])  # one noise per video
+    assert np.array_equal(pipe(num_videos=1, seed=3, **SAMPLING)[0], videos[0])
 
 
 def test_exact_resume_of_a_dit_run(tmp_path_factory, tmp_path):
     """3 steps, SIGTERM, resume, 3 more == 6 uninterrupted: same losses, bit-identical weights and EMA."""
     manifest, vae = task_runs.synth_manifest(tmp_path_factory), task_runs.random_vae(tmp_path_factory)
     common = [*DIT, "train.max_steps=6", "data.num_workers=0"]
-    straight = tiny_config(manifest, tmp_path / "straight", *common, vae=vae)
-    Trainer(straight, TextToVideoStage(straight)).fit()
-    first = tiny_config(manifest, tmp_path / "resumed", *common, vae=vae)
-    Trainer(first, _PreemptedStage(first, at=3)).fit()
-    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000003"]
-    second = tiny_config(manifest, tmp_path / "resumed", *common, "resume=latest", vae=vae)
-    Trainer(second, TextToVideoStage(second)).fit()
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    for folder in ("unet", "unet_ema"):
-        a = load_file(tmp_path / "straight" / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(tmp_path / "resumed" / folder / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    straight, resumed = train_straight_and_resumed(
+        lambda run, *extra: tiny_config(manifest, run, *common, *extra, vae=vae), tmp_path, stop_at_step=3)
+    assert losses(straight) == losses(resumed)
+    assert_same_weights(straight, resumed)
 
 
 def _fsdp2_dit_rank(rank: int, port: int, wrap: str | None) -> None:
@@ -319,7 +303,7 @@ def test_the_dit_recipes_validate_and_have_their_stated_sizes(tmp_path, monkeypa
     from test_recipes import CONFIGS, load_recipe
 
     # Every check but the hub cache's (this machine has none of the recipe's hub models: an environment matter).
-    monkeypatch.setattr("facevid.config._check_hub_models", lambda cfg: None)
+    monkeypatch.setattr("facevid.validation.check_hub_models", lambda cfg: None)
     big = load_recipe("dit_256.yaml", tmp_path)
     assert big.unet.backbone == "dit" and (big.data.resolution, big.data.num_frames) == (256, 16)
     with torch.device("meta"):  # no memory for 664M parameters

@@ -1,14 +1,18 @@
-"""Distributed engines on the CPU (2 gloo ranks): FSDP2 shards, trains, checkpoints, resumes exactly and
-consolidates; a launch that asks for FSDP2 and would silently get DDP fails.
+"""Distributed engines on the CPU (2 gloo ranks): FSDP2 and DeepSpeed ZeRO-3 shard, train, checkpoint, resume
+exactly and consolidate; ZeRO-2 partitions the optimizer; a launch that asks for FSDP2 and would silently get DDP
+fails.
 
-Two kinds of tests: the engine alone on two forked ranks (seconds), and the production `accelerate launch
-train.py` with configs/accelerate/fsdp2_2proc_cpu.yaml. Every one checks that sharding is really in use
-(DTensor parameters, distributed_type FSDP, a checkpoint whose tensors are split over both ranks)."""
+Two kinds of tests: the engine alone on two forked ranks (seconds; ZeRO-3 ~40 s), and the production
+`accelerate launch train.py` with configs/accelerate/*_2proc_cpu.yaml. Every one checks that sharding is really
+in use (DTensor parameters and distributed_type FSDP; a DeepSpeedEngine at the right stage with partitioned
+parameters; a checkpoint whose tensors are split over both ranks)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,20 +28,26 @@ from tiny import TINY, train_tiny_vae
 
 from data import synth
 from data.video import read_frames, write_video
+from facevid.checkpoints import list_checkpoints
+from facevid.ema import ema_weights
 from facevid.engine import rank_share
 from facevid.pipeline import FaceVidPipeline
-from facevid.trainer import list_checkpoints
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_CPU = REPO / "configs/accelerate/fsdp2_2proc_cpu.yaml"
 DDP_CPU = REPO / "configs/accelerate/cpu_2proc.yaml"
 ZERO2_CPU = REPO / "configs/accelerate/zero2_2proc_cpu.yaml"
+ZERO3_CPU = REPO / "configs/accelerate/zero3_2proc_cpu.yaml"
 MULTI_NODE = REPO / "configs/accelerate/multi_node.yaml"
+HSDP_CPU = REPO / "configs/accelerate/hsdp_4proc_cpu.yaml"
 # What `accelerate launch --config_file configs/accelerate/fsdp2*.yaml` exports to the training processes.
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
              "FSDP_TRANSFORMER_CLS_TO_WRAP": "UNetLayer", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
              "FSDP_RESHARD_AFTER_FORWARD": "true"}
+# ... and with configs/accelerate/hsdp_4proc_cpu.yaml: 2 replicas x 2 shards.
+HSDP_ENV = {**FSDP2_ENV, "ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE": "2",
+            "PARALLELISM_CONFIG_DP_SHARD_SIZE": "2"}
 
 
 def free_port() -> int:
@@ -47,12 +57,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(fn, *args, timeout_s: float = 120) -> None:
-    """fn(rank, *args) on two forked processes forming one gloo group; a failure on either rank fails the
-    test, a hang is killed after timeout_s."""
+def run_two_ranks(fn, *args, timeout_s: float = 120, nprocs: int = 2) -> None:
+    """fn(rank, *args) on two (or nprocs) forked processes forming one gloo group; a failure on any rank fails
+    the test, a hang is killed after timeout_s."""
     from torch.multiprocessing import start_processes
 
-    context = start_processes(fn, args=(free_port(), *args), nprocs=2, start_method="fork", join=False)
+    context = start_processes(fn, args=(free_port(), *args), nprocs=nprocs, start_method="fork", join=False)
     deadline = time.time() + timeout_s
     while not context.join(timeout=2):
         if time.time() > deadline:
@@ -61,18 +71,21 @@ def run_two_ranks(fn, *args, timeout_s: float = 120) -> None:
             pytest.fail(f"2-rank run did not finish in {timeout_s} s")
 
 
-def _join_group(rank: int, port: int, extra_env: dict[str, str], timeout_s: int = 60):
-    """This process as `rank` of a 2-rank CPU group, built the way the Trainer builds it."""
-    from accelerate import Accelerator
+def _join_group(rank: int, port: int, extra_env: dict[str, str], timeout_s: int = 60, world: int = 2):
+    """This process as `rank` of a `world`-rank CPU group, built by the Trainer's own build_accelerator."""
     from accelerate.state import AcceleratorState
 
-    from facevid.engine import process_group_kwargs
+    from facevid.engine import build_accelerator
+    from facevid.schema import RunConfig
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra_env)
     AcceleratorState._reset_state(True)  # the fork inherits the parent's (single-process) state
-    return Accelerator(cpu=True, kwargs_handlers=[process_group_kwargs(timeout_s)])
+    cfg = RunConfig(output_dir=str(Path.cwd()))
+    cfg.train.tracker, cfg.train.process_group_timeout_s = "none", timeout_s
+    cfg.train.mixed_precision = extra_env.get("ACCELERATE_MIXED_PRECISION", "no")  # as the launcher would say
+    return build_accelerator(cfg, Path(cfg.output_dir))
 
 
 def tiny_unet() -> FaceVidUNet3D:
@@ -81,14 +94,16 @@ def tiny_unet() -> FaceVidUNet3D:
                          cross_attention_dim=8, temporal_feed_forward=True)
 
 
-def _fsdp2_engine_rank(rank: int, port: int, folder: str) -> None:
+def _fsdp2_engine_rank(rank: int, port: int, folder: str, world: int = 2) -> None:
+    """FSDP2 on 2 ranks; with world=4, HSDP: 2 replicas of a model sharded over 2 ranks each."""
     from accelerate.utils import DistributedType
     from diffusers.training_utils import EMAModel
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from facevid.engine import build_engine
 
-    acc = _join_group(rank, port, FSDP2_ENV)
+    acc = _join_group(rank, port, FSDP2_ENV if world == 2 else HSDP_ENV, world=world)
+    placements, mesh = ((Shard(0),), (2,)) if world == 2 else ((Replicate(), Shard(0)), (2, 2))
     engine = build_engine(acc)
     assert engine.name == "fsdp2" and acc.distributed_type == DistributedType.FSDP and acc.is_fsdp2
     unet = tiny_unet()
@@ -99,9 +114,10 @@ def _fsdp2_engine_rank(rank: int, port: int, folder: str) -> None:
     acc.register_for_checkpointing(ema)  # its counters (the decay warms up with them), as the Trainer does
     model, optimizer, scheduler = engine.prepare(unet, optimizer, scheduler, ema)
 
-    # Sharded: every parameter and its EMA shadow is a DTensor split along dim 0 over the two ranks.
+    # Sharded: every parameter and its EMA shadow is a DTensor split along dim 0 over two ranks (and, under
+    # HSDP, replicated over the two pairs).
     for p, shadow in zip(model.parameters(), ema.shadow_params):
-        assert isinstance(p, DTensor) and p.placements == (Shard(0),) and p.device_mesh.size() == 2
+        assert isinstance(p, DTensor) and p.placements == placements and tuple(p.device_mesh.shape) == mesh
         assert isinstance(shadow, DTensor) and shadow.placements == p.placements
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -145,6 +161,143 @@ def test_fsdp2_engine_shards_trains_resumes_and_consolidates(tmp_path):
     run_two_ranks(_fsdp2_engine_rank, str(tmp_path / "checkpoint"))
     shards = sorted(p.name for p in (tmp_path / "checkpoint" / "ema_shards").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own part of the EMA
+
+
+def test_hsdp_engine_replicates_shards_trains_resumes_and_consolidates(tmp_path):
+    """configs/accelerate/hsdp.yaml's mesh on 4 CPU ranks: the same checks as FSDP2's."""
+    run_two_ranks(_fsdp2_engine_rank, str(tmp_path / "checkpoint"), 4, nprocs=4, timeout_s=240)
+    assert (tmp_path / "checkpoint" / "ema_shards" / ".metadata").is_file()
+
+
+# What `accelerate launch --config_file configs/accelerate/zero3_2proc_cpu.yaml` exports (plus DS_ACCELERATOR).
+ZERO3_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "0.5",
+             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+             "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
+             "DS_ACCELERATOR": "cpu"}
+PERSISTENCE = 1000  # parameters below this many elements stay gathered (biases, norms): both kinds are tested
+
+
+def _zero3_engine_rank(rank: int, port: int, folder: str, mixed_precision: str) -> None:
+    import deepspeed
+    from accelerate.utils import DistributedType
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from diffusers.training_utils import EMAModel
+
+    from facevid.engine import _gather_slices, build_engine
+
+    acc = _join_group(rank, port, {**ZERO3_ENV, "ACCELERATE_MIXED_PRECISION": mixed_precision})
+    engine = build_engine(acc, SimpleNamespace(batch_size=2, max_grad_norm=0.5, gradient_accumulation_steps=1))
+    assert engine.name == "zero3" and acc.distributed_type == DistributedType.DEEPSPEED and not engine.replicated
+    acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
+    unet = tiny_unet()
+    initial = {k: v.clone() for k, v in unet.state_dict().items()}
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ema = EMAModel(list(unet.parameters()), decay=0.9)
+    acc.register_for_checkpointing(ema)  # its counters, as the Trainer does
+    model, optimizer, scheduler = engine.prepare(unet, optimizer, scheduler, ema)
+    module = acc.unwrap_model(model)
+    compute = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+    # The engine really is ZeRO-3: every parameter partitioned into a slice of about half of it, the large ones
+    # not gathered outside a forward (their .data is empty), and the EMA holds fp32 slices, not replicas.
+    assert isinstance(model, deepspeed.DeepSpeedEngine) and model.zero_optimization_stage() == 3
+    params = list(module.parameters())
+    assert all(p.ds_tensor.numel() == -(-p.ds_numel // 2) and p.ds_tensor.dtype == compute for p in params)
+    large = [p for p in params if p.ds_numel >= PERSISTENCE]
+    assert large and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.numel() == 0 for p in large)
+    assert all(s.dtype == torch.float32 and s.numel() == p.ds_tensor.numel() for s, p in zip(ema.shadow_params, params))
+    assert model.optimizer.gradient_accumulation_dtype == torch.float32  # also under bf16: fp32 sums, fp32 master
+    assert sum(p.ds_tensor.numel() for p in params) < 0.6 * sum(p.ds_numel for p in params)
+
+    def step(seed: int) -> float:
+        g = torch.Generator().manual_seed(seed * 2 + rank)  # each rank its own data, as in data parallelism
+        sample, text = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+        with acc.autocast():
+            loss = model(sample.to(compute), torch.tensor([10, 500]), text.to(compute)).float().pow(2).mean()
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(module.parameters())
+        return loss.item()
+
+    def full_weights() -> list[torch.Tensor]:
+        return [_gather_slices(p, p._z3_optimizer.get_local_fp32_param(p)) for p in params]
+
+    probe = torch.zeros(1, 4, 2, 8, 8, dtype=compute), 5, torch.zeros(1, 3, 8, dtype=compute)
+    step(1), step(2)
+    engine.save_state(Path(folder), ema)
+    losses = [step(3), step(4)]
+    weights, shadows = full_weights(), [_gather_slices(p, s) for p, s in zip(params, ema.shadow_params)]
+    engine.load_state(Path(folder), ema)  # back to step 2: model, optimizer and EMA slices
+    assert [step(3), step(4)] == losses
+    assert all(torch.equal(a, b) for a, b in zip(full_weights(), weights))
+    assert all(torch.equal(_gather_slices(p, s), w) for p, s, w in zip(params, ema.shadow_params, shadows))
+
+    # Validation with the EMA: every rank joins the forward; the training weights come back afterwards (also
+    # in the small always-gathered parameters).
+    with torch.no_grad():
+        before = module(*probe)
+        with engine.ema_weights(module, ema) as swapped:
+            with_ema = swapped(*probe)
+        after = module(*probe)
+    assert torch.equal(before, after) and not torch.equal(before, with_ema)
+    assert all(torch.equal(a, b) for a, b in zip(full_weights(), weights))
+    with torch.no_grad(), engine.ema_weights(module, None) as plain_module:  # validation without an EMA
+        assert torch.equal(plain_module(*probe), before)
+    assert all(p.numel() == 0 for p in params)  # nothing left gathered into training (persistent ones neither)
+
+    plain, plain_ema = engine.consolidated(model, ema)  # collective; rank 0 alone gets the full fp32 weights
+    if rank == 0:
+        assert type(plain) is FaceVidUNet3D and all(p.dtype == torch.float32 for p in plain.parameters())
+        assert all(p.is_meta for p in engine._skeleton.parameters())  # no full copy kept once the caller drops it
+        assert all(torch.equal(p, w) for p, w in zip(plain.parameters(), weights))
+        assert all(torch.equal(s, w) for s, w in zip(plain_ema.shadow_params, shadows))
+        assert not torch.equal(plain.state_dict()["conv_in.weight"], initial["conv_in.weight"])  # it trained
+        with torch.no_grad(), ema_weights(plain_ema, plain):  # the same forward by a plain model
+            alone = copy.deepcopy(plain).to(compute)(*probe)
+        # The same numbers (bitwise, measured), and far from the training weights' output (~0.3): the EMA
+        # really was swapped in, also into the small always-gathered parameters.
+        gap, off = (alone - with_ema).abs().max().item(), (alone - before).abs().max().item()
+        assert gap < 1e-5 and off > 1e-2, (gap, off)
+    else:
+        assert plain is None and plain_ema is None
+
+    # A checkpoint from another number of ranks is refused by name, before DeepSpeed reads anything.
+    other = Path(folder).with_name("other_world")
+    if rank == 0:
+        shutil.copytree(folder, other)
+        (other / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    torch.distributed.barrier()
+    with pytest.raises(RuntimeError, match="partitions of 1 rank.*this run has 2: resume with the number of ranks"):
+        engine.load_state(other, ema)
+
+    # The Trainer's NaN check before each checkpoint reads this rank's slices (.data is empty or a gathered copy).
+    from facevid.engine import local_shard
+    from facevid.health import weights_finite
+
+    assert weights_finite(module)
+    large[0].ds_tensor.data[0] = float("nan")
+    assert local_shard(large[0]) is large[0].ds_tensor and not weights_finite(module)
+    acc.end_training()
+
+
+@pytest.mark.slow  # DeepSpeed start-up: ~40 s per run on 2 cores
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_zero3_engine_partitions_trains_resumes_and_consolidates(mixed_precision, tmp_path):
+    pytest.importorskip("deepspeed")
+    run_two_ranks(_zero3_engine_rank, str(tmp_path / "checkpoint"), mixed_precision, timeout_s=240)
+    checkpoint = tmp_path / "checkpoint"
+    # DeepSpeed's own per-rank partition files, and one EMA file per rank with about half of the elements each.
+    assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("zero_pp_rank_*_model_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    sizes = [sum(t.numel() for t in torch.load(checkpoint / f"ema_partition_rank{r}.pt")["shadow_params"])
+             for r in (0, 1)]
+    total = sum(p.numel() for p in tiny_unet().parameters())
+    assert all(abs(size - total / 2) < 0.01 * total for size in sizes), (sizes, total)
 
 
 def _fallback_rank(rank: int, port: int, errors: str) -> None:
@@ -212,7 +365,9 @@ def test_unsupported_launch_configs_are_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(RuntimeError, match="ZeRO stage 3 is not supported"):
+    assert requested_engine() == "zero3"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "4")
+    with pytest.raises(RuntimeError, match="zero_stage 4; valid: 1, 2 or 3"):
         requested_engine()
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert requested_engine() == "zero2"
@@ -261,6 +416,20 @@ def launch(accelerate_config: Path, run: Path, manifest: Path, vae: Path, *overr
 def losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def assert_same_final_weights(run: Path, other: Path) -> None:
+    """The two runs' unet/ and unet_ema/ folders hold bit-identical tensors."""
+    for folder in ("unet", "unet_ema"):
+        a = load_file(run / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(other / folder / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def assert_losses_match(run: Path, reference: Path) -> None:
+    """Same steps logged, losses equal to float rounding (another engine sums in another order)."""
+    got, want = losses(run), losses(reference)
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)
 
 
 def split_over_ranks(dcp_folder: Path) -> dict[str, int]:
@@ -334,10 +503,7 @@ def test_fsdp2_launch_resumes_bit_identically(fsdp2_run, synth_manifest, tiny_va
     log = launch(FSDP2_CPU, run, synth_manifest, tiny_vae, "train.max_steps=4", "resume=latest")
     assert "resuming from" in log and "engine fsdp2" in log
     assert losses(run) == losses(straight)
-    for folder in ("unet", "unet_ema"):
-        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(run / folder / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    assert_same_final_weights(run, straight)
 
 
 @pytest.mark.slow
@@ -346,8 +512,30 @@ def test_fsdp2_and_ddp_train_the_same_model(fsdp2_run, synth_manifest, tiny_vae,
     straight, _ = fsdp2_run
     run = tmp_path / "ddp"
     launch(DDP_CPU, run, synth_manifest, tiny_vae, "train.max_steps=4")
-    fsdp, ddp = losses(straight), losses(run)
-    assert fsdp.keys() == ddp.keys() and all(abs(fsdp[s] - ddp[s]) <= 1e-5 * abs(ddp[s]) for s in ddp)
+    assert_losses_match(straight, run)
+
+
+@pytest.mark.slow  # two launches of 4 ranks on 2 cores
+def test_hsdp_launch_trains_on_a_2x2_mesh_and_resumes_bit_identically(synth_manifest, tiny_vae, tmp_path):
+    """`accelerate launch` with configs/accelerate/hsdp_4proc_cpu.yaml (4 ranks: 2 replicas x 2 shards) for 3
+    steps; the same run resumed from its step-2 checkpoint ends with the same losses and weights."""
+    import shutil
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    log = launch(HSDP_CPU, straight, synth_manifest, tiny_vae, "train.max_steps=3", "train.checkpoint_every=2",
+                 timeout_s=400)
+    assert "on 4 process(es), engine fsdp2" in log and "mesh {'dp_replicate': 2, 'dp_shard_cp': 2}" in log
+    shutil.copytree(straight, resumed)
+    for leftover in [list_checkpoints(resumed)[-1], resumed / "unet", resumed / "unet_ema"]:
+        shutil.rmtree(leftover)  # as if killed after the step-2 checkpoint
+    log = launch(HSDP_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=3", "train.checkpoint_every=2",
+                 "resume=latest", timeout_s=400)
+    assert "resuming from" in log and sorted(losses(resumed)) == [1, 2, 3]
+    assert losses(resumed) == losses(straight)
+    for folder in ("unet", "unet_ema"):
+        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 @pytest.mark.slow  # two launchers meeting at a rendezvous: 25-40 s on 2 cores
@@ -401,11 +589,50 @@ def test_zero2_launch_partitions_optimizer_state_and_resumes_bit_identically(syn
     assert "resuming from" in launch(ZERO2_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=4",
                                      "resume=latest")
     assert losses(resumed) == losses(straight)
-    for folder in ("unet", "unet_ema"):
-        a = load_file(straight / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    assert_same_final_weights(resumed, straight)
 
     launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4")
-    zero, plain = losses(straight), losses(ddp)
-    assert zero.keys() == plain.keys() and all(abs(zero[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
+    assert_losses_match(straight, ddp)
+
+
+@pytest.mark.slow  # three launches, ~2 min on 2 cores
+def test_zero3_launch_partitions_parameters_resumes_bit_identically_and_exports(synth_manifest, tiny_vae, tmp_path):
+    """ZeRO-3 through `accelerate launch train.py`: parameters, AdamW state and EMA partitioned (each rank saves
+    about half), validation split over the ranks (3 prompts on 2: rank 1 joins every forward with a padding
+    video), 2 + resume 2 == 4 steps exactly, DDP's losses, and final folders any diffusers code loads. With
+    gradient accumulation and clipping that bites: both are DeepSpeed's own under ZeRO, set from the training
+    config (the launcher's YAML value of gradient_accumulation_steps would otherwise win silently)."""
+    pytest.importorskip("deepspeed")
+    straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
+    accumulate = ("train.gradient_accumulation_steps=2", "train.max_grad_norm=0.05")
+    log = launch(ZERO3_CPU, straight, synth_manifest, tiny_vae, "train.max_steps=4", "train.replica_check_every=2",
+                 *accumulate, timeout_s=400)
+    assert "engine zero3" in log and "DeepSpeed ZeRO-3 on 2 ranks" in log
+    assert "step 2: replica check skipped: zero3 shards the weights" in log
+    assert sorted(p.name[:2] for p in (straight / "samples" / "step-00000002").glob("*.mp4")) == ["00", "01", "02"]
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["step"] for row in rows if "val/loss" in row) == [2, 4]
+
+    total = sum(t.numel() for t in load_file(straight / "unet" / "diffusion_pytorch_model.safetensors").values())
+    checkpoint = list_checkpoints(straight)[-1]
+    for rank in (0, 1):  # each rank's fp32 master slice, AdamW moments and EMA slice: about half of the model
+        optim = torch.load(checkpoint / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           weights_only=False)["optimizer_state_dict"]
+        ema = torch.load(checkpoint / f"ema_partition_rank{rank}.pt")["shadow_params"]
+        for size in (sum(t.numel() for t in optim["fp32_flat_groups"]), sum(t.numel() for t in ema)):
+            assert abs(size - total / 2) < 0.01 * total, (rank, size, total)
+
+    launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=2", *accumulate, timeout_s=400)
+    assert "resuming from" in launch(ZERO3_CPU, resumed, synth_manifest, tiny_vae, "train.max_steps=4",
+                                     "resume=latest", *accumulate, timeout_s=400)
+    assert losses(resumed) == losses(straight)
+    assert_same_final_weights(resumed, straight)
+
+    launch(DDP_CPU, ddp, synth_manifest, tiny_vae, "train.max_steps=4", *accumulate)
+    assert_losses_match(straight, ddp)
+    # Full fp32 tensors that plain diffusers loading takes (the demo's extra heads aside: a plug-in's subclass).
+    full = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    unet, ema = (FaceVidUNet3D.from_pretrained(straight / name) for name in ("unet", "unet_ema"))
+    assert all(v.dtype == torch.float32 and torch.equal(v, full[k]) for k, v in unet.state_dict().items())
+    assert not torch.equal(unet.conv_in.weight, ema.conv_in.weight)  # the EMA is its own average
+    assert FaceVidPipeline.from_run(straight).unet.dtype == torch.float32  # what sample.py / export.py load

@@ -10,6 +10,7 @@ CLIPModel with a hand-built byte-level tokenizer. They check the plumbing, not t
 import hashlib
 import importlib.util
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ from scipy.ndimage import gaussian_filter
 from tiny import tiny_config
 
 from data import synth
-from data.video import read_frames, write_video
+from data.video import probe_video, read_frames, write_video
 from evaluation import metrics as M
 from evaluation import probe
 from evaluation.features import I3DFeatures, InceptionFeatures, MissingWeightsError, stretch_frames
@@ -40,9 +41,10 @@ from evaluation.prompts import (
 from evaluation.report import confusion_table, results_table
 from evaluation.runner import evaluate_run, flat_metrics, load_extractors, reference_videos
 from evaluation.training import TrainingEvaluation
-from facevid.config import EvaluationConfig
+from facevid.config import load_config, save_config
 from facevid.curves import plot_training_curves, read_curves
 from facevid.pipeline import FaceVidPipeline
+from facevid.schema import EvaluationConfig
 from facevid.stages import STAGES, TextToVideoStage
 from facevid.trainer import Trainer
 
@@ -442,7 +444,7 @@ def test_training_evaluates_every_n_steps_and_plots_curves(tiny_run):
 
 
 def test_evaluation_settings_are_checked_before_training(tmp_path):
-    from facevid.config import ConfigError
+    from facevid.schema import ConfigError
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("")
@@ -480,6 +482,10 @@ def test_evaluate_cli_end_to_end(tiny_run, weights, tmp_path, capsys):
     markdown = (out / "metrics.md").read_text()
     assert "| Model | Training set | Eval set |" in markdown and "FaceVid-Synth held-out (4)" in markdown
     assert "## Attribute alignment" in markdown and "real via VAE" in markdown
+    # What each Frechet distance was computed on, then its protocol, one note each.
+    assert "- FVD: I3D features of 4 real and 4 generated videos (4 frames" in markdown
+    assert "- FID: Inception features of 16 real frames (4 videos) and 16 generated frames (4 videos)." in markdown
+    assert markdown.count("- FVD protocol: ") == markdown.count("- FID protocol: ") == 1
     assert "## Frame-to-frame change" in markdown and alignment["frame_change"]["mean"] >= 0.0
     confusion = alignment["action_confusion"]  # every prompt counted once, by what the probe read
     assert sum(sum(row.values()) for row in confusion.values()) == 4 and "| Prompted \\ read |" in markdown
@@ -520,6 +526,22 @@ def test_prompts_file_alignment_without_reference_clips(tiny_run, tmp_path):
     assert alignment["num_videos"] == 4 and "reference_real" not in alignment  # no paired real clips
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["eval_set"] == "4 prompts"
     assert "Attribute alignment" in (tmp_path / "o" / "metrics.md").read_text()
+
+
+def test_saved_videos_play_at_the_runs_training_fps(tiny_run, tmp_path):
+    """--save-videos writes mp4s at the fps the run trained at (as sample.py does), not a fixed rate: the run's
+    recorded sample.fps, else its clips' 8 fps / data.frame_stride."""
+    prompts = prompts_from_file(REPO / "configs" / "demo_prompts.txt")[:2]
+    config = EvaluationConfig(metrics=("alignment",), steps=2, save_videos=True)
+    for overrides, fps in ((["sample.fps=5.0"], 5.0), (["sample.fps=null", "data.frame_stride=2"], 4.0)):
+        run = tmp_path / f"run-{fps:g}"
+        shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval", "samples"))
+        save_config(load_config(run / "config.yaml", overrides), run / "config.yaml")  # as if trained so
+        result = evaluate_run(run, prompts=prompts, config=config, out_dir=tmp_path / f"eval-{fps:g}")
+        videos = sorted(Path(result["files"]["videos"]).glob("*.mp4"))
+        assert len(videos) == 2 and all(probe_video(v).fps == pytest.approx(fps) for v in videos)
+        assert result["generation"]["fps"] == fps
+        assert f"px played at {fps:g} fps" in Path(result["files"]["markdown"]).read_text()
 
 
 def test_dataset_prompts_use_their_own_clips(tiny_run, weights, tmp_path):

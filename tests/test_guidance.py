@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from facevid.config import resolve_pretrained
 from facevid.diffusion import build_sampler
+from facevid.hub import resolve_pretrained
 from facevid.pipeline import FaceVidPipeline, rescale_guidance
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D

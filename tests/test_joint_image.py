@@ -3,18 +3,15 @@ train only the UNet's spatial layers, the same kind of batch on every rank, exac
 FaceVid-Synth mp4 clips, the production Trainer."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import assert_same_weights, demo_overrides, launch_demo, logged_steps, train_straight_and_resumed
 from safetensors.torch import load_file
-from tiny import TINY, tiny_config, train_tiny_vae
+from tiny import tiny_config, train_tiny_vae
 
 from data import synth
 from data.cache import LatentCache
@@ -22,10 +19,11 @@ from data.dataset import CachedJointDataset, JointImageVideoDataset, collate_joi
 from data.manifest import read_manifest
 from data.sampler import JointBatchSampler
 from data.video import read_frames
-from facevid.config import ConfigError, load_config
+from facevid.config import load_config
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainable import is_temporal
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,10 +54,6 @@ def joint_manifest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae(joint_manifest, tmp_path_factory):
     return train_tiny_vae(joint_manifest.parent / "manifest.jsonl", tmp_path_factory.mktemp("vae"), steps=1)
-
-
-def rows(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
 # ----------------------------------------------------------------------------- manifest and dataset
@@ -181,7 +175,7 @@ def test_image_only_step_updates_spatial_weights_and_leaves_temporal_ones_bit_id
                       vae=vae)
     stage = _RecordingStage(cfg)
     Trainer(cfg, stage).fit()
-    assert rows(tmp_path / "run")[1]["image_batch"] == 1.0
+    assert logged_steps(tmp_path / "run")[1]["image_batch"] == 1.0
     after = load_file(tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors")
     temporal = [k for k in after if is_temporal(k)]
     spatial = [k for k in after if not is_temporal(k) and k in stage.initial]
@@ -191,18 +185,6 @@ def test_image_only_step_updates_spatial_weights_and_leaves_temporal_ones_bit_id
     assert len(changed) > 0.9 * len(spatial)
 
 
-class _PreemptedStage(TextToVideoStage):
-    def __init__(self, cfg, at: int):
-        super().__init__(cfg)
-        self.calls, self.at = 0, at
-
-    def compute_loss(self, model, batch, generator):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().compute_loss(model, batch, generator)
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_joint_training_mixes_batch_kinds_and_resumes_exactly(joint_manifest, vae, tmp_path, accumulation):
     """8 clips + 4 images at batch 2, share 0.5: 8 micro-batches an epoch. N steps straight == 3 steps, SIGTERM,
@@ -210,27 +192,17 @@ def test_joint_training_mixes_batch_kinds_and_resumes_exactly(joint_manifest, va
     steps = 10 // accumulation
     common = [f"train.max_steps={steps}", "data.image_batch_share=0.5", "data.num_workers=1",
               f"train.gradient_accumulation_steps={accumulation}"]
-    straight = tiny_config(joint_manifest, tmp_path / "straight", *common, vae=vae)
-    Trainer(straight, TextToVideoStage(straight)).fit()
-    logged = rows(tmp_path / "straight")
+    straight, resumed = train_straight_and_resumed(
+        lambda run, *extra: tiny_config(joint_manifest, run, *common, *extra, vae=vae), tmp_path, stop_at_step=3)
+    logged = logged_steps(straight)
     kinds = [logged[s]["image_batch"] for s in sorted(logged)]
     assert sorted(logged) == list(range(1, steps + 1))
     if accumulation == 1:  # `image_batch` is the kind of a step's last micro-batch
         assert 0.0 in kinds and 1.0 in kinds
 
-    first = tiny_config(joint_manifest, tmp_path / "resumed", *common, vae=vae)
-    Trainer(first, _PreemptedStage(first, at=3 * accumulation)).fit()
-    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000003"]
-    second = tiny_config(joint_manifest, tmp_path / "resumed", *common, "resume=latest", vae=vae)
-    Trainer(second, TextToVideoStage(second)).fit()
-
-    resumed = rows(tmp_path / "resumed")
     assert {s: (r["loss"], r["image_batch"]) for s, r in logged.items()} == \
-           {s: (r["loss"], r["image_batch"]) for s, r in resumed.items()}
-    for folder in ("unet", "unet_ema"):
-        a = load_file(tmp_path / "straight" / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(tmp_path / "resumed" / folder / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+           {s: (r["loss"], r["image_batch"]) for s, r in logged_steps(resumed).items()}
+    assert_same_weights(straight, resumed)
 
 
 def test_still_images_without_image_batches_are_left_out(joint_manifest, vae, tmp_path, caplog):
@@ -248,7 +220,7 @@ def test_cached_joint_training_stores_images_as_one_frame_windows(joint_manifest
     trainer = Trainer(cfg, TextToVideoStage(cfg))
     trainer.fit()
     assert isinstance(trainer.dataset, CachedJointDataset) and len(trainer.dataset) == 12
-    kinds = [r["image_batch"] for r in rows(tmp_path / "run").values()]
+    kinds = [r["image_batch"] for r in logged_steps(tmp_path / "run").values()]
     assert 0.0 in kinds and 1.0 in kinds
     cache = LatentCache(cache_dir)
     assert cache.windows["face_0"] == cache.windows["face_3"] == [(0, 0)]  # one 1-frame window, no flip
@@ -277,34 +249,16 @@ def test_config_refuses_unsupported_image_batch_setups(joint_manifest, vae, tmp_
     assert message in str(err.value)
 
 
-def _demo_overrides(manifest: Path, vae: Path, run: Path, *overrides: str) -> list[str]:
-    """configs/demo.yaml made tiny, as the 2-rank runs below use it."""
-    return [f"output_dir={run}", f"data.manifest={manifest}", f"vae.pretrained={vae}", "train.replica_check_every=1",
-            "train.validate_every=0", "train.validation_prompts=[a person talking]",
-            *[o for o in TINY if not o.startswith("train.validation_prompts")], *overrides]
-
-
-def _launch(launch_config: str, manifest: Path, vae: Path, run: Path, *overrides: str) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs/accelerate" / launch_config), str(REPO / "train.py"), "--config",
-           str(REPO / "configs/demo.yaml"), *_demo_overrides(manifest, vae, run, *overrides)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=400,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    return log
-
-
 @pytest.mark.slow
 def test_two_rank_ddp_mixing_image_and_video_batches(joint_manifest, vae, tmp_path):
     """Real 2-rank gloo DDP switching between image and video steps: DDP runs with find_unused_parameters (without
     it the step after an image step fails) and the replicas stay identical every step."""
     run = tmp_path / "ddp"
-    log = _launch("cpu_2proc.yaml", joint_manifest, vae, run, "train.max_steps=4", "data.image_batch_share=0.5")
+    log = launch_demo("cpu_2proc.yaml", joint_manifest, vae, run, "train.max_steps=4", "data.image_batch_share=0.5")
     assert "on 2 process(es), engine ddp" in log
     for step in range(1, 5):
         assert f"step {step}: weights identical on all 2 rank(s)" in log
-    kinds = [r["image_batch"] for r in rows(run).values()]
+    kinds = [r["image_batch"] for r in logged_steps(run).values()]
     assert 0.0 in kinds and 1.0 in kinds
 
 
@@ -314,12 +268,12 @@ def test_two_rank_image_steps_leave_temporal_weights_untouched(joint_manifest, v
                                                                launch_config):
     """2 image-only steps on 2 ranks (DDP, or FSDP2 shards): the temporal weights are still bit-identical to the
     initial ones (recorded by a one-process run of the same seed), the spatial ones trained."""
-    cfg = load_config(REPO / "configs/demo.yaml", _demo_overrides(joint_manifest, vae, tmp_path / "one",
-                                                                 "train.max_steps=1", "data.image_batch_share=1.0"))
+    cfg = load_config(REPO / "configs/demo.yaml", demo_overrides(joint_manifest, vae, tmp_path / "one",
+                                                                "train.max_steps=1", "data.image_batch_share=1.0"))
     stage = _RecordingStage(cfg)
     Trainer(cfg, stage).fit()
     run = tmp_path / engine
-    log = _launch(launch_config, joint_manifest, vae, run, "train.max_steps=2", "data.image_batch_share=1.0")
+    log = launch_demo(launch_config, joint_manifest, vae, run, "train.max_steps=2", "data.image_batch_share=1.0")
     assert f"on 2 process(es), engine {engine}" in log
     after = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
     temporal = [k for k in after if is_temporal(k)]

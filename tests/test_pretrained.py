@@ -11,8 +11,9 @@ import torch
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 from tiny import tiny_config
 
-from facevid.config import ConfigError, DiffusionConfig
+from bench.activations import SavedForBackward
 from facevid.diffusion import check_pretrained_schedule, pretrained_schedule_mismatches
+from facevid.schema import ConfigError, DiffusionConfig
 from facevid.stages import TextToVideoStage
 from facevid.trainer import Trainer
 from models.pretrained import (
@@ -149,23 +150,14 @@ def test_unet2d_init_is_the_image_model_applied_per_frame(variant):
 def test_gradient_checkpointing_covers_the_unet3d_layout():
     model = from_unet3d(unet3d("two_levels")).train()
     sample, timestep, text = inputs()
-    saved: dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in params:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     results = []
     for checkpointing in (False, True):
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.zero_grad(set_to_none=True)
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with SavedForBackward(model) as saved:
             model(sample, timestep, text).pow(2).mean().backward()
-        results.append(({n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved.values())))
+        results.append(({n: p.grad.clone() for n, p in model.named_parameters()}, saved.bytes))
     (plain, plain_bytes), (ckpt, ckpt_bytes) = results
     for name, grad in plain.items():
         torch.testing.assert_close(ckpt[name], grad, atol=1e-5, rtol=1e-4, msg=name)

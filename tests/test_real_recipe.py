@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 from data import synth
 from data.video import probe_video, read_frames
+from facevid.checkpoints import list_checkpoints
 from facevid.config import load_config
 from facevid.pipeline import FaceVidPipeline
-from facevid.trainer import list_checkpoints
 from models.text_encoder import FrozenTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_gpu_check_counts_the_flops_a_real_pass_executes():
 
     sys.path.insert(0, str(REPO))
     from bench.gpu_check import REDUCED, model_flops
-    from facevid.stages import build_unet
+    from facevid.stages.text_to_video import build_unet
 
     cfg = load_config(RECIPE, REDUCED, validate_files=False)
     counted, params = model_flops(cfg, 1, 2, 8, 32)

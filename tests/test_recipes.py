@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers.training_utils import compute_snr
 
-from facevid.config import ConfigError, load_config
+from facevid.config import load_config
 from facevid.diffusion import build_noise_scheduler
 from facevid.objective import Objective
+from facevid.schema import ConfigError
 from models.pretrained import layout_options, unet3d_incompatibilities
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

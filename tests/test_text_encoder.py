@@ -1,6 +1,6 @@
 import torch
 
-from facevid.config import resolve_pretrained
+from facevid.hub import resolve_pretrained
 from models.text_encoder import FrozenTextEncoder
 
 

@@ -9,15 +9,17 @@ import pytest
 import task_runs
 import torch
 from diffusers import UNet2DConditionModel
+from runs import PreemptedStage, losses
 from safetensors.torch import load_file
-from test_training import _PreemptedStage, losses
 from tiny import tiny_config
 
-from facevid.config import ConfigError, load_config
+from facevid.checkpoints import list_checkpoints
+from facevid.config import load_config
 from facevid.ema import trainable_parameters
+from facevid.schema import ConfigError
 from facevid.stages import TextToVideoStage
 from facevid.trainable import is_temporal, select_trainable
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.pretrained import key_map, load_pretrained_unet
 from models.unet3d import FaceVidUNet3D
 
@@ -128,7 +130,7 @@ def test_animatediff_recipe_trains_only_temporal_layers_and_resumes_exactly(imag
     straight = tiny_config(manifest, tmp_path / "straight", *common, vae=vae)
     Trainer(straight, TextToVideoStage(straight)).fit()
     first = tiny_config(manifest, tmp_path / "resumed", *common, vae=vae)
-    Trainer(first, _PreemptedStage(first, at=2)).fit()
+    Trainer(first, PreemptedStage(first, at=2)).fit()
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000002"]
     second = tiny_config(manifest, tmp_path / "resumed", *common, "resume=latest", vae=vae)
     Trainer(second, TextToVideoStage(second)).fit()

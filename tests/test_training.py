@@ -2,8 +2,6 @@
 sampling. Every run goes through the production Trainer on real FaceVid-Synth mp4 files."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +10,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file
-from tiny import TINY, tiny_config, train_tiny_vae
+from runs import assert_same_weights, fixed_batch_losses, launch_demo, losses, train_straight_and_resumed
+from tiny import tiny_config, train_tiny_vae
 
 from data import synth
 from data.video import probe_video, read_frames
-from facevid.config import DiffusionConfig
-from facevid.diffusion import build_noise_scheduler
-from facevid.objective import Objective
+from facevid.checkpoints import list_checkpoints
 from facevid.pipeline import FaceVidPipeline
 from facevid.stages import TextToVideoStage
-from facevid.trainer import Trainer, list_checkpoints
+from facevid.trainer import Trainer
 from models.unet3d import FaceVidUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +41,6 @@ def t2v_run(synth_manifest, tiny_vae, tmp_path_factory):
     cfg = tiny_config(synth_manifest, run, "train.max_steps=4", vae=tiny_vae)
     Trainer(cfg, TextToVideoStage(cfg)).fit()
     return run
-
-
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def test_vae_stage_writes_a_scaled_loadable_vae(tiny_vae):
@@ -77,33 +68,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     unet = FaceVidUNet3D(in_channels=4, out_channels=4, block_out_channels=(32, 32), attention_levels=(False, True),
                          attention_head_dim=16, cross_attention_dim=384, norm_num_groups=32)
-    cfg = DiffusionConfig()
-    objective = Objective.from_config(cfg, build_noise_scheduler(cfg))
-    latents, text = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 384)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, fused=True)
-    history = []
-    for _ in range(25):
-        # The same noise and timesteps every step: a fixed problem the model must fit.
-        loss = objective.loss(lambda x, t: unet(x, t, text), latents, torch.Generator().manual_seed(0))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = fixed_batch_losses(unet)
     assert history[-1] < 0.5 * history[0]
-
-
-class _PreemptedStage(TextToVideoStage):
-    """Sends its own process SIGTERM during micro-batch `at`, as a cluster's preemption would."""
-
-    def __init__(self, cfg, at: int):
-        super().__init__(cfg)
-        self.calls, self.at = 0, at
-
-    def compute_loss(self, model, batch, generator):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().compute_loss(model, batch, generator)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -114,22 +80,10 @@ def test_exact_resume_after_sigterm(synth_manifest, tiny_vae, tmp_path, accumula
     """
     # Two persistent workers (the default data.persistent_workers) prefetching across the resume point.
     common = ["train.max_steps=8", "data.num_workers=2", f"train.gradient_accumulation_steps={accumulation}"]
-    straight = tiny_config(synth_manifest, tmp_path / "straight", *common, vae=tiny_vae)
-    Trainer(straight, TextToVideoStage(straight)).fit()
-
-    first = tiny_config(synth_manifest, tmp_path / "resumed", *common, vae=tiny_vae)
-    Trainer(first, _PreemptedStage(first, at=3 * accumulation)).fit()
-    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000003"]
-    assert not (tmp_path / "resumed" / "unet").exists()  # stopped early: no final weights yet
-
-    second = tiny_config(synth_manifest, tmp_path / "resumed", *common, "resume=latest", vae=tiny_vae)
-    Trainer(second, TextToVideoStage(second)).fit()
-
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    for folder in ("unet", "unet_ema"):
-        a = load_file(tmp_path / "straight" / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(tmp_path / "resumed" / folder / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    straight, resumed = train_straight_and_resumed(
+        lambda run, *extra: tiny_config(synth_manifest, run, *common, *extra, vae=tiny_vae), tmp_path, stop_at_step=3)
+    assert losses(straight) == losses(resumed)
+    assert_same_weights(straight, resumed)
 
 
 def test_half_written_checkpoint_is_ignored(t2v_run):
@@ -143,16 +97,7 @@ def test_half_written_checkpoint_is_ignored(t2v_run):
 def test_two_rank_ddp_on_cpu(synth_manifest, tiny_vae, tmp_path):
     """The documented command forms one real 2-rank gloo group: data split, weights equal every step."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), str(REPO / "train.py"), "--config",
-           str(REPO / "configs/demo.yaml"), f"output_dir={run}", f"data.manifest={synth_manifest}",
-           f"vae.pretrained={tiny_vae}", "train.max_steps=6", "train.replica_check_every=1",
-           "train.validate_every=0", "train.validation_prompts=[a person talking]",
-           *[o for o in TINY if not o.startswith("train.validation_prompts")]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    log = launch_demo("cpu_2proc.yaml", synth_manifest, tiny_vae, run, "train.max_steps=6", timeout_s=300)
     assert "on 2 process(es)" in log
     for step in range(1, 7):
         assert f"step {step}: weights identical on all 2 rank(s)" in log

@@ -23,14 +23,11 @@ from task_runs import entry_point, random_vae, synth_manifest
 from tiny import TINY, tiny_config
 
 from data.video import probe_video
-from facevid.stages import TextToVideoStage, frozen_weight_dtype, training_fps
-from facevid.trainer import (
-    CheckpointWriteError,
-    NonFiniteLossError,
-    Trainer,
-    list_checkpoints,
-    weights_checksum,
-)
+from facevid.checkpoints import CheckpointWriteError, list_checkpoints
+from facevid.health import NonFiniteLossError, weights_checksum
+from facevid.stages import TextToVideoStage
+from facevid.stages.common import frozen_weight_dtype, training_fps
+from facevid.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,13 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
+from bench.activations import SavedForBackward
 from models import attention as attention_module
 from models.attention import ATTENTION_BACKENDS, Attention, attention
 from models.unet3d import FaceVidUNet3D
@@ -334,21 +337,12 @@ def test_frames_are_independent_at_init():
 
 def _loss_grads_and_saved_bytes(model: FaceVidUNet3D, inputs: dict):
     """Loss, gradients, and bytes of activations autograd keeps for backward (parameters excluded)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedForBackward(model) as saved:
         loss = model(**inputs).pow(2).mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return loss.detach(), grads, sum(saved.values())
+    return loss.detach(), grads, saved.bytes
 
 
 def test_gradient_checkpointing_same_gradients_less_memory():
@@ -385,3 +379,55 @@ def test_save_pretrained_round_trip(tmp_path):
     inputs = make_inputs(condition_channels=2)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("layout", ["modelscope", "facevid"])
+def test_state_dict_saved_before_diffusers_blocks_loads_and_computes_the_same(layout):
+    """tests/fixtures/unet_state_before_diffusers_blocks.safetensors was written by the code before the UNet took
+    diffusers' TemporalConvLayer, GEGLU and Upsample2D (commit 2142d8b): for each layout a tiny model's weights
+    (every weight perturbed, so zero-initialised layers take part, then rounded to fp16), fixed inputs and that
+    code's output. The keys must load strictly and the output must not move."""
+    path = FIXTURES / "unet_state_before_diffusers_blocks.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()[layout])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    model = FaceVidUNet3D(**config).eval()
+    state = {key[len(layout) + 1:]: value.float() for key, value in tensors.items() if key.startswith(layout + ".")}
+    model.load_state_dict(state, strict=True)
+    inputs = {key.partition(".")[2]: value for key, value in tensors.items() if key.startswith("input.")}
+    with torch.no_grad():
+        output = model(**inputs)
+    torch.testing.assert_close(output, tensors[f"output.{layout}"], rtol=0, atol=1e-5)
+
+
+def test_diffusers_attention_and_resnet_blocks_compute_the_same_but_rename_keys():
+    """Why FaceVidUNet3D keeps its own Attention and ResnetBlock (docs/performance.md, "Why these blocks"): rebuilt
+    on diffusers' Attention (with a processor keeping FaceVid's backend and chunking) or ResnetBlock2D, the model
+    computes the same, but saved checkpoints and the default LoRA targets would no longer fit it. If diffusers
+    ever keeps these key names, this test fails and the choice should be revisited."""
+    from bench.backbone_vs_diffusers import BackendProcessor, with_diffusers_attention, with_diffusers_resnets
+    from models.lora import LoRAPatternError, lora_targets
+
+    model = randomize_zero_layers(make_model(temporal_feed_forward=True))
+    inputs = make_inputs()
+    inputs["encoder_attention_mask"] = padding_mask(2, 6)  # padding: the processor's mask path runs
+    keys = set(model.state_dict())
+    rebuilt = {"attention": with_diffusers_attention(model, BackendProcessor()),
+               "resnet": with_diffusers_resnets(model)}
+    with torch.no_grad():
+        expected = model(**inputs)
+        for other in rebuilt.values():
+            torch.testing.assert_close(other(**inputs), expected, rtol=0, atol=1e-6)
+    renamed = {name: (sorted(keys - set(other.state_dict())), sorted(set(other.state_dict()) - keys))
+               for name, other in rebuilt.items()}
+    gone, new = renamed["attention"]
+    assert gone and all(k.rsplit(".", 2)[-2] == "to_out" for k in gone)
+    assert new == sorted(k.replace(".to_out.", ".to_out.0.") for k in gone)
+    gone, new = renamed["resnet"]
+    assert gone and new == sorted(k.replace(".shortcut.", ".conv_shortcut.") for k in gone)
+    assert lora_targets(model, ["*.to_out"])
+    with pytest.raises(LoRAPatternError, match="to_out"):
+        lora_targets(rebuilt["attention"], ["*.to_out"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from data.adapters.common import (
@@ -89,6 +90,23 @@ def clips_of(info) -> dict:
     if not isinstance(clips, dict):
         raise AnnotationError("'clips' must be an object keyed by clip id")
     return clips
+
+
+def _check_clip(clip) -> None:
+    if not isinstance(clip, dict):
+        raise AnnotationError(f"expected an object per clip, got {type(clip).__name__}")
+
+
+@contextmanager
+def _reported(result: AdapterResult, source: str):
+    """Reading one clip: a bad annotation is listed as an error, a missing video as missing (both against
+    `source`), and the reader goes on to the next clip."""
+    try:
+        yield
+    except AnnotationError as err:
+        result.error(source, str(err))
+    except VideoMissing as err:
+        result.miss(source, str(err))
 
 
 # ----------------------------------------------------------------------------- CelebV-HQ captions
@@ -195,10 +213,8 @@ def adapt_celebvhq(root: Path, info_path: Path | None = None, videos_mode: str =
         result.notes.append("meta_info lacks appearance_mapping or action_mapping: those labels are not used")
     videos = VideoIndex(root)
     for clip_id, clip in clips.items():
-        source = f"{info_path}:{clip_id}"
-        try:
-            if not isinstance(clip, dict):
-                raise AnnotationError(f"expected an object per clip, got {type(clip).__name__}")
+        with _reported(result, f"{info_path}:{clip_id}"):
+            _check_clip(clip)
             labels = clip.get("attributes") or {}
             appearance = _multi_hot(labels.get("appearance"), appearance_names, "appearance") \
                 if appearance_names else []
@@ -206,19 +222,13 @@ def adapt_celebvhq(root: Path, info_path: Path | None = None, videos_mode: str =
             emotions, segments = _emotions(labels.get("emotion"))
             caption = celebvhq_caption(appearance, actions, emotions, "male" in appearance_names)
             placed = locate_clip(str(clip_id), clip, videos, videos_mode, normalised_bbox=True)
-        except AnnotationError as err:
-            result.error(source, str(err))
-            continue
-        except VideoMissing as err:
-            result.miss(source, str(err))
-            continue
-        attributes = {"appearance": appearance, "action": actions,
-                      "emotion": emotions[0] if len(emotions) == 1 else emotions}
-        extra = placed["extra"] | {"source": "celebvhq"}
-        if segments:
-            extra["emotion_segments"] = segments
-        result.add(ClipRecord(clip_id=str(clip_id), video=str(placed["video"].resolve()), captions=[caption],
-                              attributes=attributes, time_range=placed["time_range"], extra=extra))
+            attributes = {"appearance": appearance, "action": actions,
+                          "emotion": emotions[0] if len(emotions) == 1 else emotions}
+            extra = placed["extra"] | {"source": "celebvhq"}
+            if segments:
+                extra["emotion_segments"] = segments
+            result.add(ClipRecord(clip_id=str(clip_id), video=str(placed["video"].resolve()), captions=[caption],
+                                  attributes=attributes, time_range=placed["time_range"], extra=extra))
     return result
 
 
@@ -265,9 +275,8 @@ def adapt_celebvtext(root: Path, info_path: Path | None = None, texts_dir: Path 
     for clip_id in list(clips) + only_texts:
         clip = clips.get(clip_id, {})
         source = f"{info_path}:{clip_id}" if clip_id in clips else str(texts_dir / "*" / f"{clip_id}.txt")
-        try:
-            if not isinstance(clip, dict):
-                raise AnnotationError(f"expected an object per clip, got {type(clip).__name__}")
+        with _reported(result, source):
+            _check_clip(clip)
             captions, kinds = [], []
             for kind, path in texts.get(clip_id, {}).items():
                 lines = read_text_lines(path)
@@ -276,13 +285,7 @@ def adapt_celebvtext(root: Path, info_path: Path | None = None, texts_dir: Path 
             if not captions:
                 raise AnnotationError(f"no text for this clip under {texts_dir}")
             placed = locate_clip(clip_id, clip, videos, videos_mode, normalised_bbox=False)
-        except AnnotationError as err:
-            result.error(source, str(err))
-            continue
-        except VideoMissing as err:
-            result.miss(source, str(err))
-            continue
-        extra = placed["extra"] | {"source": "celebvtext", "caption_kinds": kinds}
-        result.add(ClipRecord(clip_id=clip_id, video=str(placed["video"].resolve()), captions=captions,
-                              time_range=placed["time_range"], extra=extra))
+            extra = placed["extra"] | {"source": "celebvtext", "caption_kinds": kinds}
+            result.add(ClipRecord(clip_id=clip_id, video=str(placed["video"].resolve()), captions=captions,
+                                  time_range=placed["time_range"], extra=extra))
     return result

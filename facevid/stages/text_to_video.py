@@ -1,30 +1,24 @@
-"""What each training stage builds and how it computes its loss; the Trainer does the rest.
-
-- `VAEStage` trains a small AutoencoderKL on the dataset's frames (the embedded default ships no
-  VAE weights), then measures the latent scaling factor on the data.
-- `TextToVideoStage` trains the 3D UNet on VAE latents for the configured task (facevid/tasks.py):
-  conditioned on a frozen text encoder (t2v), on text and the first frame (i2v), or on nothing (uncond).
-"""
+"""Stage `t2v`: trains the video denoiser (the 3D UNet or the DiT, unet.backbone) on VAE latents for the
+configured task (facevid/tasks.py): conditioned on a frozen text encoder (t2v), on text and the first frame (i2v),
+or on nothing (uncond)."""
 
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from data.manifest import ClipRecord, read_manifest
-from data.video import VideoDecodeError, probe_video, tensor_to_frames
-from facevid.config import ConfigError, RunConfig, UNetConfig, import_plugin, resolve_pretrained
 from facevid.diffusion import build_noise_scheduler, check_pretrained_schedule
-from facevid.ema import ema_weights, trainable_parameters
+from facevid.ema import ema_weights
 from facevid.engine import gather_on_main, rank_share
+from facevid.hub import resolve_pretrained
 from facevid.objective import Objective
 from facevid.pipeline import FaceVidPipeline, sampling_options, write_samples
+from facevid.schema import ConfigError, RunConfig, UNetConfig
+from facevid.stages.common import fixed_validation_clips, frozen_weight_dtype, training_fps
 from facevid.tasks import condition_channels, first_frame_condition
 from models.backbones import load_backbone
 from models.dit import FaceVidDiT
@@ -33,7 +27,6 @@ from models.pretrained import layout_options, load_pretrained_unet
 from models.text_encoder import FrozenTextEncoder
 from models.unet3d import FaceVidUNet3D
 from models.vae import (
-    build_tiny_vae,
     decode_latents,
     downscale_factor,
     encode_video_posterior,
@@ -42,131 +35,6 @@ from models.vae import (
 )
 
 logger = logging.getLogger("facevid")
-
-FALLBACK_FPS = 8.0  # playback fps when the training clips' frame rate is unknown
-
-
-def training_fps(cfg: RunConfig, records: list[ClipRecord] | None = None) -> float:
-    """The frame rate a run's videos should play at: sample.fps when given, else the rate the model is trained
-    at (data.target_fps, or the clips' fps / data.frame_stride), else 8. `records` are the training clips; when
-    None they are read from data.manifest if it exists."""
-    if cfg.sample.fps is not None:
-        return float(cfg.sample.fps)
-    if cfg.data.target_fps is not None:
-        return float(cfg.data.target_fps)
-    if records is None:
-        manifest = Path(cfg.data.manifest)
-        records = read_manifest(manifest)[0] if manifest.is_file() else []
-    source = _clips_fps(records)
-    return source / cfg.data.frame_stride if source else FALLBACK_FPS
-
-
-def _clips_fps(records: list[ClipRecord]) -> float | None:
-    """The clips' typical frame rate: the manifest's values, else what the first readable videos' containers say."""
-    records = [r for r in records if not r.is_image]  # still images have no frame rate
-    known = [r.fps for r in records if r.fps]
-    if not known:
-        for record in records[:3]:
-            try:
-                fps = probe_video(record.video).fps
-            except (OSError, VideoDecodeError):
-                continue
-            if fps:
-                known.append(fps)
-    return float(statistics.median(known)) if known else None
-
-
-def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype of the frozen modules (text encoder, VAE): the mixed-precision weight dtype, as their outputs
-    only feed the autocast forward. Also on CPU, where bf16 is not slower: the MiniLM encoder runs a batch of 8
-    prompts 3x faster in bf16 than in fp32 on the development machines (AVX-512 BF16)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-
-
-def _fixed_validation_clips(dataset, count: int) -> list[dict]:
-    """The first clips of epoch 0: the same validation inputs at every validation step."""
-    dataset.set_epoch(0)
-    return [dataset[i] for i in range(min(count, len(dataset)))]
-
-
-class _VAEWithLoss(nn.Module):
-    """Wraps the VAE so one forward returns reconstruction and KL (DDP syncs gradients through forward)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, frames: torch.Tensor, generator: torch.Generator):
-        posterior = self.vae.encode(frames).latent_dist
-        reconstruction = self.vae.decode(posterior.sample(generator=generator)).sample
-        return reconstruction, posterior.kl().mean()
-
-
-class VAEStage:
-    name = "vae"
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-
-    def build(self, accelerator, dataset) -> nn.Module:
-        v = self.cfg.vae
-        vae = load_vae(v.pretrained, v.subfolder) if v.pretrained else build_tiny_vae(
-            v.block_out_channels, v.layers_per_block, v.latent_channels)
-        self.device = accelerator.device
-        self.dataset = dataset
-        self.validation_clips = _fixed_validation_clips(dataset, 4)
-        return _VAEWithLoss(vae)
-
-    def compute_loss(self, model, batch, generator):
-        frames = batch["pixel_values"].to(self.device, non_blocking=True)  # async from pinned memory
-        frames = frames.transpose(1, 2).flatten(0, 1)  # (B, 3, F, H, W) -> (B*F, 3, H, W)
-        crop = self.cfg.vae.train_crop
-        if crop is not None and crop < frames.shape[-1]:
-            # Offsets stay on the device (index_select, not slicing): no host sync per micro-step.
-            top, left = torch.randint(0, frames.shape[-1] - crop + 1, (2,), generator=generator,
-                                      device=generator.device).to(frames.device)
-            window = torch.arange(crop, device=frames.device)
-            frames = frames.index_select(-2, top + window).index_select(-1, left + window)
-        reconstruction, kl = model(frames, generator)
-        mse = F.mse_loss(reconstruction.float(), frames.float())
-        loss = mse + self.cfg.vae.kl_weight * kl
-        # Tensors, not floats: reading them here would wait for the device every micro-step; the trainer
-        # reads them only when it logs.
-        extra, logs = self.extra_loss(reconstruction, frames)
-        return (loss if extra is None else loss + extra), {"mse": mse.detach(), "kl": kl.detach(), **logs}
-
-    def extra_loss(self, reconstruction: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-        """Extension point: a term added to MSE + KL, and what to log of it, as detached tensors (the demo's edge
-        loss: demo/aids.py)."""
-        return None, {}
-
-    @torch.no_grad()
-    def validate(self, model: _VAEWithLoss, out_dir: Path, step: int):
-        clips = torch.stack([c["pixel_values"] for c in self.validation_clips]).to(self.device)
-        mean, _ = encode_video_posterior(model.vae, clips, self.cfg.vae.chunk_frames)
-        frames = mean.transpose(1, 2).flatten(0, 1)
-        recon = model.vae.decode(frames).sample.clamp(-1, 1).unflatten(0, (clips.shape[0], -1)).transpose(1, 2)
-        mse = F.mse_loss((recon + 1) / 2, (clips + 1) / 2).item()
-        psnr = 10 * np.log10(1.0 / max(mse, 1e-10))
-        # Original above, reconstruction below.
-        pairs = np.stack([np.concatenate([tensor_to_frames(a.cpu()), tensor_to_frames(b.cpu())], axis=1)
-                          for a, b in zip(clips, recon)])
-        labels = [c["clip_id"] for c in self.validation_clips]
-        paths = write_samples(pairs, labels, out_dir, fps=training_fps(self.cfg), formats=("mp4",))
-        return {"reconstructions": paths}, {"val/psnr": float(psnr)}
-
-    @torch.no_grad()
-    def save_final(self, model: _VAEWithLoss, ema, run_dir: Path) -> None:
-        vae = model.vae
-        if ema is not None:  # the EMA weights are what is saved (the training weights are no longer needed)
-            ema.copy_to(trainable_parameters(model))
-        # Scale latents to unit variance for the diffusion model (what SD's 0.18215 does for its VAE).
-        clips = torch.stack([self.dataset[i]["pixel_values"] for i in range(min(32, len(self.dataset)))])
-        mean, _ = encode_video_posterior(vae, clips.to(self.device), self.cfg.vae.chunk_frames)
-        scaling = float(1.0 / mean.std().clamp(min=1e-6))
-        vae.register_to_config(scaling_factor=scaling)
-        vae.save_pretrained(run_dir / "vae")
-        logger.info("VAE saved to %s (latent scaling factor %.4f)", run_dir / "vae", scaling)
 
 
 def unet_arguments(u: UNetConfig, latent_channels: int, condition_channels: int, cross_attention_dim: int) -> dict:
@@ -273,7 +141,7 @@ class TextToVideoStage:
             dataset.records[i].captions[0] for i in range(min(4, len(dataset)))]
         if cfg.task == "i2v":
             # Image-to-video validates on real first frames, with their own clips' captions.
-            self.validation_clips = _fixed_validation_clips(dataset, 4)
+            self.validation_clips = fixed_validation_clips(dataset, 4)
         return unet
 
     # Extension points: a plug-in's stage (plugin.module's STAGES, e.g. demo/aids.py) overrides these.
@@ -390,12 +258,3 @@ class TextToVideoStage:
                     model.save_pretrained(run_dir / "unet_ema")
         saved = ("lora" if lora else "unet") + ("_ema" if ema is not None else "")
         logger.info("UNet saved to %s%s", run_dir / saved, " (base weights in unet/)" if lora else "")
-
-
-STAGES = {"vae": VAEStage, "t2v": TextToVideoStage}
-
-
-def build_stage(cfg: RunConfig):
-    """The stage cfg.stage names: the core's, or the plug-in's own (plugin.module's STAGES) when it has one."""
-    stages = {**STAGES, **getattr(import_plugin(cfg), "STAGES", {})}
-    return stages[cfg.stage](cfg)
