@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import synth  # noqa: E402
-from data.cache import CacheWriter, LatentCache  # noqa: E402
+from data.cache import FORMAT_VERSION, CacheFingerprint, CacheWriter, LatentCache, write_fingerprint  # noqa: E402
 from data.dataset import CachedClipDataset, VideoClipDataset, collate_clips  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
 from data.sampler import ShardedEpochSampler, training_loader  # noqa: E402
@@ -101,6 +101,11 @@ def cached_dataset(records, folder: Path) -> CachedClipDataset:
         writer.clip_done()
     writer.add_text("prompt", torch.randn(77, 768, generator=generator), torch.ones(77, dtype=torch.bool))
     writer.flush()
+    write_fingerprint(folder, CacheFingerprint(  # what a real build records; the reader needs its text layout
+        format_version=FORMAT_VERSION, vae="random", vae_weights="none", text_encoder="random",
+        text_encoder_weights="none", text_max_length=77, text_storage="padded", resolution=RESOLUTION,
+        num_frames=FRAMES, frame_stride=1, target_fps=None, windows_per_clip=1, flip=False, dtype="fp16",
+        posterior="mean+std"))
     return CachedClipDataset(records, LatentCache(folder), one_text_key)
 
 
