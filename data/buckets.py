@@ -18,9 +18,12 @@ never form a batch: `plan.report(global_batch)` and the sampler name it and the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -153,6 +156,32 @@ def plan_buckets(records: list[ClipRecord], buckets: list[Bucket], frame_stride:
     return BucketPlan(list(buckets), bucket_of, unfit)
 
 
+def plan_key(records: list[ClipRecord], buckets: list[Bucket], frame_stride: int, target_fps: float | None,
+             max_crop: float) -> str:
+    """A digest of everything a plan depends on but the files' contents: the buckets, the window rule, and each
+    clip's path and usable range. Equal keys = the plan can be reused (clips are not rewritten in place)."""
+    described = {"buckets": [b.name for b in buckets], "frame_stride": frame_stride, "target_fps": target_fps,
+                 "max_crop": max_crop,
+                 "clips": [[r.video, r.fps, r.frame_range, r.time_range] for r in records]}
+    return hashlib.sha256(json.dumps(described, default=list).encode()).hexdigest()
+
+
+def saved_or_new_plan(report_path: Path, records: list[ClipRecord], buckets: list[Bucket], frame_stride: int = 1,
+                      target_fps: float | None = None, max_crop: float = 0.25,
+                      probe: Callable[[str], VideoInfo] = probe_video) -> tuple[BucketPlan, bool]:
+    """(plan, reused): the plan saved in a run's buckets.json (`report` below) when it was made for the same
+    clips and settings, so a resumed run probes nothing; else plan_buckets (one header read per clip)."""
+    key = plan_key(records, buckets, frame_stride, target_fps, max_crop)
+    try:
+        saved = json.loads(Path(report_path).read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: plan afresh
+        saved = {}
+    if saved.get("plan_key") == key and len(saved.get("bucket_of", [])) == len(records):
+        unfit = [SkippedItem(u["source"], u["reason"]) for u in saved["unfit_clips"]]
+        return BucketPlan(list(buckets), saved["bucket_of"], unfit), True
+    return plan_buckets(records, buckets, frame_stride, target_fps, max_crop, probe), False
+
+
 class BucketedClipDataset(_ClipDataset):
     """Items are keyed (record index, bucket index), as BucketBatchSampler yields them: a random window of the
     bucket's frame count, center-cropped to its aspect and resized to its H x W. A clip that fails to load is
@@ -170,12 +199,12 @@ class BucketedClipDataset(_ClipDataset):
         self._position = {index: position for members in self._members for position, index in enumerate(members)}
         self._probes: dict[str, VideoInfo] = {}
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def _item(self, key: tuple[int, int], epoch: int) -> dict:
         index, bucket_index = (int(k) for k in key)
         if self.plan.bucket_of[index] != bucket_index:
             raise ValueError(f"clip {index} belongs to bucket {self.plan.bucket_of[index]}, not {bucket_index}")
         bucket, members = self.plan.buckets[bucket_index], self._members[bucket_index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         position = self._position[index]
         skipped: list[SkippedItem] = []
         for attempt in range(min(self.max_substitutions + 1, len(members))):
@@ -207,14 +236,20 @@ class BucketedClipDataset(_ClipDataset):
 
 def bucketed_training_data(records: list[ClipRecord], specs: list[str], batch_size: int, num_replicas: int,
                            rank: int, seed: int, frame_stride: int = 1, target_fps: float | None = None,
-                           max_crop: float = 0.25, flip: bool = False):
-    """(dataset, batch sampler, report) for a training run; every rank plans alike (the plan is deterministic)."""
+                           max_crop: float = 0.25, flip: bool = False, plan: BucketPlan | None = None):
+    """(dataset, batch sampler, report) for a training run. `plan`: one made already (saved_or_new_plan, on one
+    rank and shared), else planned here (deterministic, so every rank plans alike, but each reads every header).
+    The report (the run's buckets.json) carries the plan and its key, for saved_or_new_plan."""
     from data.sampler import BucketBatchSampler
 
-    plan = plan_buckets(records, parse_buckets(specs), frame_stride, target_fps, max_crop)
+    buckets = parse_buckets(specs)
+    if plan is None:
+        plan = plan_buckets(records, buckets, frame_stride, target_fps, max_crop)
     sampler = BucketBatchSampler(plan.bucket_of, batch_size, num_replicas, rank, seed)
     dataset = BucketedClipDataset(records, plan, frame_stride, target_fps, seed, flip=flip)
-    report = {**plan.report(batch_size * num_replicas), "steps_per_epoch": sampler.batches_per_epoch}
+    report = {**plan.report(batch_size * num_replicas), "steps_per_epoch": sampler.batches_per_epoch,
+              "plan_key": plan_key(records, buckets, frame_stride, target_fps, max_crop),
+              "bucket_of": plan.bucket_of}
     return dataset, sampler, report
 
 

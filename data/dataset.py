@@ -2,8 +2,9 @@
 
 Every random choice (window start, caption, flip) comes from ``np.random.default_rng([seed, epoch, index])``,
 so an item is the same whichever DataLoader worker builds it, and a resumed run sees the same data as an
-uninterrupted one. Workers hold a copy of the dataset made when the DataLoader iterator starts: call
-`set_epoch` before iterating each epoch (non-persistent workers, the DataLoader default, pick it up).
+uninterrupted one. The epoch reaches the items in their keys: training samplers are wrapped in
+`EpochTagged` (data/sampler.py), which hands out `EpochKey(epoch, key)`, so persistent workers (which keep
+the dataset copy they started with) never train on a stale epoch. A plain key uses `set_epoch`'s epoch.
 
 A clip that cannot be used (unreadable, corrupt, too short for the window) is replaced by the next one
 ((index + 1) % len) and reported in the item's ``skipped`` list, so every batch keeps its shape.
@@ -19,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.manifest import ClipRecord, SkippedItem
+from data.sampler import EpochKey
 from data.video import (
     VideoDecodeError,
     VideoInfo,
@@ -47,13 +49,19 @@ class _ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        return self._get(int(index), self._load)
+    def __getitem__(self, key) -> dict:
+        epoch = self.epoch
+        if isinstance(key, EpochKey):  # the sampler's epoch wins: this copy may live in a persistent worker
+            epoch, key = key
+        return self._item(key, epoch)
 
-    def _get(self, index: int, load, usable=None) -> dict:
+    def _item(self, key, epoch: int) -> dict:
+        return self._get(int(key), self._load, epoch)
+
+    def _get(self, index: int, load, epoch: int, usable=None) -> dict:
         """load(record, rng) for the index's record, else for the next ones; records `usable` refuses are
         passed over without being reported (e.g. still images in a video batch)."""
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         skipped: list[SkippedItem] = []
         for attempt in range(self.max_substitutions + 1):
             used = (index + attempt) % len(self.records)
@@ -122,11 +130,11 @@ class _JointItems:
     (validation clips). image=False: a video window, still images passed over; image=True: one frame,
     `_load_image`. Mixed into both datasets below."""
 
-    def __getitem__(self, key) -> dict:
+    def _item(self, key, epoch: int) -> dict:
         index, image = key if isinstance(key, tuple) else (key, False)
         if image:
-            return {**self._get(int(index), self._load_image), "image": True}
-        return {**self._get(int(index), self._load, usable=lambda r: not r.is_image), "image": False}
+            return {**self._get(int(index), self._load_image, epoch), "image": True}
+        return {**self._get(int(index), self._load, epoch, usable=lambda r: not r.is_image), "image": False}
 
 
 def read_still_image(path: str, resolution: int) -> np.ndarray:

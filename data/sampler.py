@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 T = TypeVar("T")
 
@@ -170,3 +172,48 @@ class JointBatchSampler(_EpochSampler[list[tuple[int, bool]]]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+class EpochKey(NamedTuple):
+    """A dataset key and the epoch it was sampled in (the datasets of data/dataset.py accept both forms)."""
+
+    epoch: int
+    key: Any
+
+
+class EpochTagged(Sampler):
+    """Any sampler or batch sampler above, its keys handed out as EpochKey(sampler.epoch, key).
+
+    A persistent DataLoader worker keeps the dataset copy it was started with, so `dataset.set_epoch` in the
+    main process never reaches it; the sampler runs in the main process and knows the epoch, so each key
+    carries it to whichever worker builds the item."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch  # read when the DataLoader starts an epoch, after set_epoch
+        for item in self.sampler:
+            yield [EpochKey(epoch, key) for key in item] if isinstance(item, list) else EpochKey(epoch, item)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def training_loader(dataset: Dataset, sampler: Sampler, collate_fn: Callable, batch_size: int | None = None,
+                    num_workers: int = 0, persistent_workers: bool = True, prefetch_factor: int | None = None,
+                    pin_memory: bool = False, seed: int = 0, worker_init_fn: Callable | None = None) -> DataLoader:
+    """The training DataLoader. `sampler` yields single keys when batch_size is given (it is batched, the last
+    partial batch dropped), else whole batches (a batch sampler). With workers: they persist across epochs
+    (no restart and re-import per epoch) and each prefetches `prefetch_factor` batches (torch's default 2 when
+    None); pin_memory makes host-to-GPU copies asynchronous (`.to(device, non_blocking=True)`)."""
+    tagged = EpochTagged(sampler)
+    batching = (dict(sampler=tagged, batch_size=batch_size, drop_last=True) if batch_size is not None
+                else dict(batch_sampler=tagged))
+    workers = {}
+    if num_workers > 0:  # torch refuses both options without workers
+        workers = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                       worker_init_fn=worker_init_fn)
+    return DataLoader(dataset, **batching, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
+                      # Workers get their seeds from this generator, not from the global RNG.
+                      generator=torch.Generator().manual_seed(seed), **workers)

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from data.dataset import collate_clips
@@ -37,9 +36,10 @@ from facevid.checkpoints import (
     remove_partial_checkpoints,
     resolve_resume,
 )
+from facevid.compile import compile_model
 from facevid.config import save_config
 from facevid.curves import plot_training_curves
-from facevid.ema import trainable_parameters
+from facevid.ema import new_ema, trainable_parameters
 from facevid.engine import (
     DataParallelEngine,
     any_rank,
@@ -106,6 +106,7 @@ class Trainer:
         if self.evaluation is not None and acc.is_main_process:
             self.evaluation.prepare(self.dataset, acc.device)
         select_trainable(self.model, cfg)  # train.trainable: freezes the rest (or adds LoRA adapters), logs counts
+        compile_model(self.model, cfg.train.compile)  # train.compile: in place, so parameter names stay clean
         trainable = trainable_parameters(self.model)  # the only parameters the optimizer and the EMA see
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
@@ -121,7 +122,7 @@ class Trainer:
         )
         self.ema = None
         if cfg.train.ema_decay is not None:
-            self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
+            self.ema = new_ema(trainable, cfg.train.ema_decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
         self.model, self.optimizer, self.lr_scheduler = self.engine.prepare(
@@ -218,6 +219,10 @@ class Trainer:
         finally:  # also after an error (NaN loss, full disk): Ctrl-C must work again in the caller
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
+            # Persistent workers would otherwise live as long as this Trainer object (torch's own clean-up).
+            workers = getattr(getattr(self, "loader", None), "_iterator", None)
+            if workers is not None:
+                workers._shutdown_workers()
 
     def _fit(self) -> Path:
         self._setup()

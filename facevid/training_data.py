@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from data.buckets import bucketed_training_data, collate_bucketed
+from data.buckets import bucketed_training_data, collate_bucketed, parse_buckets, saved_or_new_plan
 from data.cache import LatentCache, text_key
 from data.dataset import (
     CachedClipDataset,
@@ -30,9 +30,10 @@ from data.dataset import (
     collate_joint,
 )
 from data.manifest import SkippedItem, append_skip_report, read_manifest
-from data.sampler import JointBatchSampler, ShardedEpochSampler
+from data.sampler import JointBatchSampler, ShardedEpochSampler, training_loader
 from facevid.cache_builder import build_cache, check_cache
 from facevid.config import save_config
+from facevid.rank_zero import on_main_process
 from facevid.schema import ConfigError, RunConfig
 from facevid.stages.common import training_fps
 from facevid.validation import validate_clips
@@ -80,23 +81,24 @@ def build_training_data(cfg: RunConfig, accelerator, run_dir: Path) -> TrainingD
         records, held = records[: -cfg.train.val_loss_clips], records[-cfg.train.val_loss_clips:]
         heldout = _dataset(cfg, acc, run_dir, held)
         logger.info("val/loss: the manifest's last %d clips are held out of training", len(held))
-    batching = dict(batch_size=cfg.train.batch_size, collate_fn=collate_clips, drop_last=True)
+    batch_size, collate = None, collate_clips  # batch_size None: the sampler yields whole batches
     if cfg.data.image_batch_share:
         dataset, sampler = _joint_data(cfg, acc, run_dir, records)
-        batching = dict(batch_sampler=sampler, collate_fn=collate_joint)
+        collate = collate_joint
     elif cfg.data.buckets:
         dataset, sampler = _bucketed_data(cfg, acc, run_dir, records)
-        batching = dict(batch_sampler=sampler, collate_fn=collate_bucketed)
+        collate = collate_bucketed
     else:
         dataset = _dataset(cfg, acc, run_dir, records)
+        batch_size = cfg.train.batch_size
         sampler = ShardedEpochSampler(len(dataset), cfg.train.batch_size, num_replicas=acc.num_processes,
                                       rank=acc.process_index, seed=cfg.seed)
-        batching["sampler"] = sampler
-    loader = DataLoader(
-        dataset, **batching,
-        num_workers=cfg.data.num_workers, worker_init_fn=_ignore_stop_signals_in_worker,
-        # Workers get their seeds from this generator, not from the global RNG.
-        generator=torch.Generator().manual_seed(cfg.seed),
+    d = cfg.data
+    loader = training_loader(
+        dataset, sampler, collate, batch_size, num_workers=d.num_workers,
+        persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+        pin_memory=acc.device.type == "cuda" if d.pin_memory is None else d.pin_memory,
+        seed=cfg.seed, worker_init_fn=_ignore_stop_signals_in_worker,
     )
     return TrainingData(dataset, sampler, loader, heldout, skipped)
 
@@ -104,7 +106,8 @@ def build_training_data(cfg: RunConfig, accelerator, run_dir: Path) -> TrainingD
 def _dataset(cfg: RunConfig, acc, run_dir: Path, records):
     if cfg.data.cache != "none":
         return _cached_dataset(cfg, acc, run_dir, records)
-    validate_clips(cfg, records)  # a window longer than every clip would fail at the first batch
+    # A window longer than every clip would fail at the first batch; rank 0 reads the headers, all ranks fail.
+    on_main_process(acc, lambda: validate_clips(cfg, records))
     return VideoClipDataset(
         records, num_frames=cfg.data.num_frames, frame_stride=cfg.data.frame_stride,
         resolution=cfg.data.resolution, seed=cfg.seed, target_fps=cfg.data.target_fps, flip=cfg.data.flip,
@@ -139,9 +142,16 @@ def _joint_data(cfg: RunConfig, acc, run_dir: Path, records):
 
 def _bucketed_data(cfg: RunConfig, acc, run_dir: Path, records):
     """data.buckets: each clip at the largest bucket it fills; buckets.json says where every clip went."""
+    d = cfg.data
+    # Rank 0 probes the clips (or reuses the plan this run saved before) and shares the plan.
+    plan, reused = on_main_process(acc, lambda: saved_or_new_plan(
+        run_dir / "buckets.json", records, parse_buckets(list(d.buckets)), d.frame_stride, d.target_fps,
+        d.bucket_max_crop))
     dataset, sampler, report = bucketed_training_data(
         records, list(cfg.data.buckets), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.seed,
-        cfg.data.frame_stride, cfg.data.target_fps, cfg.data.bucket_max_crop, cfg.data.flip)
+        cfg.data.frame_stride, cfg.data.target_fps, cfg.data.bucket_max_crop, cfg.data.flip, plan=plan)
+    if reused:
+        logger.info("buckets: plan reused from %s (same clips and settings): no clip probed", run_dir / "buckets.json")
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "buckets.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -63,6 +63,12 @@ def validate(cfg: RunConfig) -> None:
             fail(key, key_value(cfg, key), "must be > 0")
     if cfg.sample.fps is not None and not cfg.sample.fps > 0:
         fail("sample.fps", cfg.sample.fps, "must be > 0, or null for the fps the model is trained at")
+    if cfg.data.prefetch_factor is not None and cfg.data.prefetch_factor < 1:
+        fail("data.prefetch_factor", cfg.data.prefetch_factor, "must be an integer >= 1 (batches each worker "
+              "loads ahead), or null for torch's default (2)")
+    if cfg.train.compile == "blocks" and cfg.stage != "t2v":
+        fail("train.compile", "blocks", f"compiles the UNet's / DiT's repeated blocks (stage t2v); stage "
+              f"{cfg.stage} has none: use full or none")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:

@@ -70,8 +70,9 @@ class FrozenTextEncoder(nn.Module):
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
+        )
+        self._warn_if_truncated(list(prompts), tokens["attention_mask"].bool())  # on the host: no device sync
+        tokens = tokens.to(self.device)
         mask = tokens["attention_mask"].bool()
-        self._warn_if_truncated(list(prompts), mask)
         hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         return hidden, mask

@@ -78,7 +78,8 @@ def test_exact_resume_after_sigterm(synth_manifest, tiny_vae, tmp_path, accumula
 
     12 clips at batch 2 make 6 batches an epoch, so the resumed half also crosses an epoch boundary.
     """
-    common = ["train.max_steps=8", "data.num_workers=1", f"train.gradient_accumulation_steps={accumulation}"]
+    # Two persistent workers (the default data.persistent_workers) prefetching across the resume point.
+    common = ["train.max_steps=8", "data.num_workers=2", f"train.gradient_accumulation_steps={accumulation}"]
     straight, resumed = train_straight_and_resumed(
         lambda run, *extra: tiny_config(synth_manifest, run, *common, *extra, vae=tiny_vae), tmp_path, stop_at_step=3)
     assert losses(straight) == losses(resumed)

@@ -175,8 +175,10 @@ class TextToVideoStage:
         """(posterior mean, std, text embeddings, mask): read from the cache when the batch carries
         them (data.cache), else encoded now with the frozen VAE and text encoder."""
         if "latent_mean" in batch:
-            return tuple(batch[k].to(self.device) for k in ("latent_mean", "latent_std", "text_embeds", "text_mask"))
-        mean, std = encode_video_posterior(self.vae, batch["pixel_values"].to(self.device), self.cfg.vae.chunk_frames)
+            return tuple(batch[k].to(self.device, non_blocking=True)  # async from pinned memory
+                         for k in ("latent_mean", "latent_std", "text_embeds", "text_mask"))
+        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+        mean, std = encode_video_posterior(self.vae, pixels, self.cfg.vae.chunk_frames)
         if self.cfg.task == "uncond":  # captions are never used: skip encoding them
             return mean, std, self.null_text.expand(len(mean), -1, -1), self.null_mask.expand(len(mean), -1)
         return (mean, std, *self.text_encoder(list(batch["caption"])))

@@ -54,13 +54,15 @@ class VAEStage:
         return _VAEWithLoss(vae)
 
     def compute_loss(self, model, batch, generator):
-        frames = batch["pixel_values"].to(self.device)
+        frames = batch["pixel_values"].to(self.device, non_blocking=True)  # async from pinned memory
         frames = frames.transpose(1, 2).flatten(0, 1)  # (B, 3, F, H, W) -> (B*F, 3, H, W)
         crop = self.cfg.vae.train_crop
         if crop is not None and crop < frames.shape[-1]:
+            # Offsets stay on the device (index_select, not slicing): no host sync per micro-step.
             top, left = torch.randint(0, frames.shape[-1] - crop + 1, (2,), generator=generator,
-                                      device=generator.device).tolist()
-            frames = frames[..., top : top + crop, left : left + crop]
+                                      device=generator.device).to(frames.device)
+            window = torch.arange(crop, device=frames.device)
+            frames = frames.index_select(-2, top + window).index_select(-1, left + window)
         reconstruction, kl = model(frames, generator)
         mse = F.mse_loss(reconstruction.float(), frames.float())
         loss = mse + self.cfg.vae.kl_weight * kl
