@@ -33,7 +33,7 @@ from data.manifest import SkippedItem, append_skip_report, read_manifest
 from data.sampler import JointBatchSampler, ShardedEpochSampler, training_loader
 from facevid.cache_builder import build_cache, check_cache
 from facevid.config import save_config
-from facevid.rank_zero import on_main_process
+from facevid.engine import on_main_process
 from facevid.schema import ConfigError, RunConfig
 from facevid.stages.common import training_fps
 from facevid.validation import validate_clips

@@ -17,7 +17,7 @@ from data.sampler import EpochKey, ShardedEpochSampler, training_loader
 from data.video import probe_video
 from facevid.config import ConfigError, load_config, validate
 from facevid.ema import new_ema
-from facevid.rank_zero import on_main_process
+from facevid.engine import on_main_process
 
 
 @pytest.fixture
