@@ -133,8 +133,11 @@ def test_bucket_plan_is_reused_from_buckets_json_without_probing(clips, tmp_path
 
 def _probe_on_rank_zero(folder):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(True)  # the fork inherits the test process's single-process state
     acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2
 
     def work():
         (Path(folder) / f"ran-on-{acc.process_index}").touch()
