@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from models.attention import Attention, usable_attention_backend
+
 
 class VideoDenoiser:
     """Mixin that documents and checks the denoiser contract (listed before ModelMixin in a backbone's bases).
@@ -40,6 +42,24 @@ class VideoDenoiser:
     def spatial_factor(self) -> int:
         """The latent's height and width must be multiples of this."""
         raise NotImplementedError(f"{type(self).__name__} must define spatial_factor (models/denoiser.py)")
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers"); not saved with the
+        model."""
+        backend = usable_attention_backend(backend)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+
+    # ModelMixin's versions of these only know diffusers' own attention classes and would silently do nothing.
+    def reset_attention_backend(self) -> None:
+        self.set_attention_backend("auto")
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        self.set_attention_backend("xformers")
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        self.set_attention_backend("auto")
 
     def _check_inputs(self, sample, encoder_hidden_states, encoder_attention_mask, condition) -> None:
         """Raises ValueError naming the input, the shape it has and the shape the contract wants."""

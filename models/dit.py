@@ -54,7 +54,7 @@ from torch import nn
 
 from models.attention import Attention, usable_attention_backend
 from models.denoiser import VideoDenoiser
-from models.unet3d import FaceVidUNet3D, _masked_mean, feed_forward
+from models.unet3d import _masked_mean, feed_forward
 
 ATTENTION_LAYOUTS = ("alternating", "full")
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep features before the MLP (DiT's frequency_embedding_size)
@@ -142,12 +142,6 @@ class FaceVidDiT(VideoDenoiser, ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]  # Accelerate's FSDP2 wraps these when the config names no class
     ignore_for_config = ["attention_backend"]
-
-    # The attention-backend switches are FaceVidUNet3D's own: one place each (input checks: VideoDenoiser).
-    set_attention_backend = FaceVidUNet3D.set_attention_backend
-    reset_attention_backend = FaceVidUNet3D.reset_attention_backend
-    enable_xformers_memory_efficient_attention = FaceVidUNet3D.enable_xformers_memory_efficient_attention
-    disable_xformers_memory_efficient_attention = FaceVidUNet3D.disable_xformers_memory_efficient_attention
 
     @register_to_config
     def __init__(

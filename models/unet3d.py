@@ -510,24 +510,6 @@ class FaceVidUNet3D(VideoDenoiser, ModelMixin, ConfigMixin):
         """The latent's height and width must be multiples of this: 2 ** (levels - 1)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention layer to `backend` ("auto", "sdpa", "math", "xformers"); not saved with the
-        model."""
-        backend = usable_attention_backend(backend)
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.backend = backend
-
-    # ModelMixin's versions of these only know diffusers' own attention classes and would silently do nothing.
-    def reset_attention_backend(self) -> None:
-        self.set_attention_backend("auto")
-
-    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
-        self.set_attention_backend("xformers")
-
-    def disable_xformers_memory_efficient_attention(self) -> None:
-        self.set_attention_backend("auto")
-
     def embed_conditions(self, timestep, encoder_hidden_states, encoder_attention_mask, sample):
         """(B, temb) embedding every ResnetBlock gets (timestep [+ pooled text]), and the (B, D) pooled text.
         `sample` is the UNet's input (after the condition channels), for its batch size, dtype and device."""
