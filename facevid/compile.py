@@ -1,7 +1,7 @@
 """train.compile: torch.compile the model, by regions (each repeated block) or whole.
 
-Regional compilation compiles each repeated block (the UNet's UNetLayer, the DiT's DiTBlock, or what the model
-lists in `_repeated_blocks`) in place with `nn.Module.compile()`: blocks of one class and one shape share a
+Regional compilation compiles each repeated block (what the model lists in `_repeated_blocks`, diffusers'
+convention: the UNet's UNetLayer, the DiT's DiTBlock) in place with `nn.Module.compile()`: blocks of one class and one shape share a
 compiled graph, so a cold compile costs about a quarter of compiling the whole model (measured: ~52 s vs ~186 s
 for a tiny UNet on 2 CPU cores) for about the same run-time gain. Compiling in place (not wrapping the model
 in torch.compile's OptimizedModule) keeps the parameter names, so checkpoints and saved weights have no
@@ -15,17 +15,16 @@ import logging
 import torch
 from torch import nn
 
+from facevid.schema import CHOICES
+
 logger = logging.getLogger("facevid")
 
-COMPILE_MODES = ("none", "blocks", "full")
-# The repeated units of the project's backbones (also their FSDP wrap units).
-BLOCK_CLASSES = ("UNetLayer", "DiTBlock")
+COMPILE_MODES = CHOICES["train.compile"]
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules whose class is a repeated block (BLOCK_CLASSES or a `_repeated_blocks` entry of
-    any submodule, e.g. a diffusers model's)."""
-    names = set(BLOCK_CLASSES)
+    """The outermost modules whose class a `_repeated_blocks` list (of the model or any submodule) names."""
+    names = set()
     for module in model.modules():
         names.update(getattr(module, "_repeated_blocks", None) or [])
     found, inside = [], set()
@@ -50,7 +49,7 @@ def compile_model(model: nn.Module, mode: str) -> int:
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError(f"train.compile=blocks: {type(model).__name__} has no repeated block to compile "
-                         f"(looked for {', '.join(BLOCK_CLASSES)} and `_repeated_blocks`); use full or none")
+                         f"(no `_repeated_blocks` names a class in it); use full or none")
     # Each distinct block shape (channels, attention or not, training or eval) is one more compiled variant of
     # the same code; torch's default limit of 8 would silently leave the rest of a deep UNet in eager mode.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -141,6 +141,7 @@ class FaceVidDiT(VideoDenoiser, ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]  # Accelerate's FSDP2 wraps these when the config names no class
+    _repeated_blocks = ["DiTBlock"]  # diffusers' convention: what train.compile=blocks compiles (facevid/compile.py)
     ignore_for_config = ["attention_backend"]
 
     @register_to_config

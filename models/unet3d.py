@@ -340,6 +340,7 @@ class FaceVidUNet3D(VideoDenoiser, ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ["UNetLayer"]  # diffusers' convention: what train.compile=blocks compiles (facevid/compile.py)
     # Not saved, and dropped from configs saved before it was ignored: the kernel is chosen where the model runs.
     ignore_for_config = ["attention_backend"]
 
